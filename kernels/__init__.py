@@ -1,0 +1,1 @@
+"""Triton GPU kernels of the dynenc ops (importable as ``dynenc.kernels``)."""
