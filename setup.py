@@ -6,8 +6,8 @@ from setuptools import setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 setup(
-    packages=["dynenc", "dynenc.kernels", "dynenc.recipe"],
-    package_dir={"dynenc": "dynenc", "dynenc.kernels": "kernels", "dynenc.recipe": "dynenc/recipe"},
+    packages=["dynenc", "dynenc.methods", "dynenc.recipe", "dynenc.kernels"],
+    package_dir={"dynenc": "dynenc", "dynenc.kernels": "kernels"},
     ext_modules=[
         CppExtension(
             "dynenc._C",

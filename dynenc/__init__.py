@@ -1,4 +1,31 @@
-"""dynenc: a dynamic-depth Conformer encoder with ragged per-sample / per-frame depth."""
+"""dynenc: a dynamic-depth Conformer encoder with ragged per-sample / per-frame depth.
+
+Layout: ``dynenc.ops`` (the op registry; C++ ``dynenc._C`` on CPU, Triton ``dynenc.kernels``
+on CUDA, ``dynenc.reference`` as the oracle), ``dynenc.routing`` (packing, routing plans),
+``dynenc.model`` (``DynamicConformer``).
+"""
 import torch  # noqa: F401  (the C++ extension needs torch's symbols loaded first)
 
+from . import ops, reference, routing
+from .model import DynamicConformer, DynamicConformerLayer, EncoderOutput, ExecutedWork
+from .ops import current_backend, use_backend
+from .routing import LayerRoute, PackedBatch, Schedule, VarlenBatch, pack
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "DynamicConformer",
+    "DynamicConformerLayer",
+    "EncoderOutput",
+    "ExecutedWork",
+    "LayerRoute",
+    "PackedBatch",
+    "Schedule",
+    "VarlenBatch",
+    "current_backend",
+    "ops",
+    "pack",
+    "reference",
+    "routing",
+    "use_backend",
+]

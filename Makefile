@@ -1,0 +1,36 @@
+# Two commands on a fresh machine: `make bench` (the main job) and `make test`.
+# Both create .venv and install everything they need.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_PINS := torch==2.14.1 torchaudio==2.11.0
+SOURCES := $(wildcard csrc/*.cpp csrc/*.h) setup.py pyproject.toml
+
+.PHONY: install test bench espeak clean
+
+$(VENV)/.deps:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q $(TORCH_PINS) ninja numpy tqdm soundfile jiwer matplotlib pytest pytest-benchmark hypothesis
+	touch $@
+
+# The C++ extension is rebuilt whenever csrc/ or the build files change.
+$(VENV)/.built: $(VENV)/.deps $(SOURCES)
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+install: $(VENV)/.built
+
+# espeak-ng synthesises the speech corpus (Debian package; root here and in CI).
+espeak:
+	@command -v espeak-ng >/dev/null || { apt-get update -qq && apt-get install -y -qq espeak-ng >/dev/null; }
+
+test: install espeak
+	$(PY) -m pytest -q tests
+
+bench: install
+	$(PY) -m dynenc bench
+
+clean:
+	rm -rf build *.egg-info dynenc/_C*.so

@@ -1,0 +1,93 @@
+// Block-diagonal attention over packed sequences: each sequence runs through ATen's CPU
+// flash-attention kernels as a [1, H, T, Dh] view of the packed [N, H, Dh] buffers (no copy
+// in; those kernels parallelise over heads and query blocks internally, and their output and
+// logsumexp come back laid out [1, T, H, ...], so copying them into the packed results is a
+// contiguous move).
+#include <ATen/ops/_scaled_dot_product_flash_attention_for_cpu.h>
+#include <ATen/ops/_scaled_dot_product_flash_attention_for_cpu_backward.h>
+
+#include "checks.h"
+#include "ops.h"
+
+namespace dynenc {
+namespace {
+
+// Rows [start, start + len) of a packed [N, H, ...] tensor as the [1, H, len, ...] view the
+// flash kernels take.
+at::Tensor seq_view(const at::Tensor& t, int64_t start, int64_t len) {
+  return t.narrow(0, start, len).unsqueeze(0).transpose(1, 2);
+}
+
+// Validates q, k, v (and cu_seqlens) and returns cu_seqlens as a host vector.
+std::vector<int32_t> check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const at::Tensor& cu_seqlens, int64_t max_seqlen, const char* op) {
+  check_rank(q, 3, op, "q");
+  check_floating(q, op, "q");
+  check_like(k, q, op, "k", "q");
+  check_like(v, q, op, "v", "q");
+  check_shape(k, q.sizes(), op, "k");
+  check_shape(v, q.sizes(), op, "v");
+  // max_seqlen sizes the GPU launch grid; the CPU path needs only cu_seqlens.
+  TORCH_CHECK(max_seqlen >= 0, op, ": max_seqlen must be >= 0, got ", max_seqlen);
+  const at::Tensor cu = check_cu_seqlens(cu_seqlens, q.size(0), q, op);
+  const int32_t* p = cu.const_data_ptr<int32_t>();
+  return std::vector<int32_t>(p, p + cu.numel());
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> varlen_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                    const at::Tensor& cu_seqlens, int64_t max_seqlen, double scale) {
+  constexpr const char* op = "varlen_attention";
+  const std::vector<int32_t> cu = check_qkv(q, k, v, cu_seqlens, max_seqlen, op);
+  const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
+  at::Tensor out = at::empty_like(qc);
+  at::Tensor lse = at::empty({q.size(0), q.size(1)}, q.options().dtype(at::kFloat));
+  for (size_t b = 0; b + 1 < cu.size(); ++b) {
+    const int64_t start = cu[b], len = cu[b + 1] - cu[b];
+    if (len == 0) continue;  // owns no rows
+    auto [o, l] = at::_scaled_dot_product_flash_attention_for_cpu(
+        seq_view(qc, start, len), seq_view(kc, start, len), seq_view(vc, start, len), /*dropout_p=*/0.0,
+        /*is_causal=*/false, /*attn_mask=*/{}, scale);
+    seq_view(out, start, len).copy_(o);
+    seq_view(lse, start, len).copy_(l);
+  }
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& logsumexp, const at::Tensor& cu_seqlens, int64_t max_seqlen, double scale) {
+  constexpr const char* op = "varlen_attention_backward";
+  const std::vector<int32_t> cu = check_qkv(q, k, v, cu_seqlens, max_seqlen, op);
+  check_like(grad_out, q, op, "grad_out", "q");
+  check_shape(grad_out, q.sizes(), op, "grad_out");
+  check_like(out, q, op, "out", "q");
+  check_shape(out, q.sizes(), op, "out");
+  TORCH_CHECK(logsumexp.scalar_type() == at::kFloat, op, ": logsumexp must be float32, got ",
+              logsumexp.scalar_type());
+  check_shape(logsumexp, {q.size(0), q.size(1)}, op, "logsumexp");
+  // The float64 kernel reads a float64 logsumexp; widening the stored float32 one would cost
+  // float64 its precision, so that (test-only) dtype recomputes it per sequence instead.
+  const bool recompute_lse = q.scalar_type() == at::kDouble;
+  const at::Tensor go = grad_out.contiguous(), qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous(),
+                   oc = out.contiguous(), lc = logsumexp.contiguous();
+  at::Tensor grad_q = at::empty_like(qc), grad_k = at::empty_like(kc), grad_v = at::empty_like(vc);
+  for (size_t b = 0; b + 1 < cu.size(); ++b) {
+    const int64_t start = cu[b], len = cu[b + 1] - cu[b];
+    if (len == 0) continue;
+    const at::Tensor qs = seq_view(qc, start, len), ks = seq_view(kc, start, len), vs = seq_view(vc, start, len);
+    const at::Tensor lse =
+        recompute_lse ? std::get<1>(at::_scaled_dot_product_flash_attention_for_cpu(qs, ks, vs, 0.0, false, {}, scale))
+                      : seq_view(lc, start, len);
+    auto [gq, gk, gv] = at::_scaled_dot_product_flash_attention_for_cpu_backward(
+        seq_view(go, start, len), qs, ks, vs, seq_view(oc, start, len), lse, /*dropout_p=*/0.0,
+        /*is_causal=*/false, /*attn_mask=*/{}, scale);
+    seq_view(grad_q, start, len).copy_(gq);
+    seq_view(grad_k, start, len).copy_(gk);
+    seq_view(grad_v, start, len).copy_(gv);
+  }
+  return {grad_q, grad_k, grad_v};
+}
+
+}  // namespace dynenc

@@ -1,0 +1,362 @@
+"""``DynamicConformer``: torchaudio's Conformer on packed rows with ragged per-sample and
+per-frame depth.
+
+Submodule and parameter names are those of ``torchaudio.models.Conformer`` so its state
+dict loads with ``strict=True``. Inside, every layer runs on the packed ``[N, D]`` rows of
+the samples/frames its route selects; skipped (sample, layer) pairs, padded frames and
+dropped frames are never computed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Protocol, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import ops
+from .routing import LayerRoute, PackedBatch, Schedule, VarlenBatch, pack, row_depth
+
+
+class _FeedForwardModule(nn.Module):
+    """LayerNorm -> Linear -> SiLU -> Dropout -> Linear -> Dropout on ``[N, D]`` rows."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.sequential = nn.Sequential(
+            nn.LayerNorm(input_dim),
+            nn.Linear(input_dim, hidden_dim, bias=True),
+            nn.SiLU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden_dim, input_dim, bias=True),
+            nn.Dropout(dropout),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.sequential(x)
+
+
+def varlen_group_norm(x: Tensor, batch: VarlenBatch, norm: nn.GroupNorm) -> Tensor:
+    """``GroupNorm(1, C)`` of each packed sequence alone (statistics over its frames x channels).
+
+    Args:
+        x: ``[N, C]``.
+    """
+    count = (batch.lengths * x.shape[1]).clamp_min(1).to(x.dtype).unsqueeze(1)
+    seq_ids = batch.seq_ids
+    num_seqs = batch.cu_seqlens.numel() - 1
+    sums = x.new_zeros(num_seqs, 2).index_add_(0, seq_ids, torch.stack([x.sum(1), (x * x).sum(1)], 1))
+    mean = sums[:, :1] / count
+    var = (sums[:, 1:] / count - mean * mean).clamp_min(0)
+    inv_std = torch.rsqrt(var + norm.eps)
+    normed = (x - mean.index_select(0, seq_ids)) * inv_std.index_select(0, seq_ids)
+    return normed * norm.weight + norm.bias
+
+
+class _ConvolutionModule(nn.Module):
+    """LayerNorm -> pointwise conv (GLU) -> varlen depthwise conv -> Batch/GroupNorm -> SiLU
+    -> pointwise conv -> Dropout, on packed ``[N, D]`` rows (parameter names as torchaudio)."""
+
+    def __init__(self, input_dim: int, depthwise_kernel_size: int, dropout: float, use_group_norm: bool) -> None:
+        super().__init__()
+        if (depthwise_kernel_size - 1) % 2 != 0:
+            raise ValueError(f"depthwise_conv_kernel_size must be odd for 'same' padding, got {depthwise_kernel_size}")
+        self.layer_norm = nn.LayerNorm(input_dim)
+        self.sequential = nn.Sequential(
+            nn.Conv1d(input_dim, 2 * input_dim, 1, bias=True),
+            nn.GLU(dim=1),
+            nn.Conv1d(input_dim, input_dim, depthwise_kernel_size, groups=input_dim, bias=True,
+                      padding=(depthwise_kernel_size - 1) // 2),
+            nn.GroupNorm(num_groups=1, num_channels=input_dim) if use_group_norm else nn.BatchNorm1d(input_dim),
+            nn.SiLU(),
+            nn.Conv1d(input_dim, input_dim, kernel_size=1, bias=True),
+            nn.Dropout(dropout),
+        )
+
+    def forward(self, x: Tensor, batch: VarlenBatch) -> Tensor:
+        pointwise1, _, depthwise, norm, _, pointwise2, dropout = self.sequential
+        h = self.layer_norm(x)
+        h = F.glu(F.linear(h, pointwise1.weight.squeeze(-1), pointwise1.bias), dim=-1)
+        h = ops.varlen_dwconv1d(h, batch.cu_seqlens, depthwise.weight.squeeze(1), depthwise.bias)
+        h = varlen_group_norm(h, batch, norm) if isinstance(norm, nn.GroupNorm) else norm(h)
+        h = F.linear(F.silu(h), pointwise2.weight.squeeze(-1), pointwise2.bias)
+        return dropout(h)
+
+
+class DynamicConformerLayer(nn.Module):
+    """One Conformer block on packed rows: ``[M, D]`` + its sub-batch -> ``[M, D]``.
+
+    Same submodules as ``torchaudio.models.conformer.ConformerLayer``. Attention dropout on
+    the probabilities is not applied (the varlen attention op has none); the output
+    dropouts are.
+    """
+
+    def __init__(self, input_dim: int, ffn_dim: int, num_attention_heads: int, depthwise_conv_kernel_size: int,
+                 dropout: float = 0.0, use_group_norm: bool = False, convolution_first: bool = False) -> None:
+        super().__init__()
+        self.ffn1 = _FeedForwardModule(input_dim, ffn_dim, dropout=dropout)
+        self.self_attn_layer_norm = nn.LayerNorm(input_dim)
+        self.self_attn = nn.MultiheadAttention(input_dim, num_attention_heads, dropout=dropout)
+        self.self_attn_dropout = nn.Dropout(dropout)
+        self.conv_module = _ConvolutionModule(input_dim, depthwise_conv_kernel_size, dropout, use_group_norm)
+        self.ffn2 = _FeedForwardModule(input_dim, ffn_dim, dropout=dropout)
+        self.final_layer_norm = nn.LayerNorm(input_dim)
+        self.convolution_first = convolution_first
+
+    def _attention(self, x: Tensor, batch: VarlenBatch) -> Tensor:
+        attn = self.self_attn
+        num_rows, dim = x.shape
+        qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).view(num_rows, 3, attn.num_heads, attn.head_dim)
+        q, k, v = (t.contiguous() for t in qkv.unbind(1))
+        out = ops.varlen_attention(q, k, v, batch.cu_seqlens, batch.max_seqlen)
+        return F.linear(out.reshape(num_rows, dim), attn.out_proj.weight, attn.out_proj.bias)
+
+    def forward(self, x: Tensor, batch: VarlenBatch) -> Tensor:
+        x = self.ffn1(x) * 0.5 + x
+        if self.convolution_first:
+            x = x + self.conv_module(x, batch)
+        x = x + self.self_attn_dropout(self._attention(self.self_attn_layer_norm(x), batch))
+        if not self.convolution_first:
+            x = x + self.conv_module(x, batch)
+        x = self.ffn2(x) * 0.5 + x
+        return self.final_layer_norm(x)
+
+
+@dataclass
+class ExecutedWork:
+    """What a forward actually computed.
+
+    Attributes:
+        tokens_per_layer: executed rows (token x layer pairs) per layer.
+        total_tokens: valid frames in the batch (N).
+        num_layers: L.
+        sample_depth: int64 ``[B]`` layers that ran on at least one frame of each sample.
+        frame_depth: int64 ``[B, T]`` layers each frame ran (0 at pads).
+        flops: estimated multiply-adds x 2 of the executed layers (matmuls, attention, conv).
+    """
+
+    tokens_per_layer: List[int]
+    total_tokens: int
+    num_layers: int
+    sample_depth: Tensor
+    frame_depth: Tensor
+    flops: float
+
+    @property
+    def executed_token_layers(self) -> int:
+        return sum(self.tokens_per_layer)
+
+    @property
+    def executed_fraction(self) -> float:
+        """Executed token x layers over full-depth token x layers."""
+        return self.executed_token_layers / max(self.total_tokens * self.num_layers, 1)
+
+
+@dataclass
+class EncoderOutput:
+    """``output [B, T, D]`` (pads zero), ``lengths [B]``, the executed-work report, the route
+    every layer executed, the packing, and (when asked) the packed rows ``[N, D]`` after each
+    layer (for methods that need per-layer details)."""
+
+    output: Tensor
+    lengths: Tensor
+    report: ExecutedWork
+    routes: List[Optional[LayerRoute]]
+    packed: PackedBatch
+    hidden: Optional[List[Tensor]] = None
+
+
+class RoutingPolicy(Protocol):
+    """A decision point inside the forward: after each layer in ``decision_layers``,
+    ``decide`` may return a new schedule (e.g. with frames or samples removed)."""
+
+    decision_layers: Tuple[int, ...]
+
+    def decide(self, layer: int, x: Tensor, schedule: Schedule) -> Schedule: ...
+
+
+class DynamicConformer(nn.Module):
+    """Conformer encoder whose samples and frames take different depths in one batch.
+
+    Same constructor and parameter names as ``torchaudio.models.Conformer``.
+
+    Args:
+        input_dim: D.
+        num_heads: attention heads per layer.
+        ffn_dim: feed-forward hidden dimension.
+        num_layers: L.
+        depthwise_conv_kernel_size: odd kernel size of the depthwise convolution.
+        dropout: dropout probability.
+        use_group_norm: GroupNorm (per sequence) instead of BatchNorm1d in the conv module.
+        convolution_first: convolution module before self-attention.
+    """
+
+    def __init__(self, input_dim: int, num_heads: int, ffn_dim: int, num_layers: int, depthwise_conv_kernel_size: int,
+                 dropout: float = 0.0, use_group_norm: bool = False, convolution_first: bool = False) -> None:
+        super().__init__()
+        if input_dim % num_heads != 0:
+            raise ValueError(f"input_dim ({input_dim}) must be divisible by num_heads ({num_heads})")
+        self.input_dim = input_dim
+        self.num_layers = num_layers
+        self.ffn_dim = ffn_dim
+        self.kernel_size = depthwise_conv_kernel_size
+        self.conformer_layers = nn.ModuleList(
+            DynamicConformerLayer(input_dim, ffn_dim, num_heads, depthwise_conv_kernel_size, dropout=dropout,
+                                  use_group_norm=use_group_norm, convolution_first=convolution_first)
+            for _ in range(num_layers)
+        )
+
+    @classmethod
+    def from_torchaudio(cls, model: nn.Module) -> "DynamicConformer":
+        """A DynamicConformer with the configuration and weights of a torchaudio Conformer."""
+        layers = model.conformer_layers
+        first = layers[0]
+        depthwise = first.conv_module.sequential[2]
+        dynamic = cls(
+            input_dim=first.self_attn.embed_dim,
+            num_heads=first.self_attn.num_heads,
+            ffn_dim=first.ffn1.sequential[1].out_features,
+            num_layers=len(layers),
+            depthwise_conv_kernel_size=depthwise.kernel_size[0],
+            dropout=first.self_attn.dropout,
+            use_group_norm=isinstance(first.conv_module.sequential[3], nn.GroupNorm),
+            convolution_first=first.convolution_first,
+        )
+        param = next(model.parameters())
+        dynamic.to(device=param.device, dtype=param.dtype)
+        dynamic.load_state_dict(model.state_dict(), strict=True)
+        return dynamic
+
+    # ------------------------------------------------------------------ input checks
+    def _check_inputs(self, input: Tensor, lengths: Tensor, layer_mask: Optional[Tensor], depth: Optional[Tensor],
+                      gates: Optional[Tensor]) -> None:
+        if not isinstance(input, Tensor) or input.dim() != 3 or input.shape[2] != self.input_dim:
+            shape = tuple(input.shape) if isinstance(input, Tensor) else type(input).__name__
+            raise ValueError(f"input must be a [B, T, {self.input_dim}] tensor, got {shape}")
+        if not input.is_floating_point():
+            raise TypeError(f"input must be a floating-point tensor, got {input.dtype}")
+        batch_size, max_frames = input.shape[:2]
+        if batch_size == 0 or max_frames == 0:
+            raise ValueError(f"input must have at least one sample and one frame, got shape {tuple(input.shape)}")
+        if not isinstance(lengths, Tensor) or lengths.dim() != 1 or lengths.shape[0] != batch_size:
+            raise ValueError(f"lengths must be a 1-D tensor of {batch_size} lengths, got "
+                             f"{tuple(lengths.shape) if isinstance(lengths, Tensor) else type(lengths).__name__}")
+        if lengths.is_floating_point() or lengths.dtype == torch.bool or lengths.is_complex():
+            raise TypeError(f"lengths must be an integer tensor, got {lengths.dtype}")
+        if lengths.device != input.device:
+            raise ValueError(f"lengths must be on the input's device {input.device}, got {lengths.device}")
+        if layer_mask is not None and depth is not None:
+            raise ValueError("pass at most one of layer_mask and depth")
+        if layer_mask is not None:
+            if layer_mask.dtype != torch.bool or tuple(layer_mask.shape) != (batch_size, self.num_layers):
+                raise ValueError(f"layer_mask must be a bool tensor of shape ({batch_size}, {self.num_layers}), "
+                                 f"got {layer_mask.dtype} {tuple(layer_mask.shape)}")
+            if layer_mask.device != input.device:
+                raise ValueError(f"layer_mask must be on {input.device}, got {layer_mask.device}")
+        if depth is not None:
+            if depth.is_floating_point() or depth.dtype == torch.bool or tuple(depth.shape) != (batch_size,):
+                raise ValueError(f"depth must be an integer tensor of shape ({batch_size},), got {depth.dtype} "
+                                 f"{tuple(depth.shape)}")
+            if depth.device != input.device:
+                raise ValueError(f"depth must be on {input.device}, got {depth.device}")
+        if gates is not None and (tuple(gates.shape) != (batch_size, self.num_layers) or not gates.is_floating_point()):
+            raise ValueError(f"gates must be a float tensor of shape ({batch_size}, {self.num_layers}), got "
+                             f"{gates.dtype} {tuple(gates.shape)}")
+        # One host sync for every value check.
+        checks = [lengths.min(), lengths.max()]
+        if depth is not None:
+            checks += [depth.min(), depth.max()]
+        values = torch.stack([c.to(torch.int64) for c in checks]).tolist()
+        if values[0] < 1 or values[1] > max_frames:
+            raise ValueError(f"lengths must lie in [1, T={max_frames}], got min {values[0]} max {values[1]}")
+        if depth is not None and (values[2] < 0 or values[3] > self.num_layers):
+            raise ValueError(f"depth must lie in [0, num_layers={self.num_layers}], got min {values[2]} max {values[3]}")
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input: Tensor, lengths: Tensor, *, layer_mask: Optional[Tensor] = None,
+                depth: Optional[Tensor] = None, gates: Optional[Tensor] = None,
+                policy: Optional[RoutingPolicy] = None, return_report: bool = False, return_hidden: bool = False):
+        """Encode a padded batch with per-sample / per-frame depth.
+
+        Args:
+            input: ``[B, T, D]`` float.
+            lengths: int ``[B]``, valid frames per sample, in ``[1, T]``.
+            layer_mask: bool ``[B, L]``: sample b runs layer l iff ``layer_mask[b, l]``.
+            depth: int ``[B]``: sample b runs layers ``0..depth[b]-1`` (samples are sorted by
+                depth inside so every layer's active set is a prefix: no gather at all).
+            gates: float ``[B, L]``: gate of each executed (sample, layer);
+                ``x <- x + g * (F(x) - x)`` (soft or straight-through gates in training).
+            policy: decision points inside the forward (frame skipping, early exit).
+            return_report: return an :class:`EncoderOutput` with the executed-work report.
+            return_hidden: also keep the packed rows after every layer (implies return_report).
+        Returns:
+            ``(output [B, T, D], lengths [B])`` like torchaudio (pad positions zero), or an
+            :class:`EncoderOutput` when ``return_report``.
+        """
+        self._check_inputs(input, lengths, layer_mask, depth, gates)
+        with torch.profiler.record_function("dynenc.pack"):
+            order = None if depth is None else torch.sort(depth, descending=True, stable=True).indices
+            packed = pack(input, lengths, order)
+        schedule = Schedule(
+            packed.batch,
+            self.num_layers,
+            depth=None if depth is None else packed.to_packed_order(depth.to(torch.int64)),
+            sample_mask=None if layer_mask is None else packed.to_packed_order(layer_mask),
+            gates=None if gates is None else packed.to_packed_order(gates),
+        )
+        hidden: Optional[List[Tensor]] = [] if return_hidden else None
+        x, routes = self.forward_packed(packed.x, schedule, policy, hidden)
+        with torch.profiler.record_function("dynenc.unpack"):
+            output = packed.unpack(x)
+        if not (return_report or return_hidden):
+            return output, lengths
+        return EncoderOutput(output, lengths, self.executed_work(packed, routes), routes, packed, hidden)
+
+    def forward_packed(self, x: Tensor, schedule: Schedule, policy: Optional[RoutingPolicy] = None,
+                       hidden: Optional[List[Tensor]] = None):
+        """Run the layers on packed rows ``x [N, D]`` under ``schedule``; returns
+        ``(x [N, D], routes)`` where ``routes[l]`` is the route layer l executed. When
+        ``hidden`` is a list, the rows after each layer are appended to it."""
+        routes = schedule.routes(0)
+        decisions = set(policy.decision_layers) if policy is not None else set()
+        for layer_id, layer in enumerate(self.conformer_layers):
+            with torch.profiler.record_function(f"dynenc.layer{layer_id}"):
+                x = self._run_layer(layer, x, routes[layer_id])
+            if hidden is not None:
+                hidden.append(x)
+            if layer_id in decisions and layer_id + 1 < self.num_layers:
+                schedule = policy.decide(layer_id, x, schedule)
+                routes[layer_id + 1:] = schedule.routes(layer_id + 1)[layer_id + 1:]
+        return x, routes
+
+    def _run_layer(self, layer: DynamicConformerLayer, x: Tensor, route: LayerRoute) -> Tensor:
+        if route.num_rows == 0:
+            if self.training and torch.is_grad_enabled():
+                # Keep every parameter in the autograd graph (zero gradient) so DDP's
+                # reduction needs no find_unused_parameters.
+                x = x + sum(p.reshape(-1)[:1].sum() for p in layer.parameters()) * 0
+            return x
+        if route.index is None and route.num_rows == x.shape[0] and route.gate is None:
+            return layer(x, route.batch)
+        active = x[: route.num_rows] if route.index is None else ops.gather_rows(x, route.index)
+        return ops.gated_residual_scatter(x, layer(active, route.batch), route.gate, route.index)
+
+    # ------------------------------------------------------------------ accounting
+    def layer_flops(self, tokens: int, sum_sq_lengths: float) -> float:
+        """Estimated FLOPs of one layer on ``tokens`` rows whose sequences have squared
+        lengths summing to ``sum_sq_lengths`` (matmuls 2*m*n*k; attention QK^T and PV)."""
+        d, f, k = self.input_dim, self.ffn_dim, self.kernel_size
+        per_token = 2 * (2 * 2 * d * f) + 2 * 4 * d * d + 2 * (2 * d * d + d * d) + 2 * k * d
+        return tokens * per_token + 4.0 * d * sum_sq_lengths
+
+    def executed_work(self, packed: PackedBatch, routes: List[Optional[LayerRoute]]) -> ExecutedWork:
+        """The executed-work report of a forward (one host sync)."""
+        device = packed.x.device
+        depth_rows = row_depth(routes, packed.batch.num_rows, device)
+        frame_depth = packed.unpack(depth_rows.unsqueeze(1).double()).squeeze(2).long()
+        sum_sq = torch.stack([(r.batch.lengths.double() ** 2).sum() for r in routes if r is not None and r.num_rows > 0]
+                             or [torch.zeros((), dtype=torch.float64, device=device)])
+        tokens = [0 if r is None else r.num_rows for r in routes]
+        flops = sum(self.layer_flops(t, s) for t, s in zip([t for t in tokens if t > 0], sum_sq.tolist()))
+        return ExecutedWork(tokens, packed.batch.num_rows, self.num_layers, frame_depth.amax(1), frame_depth, flops)

@@ -1,0 +1,203 @@
+"""Packing and routing plans: which packed rows run which layer.
+
+A batch enters as ``[B, T, D]`` + lengths and is packed into ``[N, D]`` rows
+(FlashAttention-varlen style, no padded frame exists inside). A :class:`Schedule` states
+which (sample, layer) and (frame, layer) pairs execute; :meth:`Schedule.routes` turns it
+into one :class:`LayerRoute` per layer — the active rows (an index vector, or a prefix when
+samples were sorted by depth) plus the ``cu_seqlens`` of the compact active sub-batch.
+Routes are computed on the device with one host sync per decision point (to learn the
+sizes of the active sets).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import ops
+
+
+@dataclass
+class VarlenBatch:
+    """A packed (sub-)batch: rows ``[num_rows, D]`` split by ``cu_seqlens`` (int32 ``[B + 1]``).
+
+    ``max_seqlen`` is a host-side upper bound of the longest sequence.
+    """
+
+    cu_seqlens: Tensor
+    max_seqlen: int
+    num_rows: int
+    _seq_ids: Optional[Tensor] = field(default=None, repr=False)
+
+    @property
+    def lengths(self) -> Tensor:
+        return (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).long()
+
+    @property
+    def seq_ids(self) -> Tensor:
+        """int64 ``[num_rows]``: the sequence each row belongs to."""
+        if self._seq_ids is None:
+            num_seqs = self.cu_seqlens.numel() - 1
+            self._seq_ids = torch.repeat_interleave(
+                torch.arange(num_seqs, device=self.cu_seqlens.device), self.lengths, output_size=self.num_rows
+            )
+        return self._seq_ids
+
+
+@dataclass
+class PackedBatch:
+    """``[B, T, D]`` + lengths packed to rows; packed sequence p is original sample ``order[p]``."""
+
+    x: Tensor  # [N, D]
+    batch: VarlenBatch
+    order: Optional[Tensor]  # [B] int64, None = identity
+    positions: Optional[Tensor]  # [N] int64 flat positions b * T + t, None = dense (no padding, identity order)
+    batch_size: int
+    max_frames: int
+
+    def unpack(self, rows: Tensor) -> Tensor:
+        """``[N, *F]`` packed rows -> ``[B, T, *F]`` in the original sample order, pads zero."""
+        flat = rows.reshape(rows.shape[0], -1)
+        if self.positions is not None:
+            flat = ops.scatter_rows(flat, self.positions, self.batch_size * self.max_frames)
+        return flat.reshape(self.batch_size, self.max_frames, *rows.shape[1:])
+
+    def to_packed_order(self, per_sample: Tensor) -> Tensor:
+        """Reorder a ``[B, ...]`` tensor given in original sample order to packed order."""
+        return per_sample if self.order is None else per_sample.index_select(0, self.order)
+
+    def to_sample_order(self, per_sample: Tensor) -> Tensor:
+        """Inverse of :meth:`to_packed_order`."""
+        if self.order is None:
+            return per_sample
+        return torch.empty_like(per_sample).index_copy_(0, self.order, per_sample)
+
+
+def pack(input: Tensor, lengths: Tensor, order: Optional[Tensor] = None) -> PackedBatch:
+    """Pack the valid frames of ``input [B, T, D]`` (``lengths`` int ``[B]``) into ``[N, D]``.
+
+    ``order`` (a permutation of the samples) sets the packed sequence order. One host sync
+    (for N and the longest length). Lengths must already be validated.
+    """
+    batch_size, max_frames, _ = input.shape
+    lengths = lengths.to(torch.int64)
+    packed_lengths = lengths if order is None else lengths.index_select(0, order)
+    num_rows, max_len = (int(v) for v in torch.stack([lengths.sum(), lengths.max()]).tolist())
+    cu_seqlens = F.pad(packed_lengths.cumsum(0), (1, 0)).to(torch.int32)
+    batch = VarlenBatch(cu_seqlens, max_len, num_rows)
+    if order is None and num_rows == batch_size * max_frames:
+        return PackedBatch(input.reshape(num_rows, -1), batch, None, None, batch_size, max_frames)
+    seq = batch.seq_ids
+    offset_in_seq = torch.arange(num_rows, device=input.device) - cu_seqlens.long().index_select(0, seq)
+    sample = seq if order is None else order.index_select(0, seq)
+    positions = sample * max_frames + offset_in_seq
+    x = ops.gather_rows(input.reshape(batch_size * max_frames, -1), positions)
+    return PackedBatch(x, batch, order, positions, batch_size, max_frames)
+
+
+@dataclass
+class LayerRoute:
+    """The rows that run one layer: ``index`` (int64 ``[M]``) or the prefix ``0..M-1`` when
+    ``index`` is None; ``batch`` is the compact active sub-batch; ``gate`` ``[M]`` or None (= 1)."""
+
+    index: Optional[Tensor]
+    batch: VarlenBatch
+    gate: Optional[Tensor] = None
+
+    @property
+    def num_rows(self) -> int:
+        return self.batch.num_rows
+
+
+@dataclass
+class Schedule:
+    """What executes, in packed order.
+
+    Attributes:
+        batch: the full packed batch.
+        num_layers: L.
+        depth: int64 ``[B]`` per-sample depth, samples sorted by non-increasing depth
+            (then each layer's active set is a row prefix), or None.
+        sample_mask: bool ``[B, L]`` per-(sample, layer) execution mask, or None.
+        row_alive: bool ``[N]`` frames still in the sequence (frame skipping), or None.
+        gates: ``[B, L]`` per-(sample, layer) gate values, or None (= 1).
+    """
+
+    batch: VarlenBatch
+    num_layers: int
+    depth: Optional[Tensor] = None
+    sample_mask: Optional[Tensor] = None
+    row_alive: Optional[Tensor] = None
+    gates: Optional[Tensor] = None
+
+    def replace(self, **changes) -> "Schedule":
+        return dataclasses.replace(self, **changes)
+
+    def routes(self, start: int = 0) -> List[Optional[LayerRoute]]:
+        """One route per layer ``start..L-1`` (entries before ``start`` are None)."""
+        with torch.profiler.record_function("dynenc.plan"):
+            if self.sample_mask is None and self.row_alive is None:
+                routes = self._prefix_routes(start)
+            else:
+                routes = self._indexed_routes(start)
+        return [None] * start + routes
+
+    def _gate(self, layer: int, seq_ids: Tensor) -> Optional[Tensor]:
+        return None if self.gates is None else self.gates[:, layer].index_select(0, seq_ids)
+
+    def _prefix_routes(self, start: int) -> List[LayerRoute]:
+        full = self.batch
+        layers = range(start, self.num_layers)
+        if self.depth is None:
+            active_seqs = [full.cu_seqlens.numel() - 1] * len(layers)
+        else:
+            thresholds = torch.arange(start, self.num_layers, device=self.depth.device)
+            active_seqs = (self.depth.unsqueeze(0) > thresholds.unsqueeze(1)).sum(1)
+            rows = full.cu_seqlens.long().index_select(0, active_seqs)
+            active_seqs = active_seqs.tolist()
+            row_counts = rows.tolist()
+        routes = []
+        for i, layer in enumerate(layers):
+            num_rows = full.num_rows if self.depth is None else row_counts[i]
+            sub = VarlenBatch(full.cu_seqlens[: active_seqs[i] + 1], full.max_seqlen, num_rows)
+            seq_ids = full.seq_ids[:num_rows]
+            sub._seq_ids = seq_ids
+            routes.append(LayerRoute(None, sub, self._gate(layer, seq_ids)))
+        return routes
+
+    def _indexed_routes(self, start: int) -> List[LayerRoute]:
+        full = self.batch
+        num_layers = self.num_layers - start
+        if self.sample_mask is not None:
+            row_mask = self.sample_mask[:, start:].index_select(0, full.seq_ids).t()
+        else:
+            row_mask = torch.ones(num_layers, full.num_rows, dtype=torch.bool, device=full.cu_seqlens.device)
+        if self.row_alive is not None:
+            row_mask = row_mask & self.row_alive.unsqueeze(0)
+        indices, offsets, active_cu = ops.build_plan(row_mask.contiguous(), full.cu_seqlens)
+        bounds = offsets.tolist()
+        routes = []
+        for i in range(num_layers):
+            index = indices[bounds[i] : bounds[i + 1]]
+            sub = VarlenBatch(active_cu[i], full.max_seqlen, bounds[i + 1] - bounds[i])
+            seq_ids = full.seq_ids.index_select(0, index)
+            sub._seq_ids = seq_ids
+            routes.append(LayerRoute(index, sub, self._gate(start + i, seq_ids)))
+        return routes
+
+
+def row_depth(routes: Sequence[Optional[LayerRoute]], num_rows: int, device: torch.device) -> Tensor:
+    """int64 ``[N]``: how many layers each packed row executed."""
+    depth = torch.zeros(num_rows, dtype=torch.int64, device=device)
+    for route in routes:
+        if route is None or route.num_rows == 0:
+            continue
+        if route.index is None:
+            depth[: route.num_rows] += 1
+        else:
+            depth.index_add_(0, route.index, torch.ones_like(route.index))
+    return depth

@@ -1,0 +1,109 @@
+"""Helpers shared by the Triton kernels: segment search, inverse index, launch plumbing."""
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+# Rough tile size (elements) of the memory-bound row kernels: big enough to keep ~16
+# elements in flight per thread with 4 warps, small enough not to spill.
+ROW_TILE = 4096
+MAX_BLOCK_D = 512
+MAX_BLOCK_R = 64
+
+
+def row_blocks(dim: int) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_D) for kernels that stream ``[rows, dim]`` tiles, looping over dim."""
+    block_d = min(triton.next_power_of_2(max(dim, 1)), MAX_BLOCK_D)
+    return max(1, min(MAX_BLOCK_R, ROW_TILE // block_d)), block_d
+
+
+def search_steps(num_segments: int) -> int:
+    """Bisection steps of :func:`find_segment` over ``num_segments`` segments."""
+    return max(num_segments, 1).bit_length()
+
+
+def on_device_of_first_arg(fn):
+    """Run a launcher with its first tensor's CUDA device current (Triton launches on the
+    current device); a no-op for CPU tensors, so launchers also work under TRITON_INTERPRET."""
+
+    @functools.wraps(fn)
+    def wrapper(first, *args, **kwargs):
+        guard = torch.cuda.device(first.device) if first.is_cuda else contextlib.nullcontext()
+        with guard:
+            return fn(first, *args, **kwargs)
+
+    return wrapper
+
+
+def check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+def aot_spec(fn, variant: str, types: dict, constexprs: dict):
+    """One entry of ``aot_specs()``: arguments in ``constexprs`` are 'constexpr', those in
+    ``types`` get that type, every other argument is an 'i32' scalar."""
+    signature = {
+        name: "constexpr" if name in constexprs else types.get(name, "i32") for name in fn.arg_names
+    }
+    unknown = (set(types) | set(constexprs)) - set(fn.arg_names)
+    assert not unknown, f"{fn.__name__}: unknown arguments {unknown}"
+    return (f"{fn.__name__}[{variant}]", fn, signature, dict(constexprs))
+
+
+@triton.jit
+def find_segment(bounds, value, num_segments, num_steps):
+    """Largest ``b`` in ``[0, num_segments)`` with ``bounds[b] <= value``.
+
+    ``bounds`` is an ascending int32 vector of ``num_segments + 1`` entries with
+    ``bounds[0] = 0`` (``cu_seqlens``-like, empty segments allowed); ``value`` is a scalar or
+    a block. Bisection keeps ``bounds[lo] <= value < bounds[hi]``, so empty segments are
+    skipped; ``num_steps = search_steps(num_segments)`` narrows ``hi - lo`` to 1. Every load
+    is in bounds even for out-of-range values (they land on the last segment), so callers
+    only mask their own accesses.
+    """
+    lo = value * 0
+    hi = lo + num_segments
+    for _ in range(num_steps):
+        mid = (lo + hi) // 2
+        go_right = tl.load(bounds + mid) <= value
+        lo = tl.where(go_right, mid, lo)
+        hi = tl.where(go_right, hi, mid)
+    return lo
+
+
+@triton.jit
+def _inverse_index_kernel(index, inverse, num_index, BLOCK: tl.constexpr):
+    """``inverse[index[i]] = i`` for ``i < num_index`` (``index`` int64 ``[M]``, ``inverse``
+    int32 ``[N]`` prefilled with -1). Traffic: reads 8 B and writes 4 B per index entry."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < num_index
+    rows = tl.load(index + offs, mask=ok, other=0)
+    tl.store(inverse + rows, offs, mask=ok)
+
+
+INVERSE_BLOCK = 1024
+
+
+def inverse_index(index: Optional[torch.Tensor], num_rows: int) -> Optional[torch.Tensor]:
+    """int32 ``[num_rows]`` map from a row to its position in ``index`` (-1 when absent).
+
+    Lets the row kernels visit every output row exactly once (copy or update) instead of a
+    full copy followed by an overwrite of the active rows. ``None`` stays ``None`` (prefix).
+    """
+    if index is None:
+        return None
+    inverse = torch.full((num_rows,), -1, dtype=torch.int32, device=index.device)
+    if index.numel():
+        grid = (triton.cdiv(index.numel(), INVERSE_BLOCK),)
+        _inverse_index_kernel[grid](index, inverse, index.numel(), BLOCK=INVERSE_BLOCK)
+    return inverse
+
+
+def aot_specs():
+    return [aot_spec(_inverse_index_kernel, "i64", {"index": "*i64", "inverse": "*i32"}, {"BLOCK": INVERSE_BLOCK})]

@@ -1,0 +1,281 @@
+"""Block-diagonal softmax attention over packed sequences, FlashAttention-2 style.
+
+Programs are (sequence, block) pairs laid out back to back on grid axis 0 (heads on axis 1),
+so ragged batches launch only the blocks they have (plus at most B idle programs, from a
+bound that needs no host sync). A program finds its pair by bisection over ``cu_blocks``,
+the exclusive prefix sum of ``cdiv(length, BLOCK)`` (a few tiny device ops, no sync).
+Scores are kept in log2 units (``exp2``); the saved logsumexp is natural-log, fp32 ``[N, H]``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import aot_spec, check, find_segment, on_device_of_first_arg, row_blocks, search_steps
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+DELTA_BLOCK_R = 64
+
+
+def _block_size(head_dim: int) -> Tuple[int, int]:
+    """(BLOCK, BLOCK_D): 64x64 tiles, 32 rows for Dh > 64 to bound registers in the backward."""
+    block_d = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs every dim >= 16
+    return (64 if block_d <= 64 else 32), block_d
+
+
+def _dot_precision(t: torch.Tensor) -> str:
+    """fp32 inputs: 3xTF32 on NVIDIA (fp32-level accuracy on tensor cores; plain TF32 would
+    lose ~3 digits), IEEE elsewhere (AMD, interpreter). Ignored for fp16/bf16 operands."""
+    return "tf32x3" if t.is_cuda and torch.version.hip is None else "ieee"
+
+
+@triton.jit
+def _block_coords(cu_seqlens, cu_blocks, num_seqs, num_steps, BLOCK: tl.constexpr):
+    """``(start, end, block_start)`` of this program's sequence and block;
+    ``block_start >= end`` for the spare programs past the last block."""
+    pid = tl.program_id(0)
+    seq = find_segment(cu_blocks, pid, num_seqs, num_steps)
+    start = tl.load(cu_seqlens + seq)
+    end = tl.load(cu_seqlens + seq + 1)
+    return start, end, start + (pid - tl.load(cu_blocks + seq)) * BLOCK
+
+
+@triton.jit
+def _head_tile(rows, row_ok, row_stride, head_offset, head_dim, BLOCK_D: tl.constexpr):
+    """Offsets and mask of the ``[rows, BLOCK_D]`` tile of one head in an ``[N, H, Dh]`` tensor."""
+    cols = tl.arange(0, BLOCK_D)
+    offs = rows.to(tl.int64)[:, None] * row_stride + head_offset + cols[None, :]
+    return offs, row_ok[:, None] & (cols < head_dim)[None, :]
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    q, k, v, out, lse, cu_seqlens, cu_blocks, num_seqs, num_steps, scale, num_heads, head_dim,
+    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Online-softmax forward of one ``[BLOCK, Dh]`` query block of one head.
+
+    Shapes: ``q``/``k``/``v``/``out`` ``[N, H, Dh]``, ``lse`` fp32 ``[N, H]``. Grid
+    ``(num_block_programs, H)``. Traffic: reads the query block once and the sequence's K/V
+    once per query block (``T / BLOCK`` times per K/V element, mostly from L2), writes ``out``
+    once and 4 B of ``lse`` per (row, head). FLOPs ``4 * T^2 * Dh`` per sequence and head.
+    """
+    start, end, m0 = _block_coords(cu_seqlens, cu_blocks, num_seqs, num_steps, BLOCK)
+    if m0 >= end:
+        return
+    head = tl.program_id(1)
+    row_stride = num_heads * head_dim
+    lanes = tl.arange(0, BLOCK)
+    rows_m = m0 + lanes
+    q_offs, q_mask = _head_tile(rows_m, rows_m < end, row_stride, head * head_dim, head_dim, BLOCK_D)
+    q_tile = tl.load(q + q_offs, mask=q_mask, other=0.0)
+    qk_scale = scale * LOG2E  # softmax via exp2
+    m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK], dtype=tl.float32)
+    acc = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+    for n0 in range(start, end, BLOCK):
+        rows_n = n0 + lanes
+        n_ok = rows_n < end
+        kv_offs, kv_mask = _head_tile(rows_n, n_ok, row_stride, head * head_dim, head_dim, BLOCK_D)
+        k_tile = tl.load(k + kv_offs, mask=kv_mask, other=0.0)
+        s = tl.dot(q_tile, tl.trans(k_tile), input_precision=DOT_PRECISION) * qk_scale
+        s = tl.where(n_ok[None, :], s, float("-inf"))  # every key block has a valid key: m_new is finite
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v_tile = tl.load(v + kv_offs, mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile, input_precision=DOT_PRECISION)
+        m_i = m_new
+    acc = acc / l_i[:, None]
+    tl.store(out + q_offs, acc.to(out.dtype.element_ty), mask=q_mask)
+    tl.store(lse + rows_m.to(tl.int64) * num_heads + head, (m_i + tl.log2(l_i)) * LN2,
+             mask=rows_m < end)
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(out, grad_out, delta, num_rows, head_dim, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``delta[r] = sum_d grad_out[r, d] * out[r, d]`` in fp32 over the ``N * H`` rows.
+
+    Grid ``cdiv(N * H, BLOCK_R)``. Traffic: reads ``out`` and ``grad_out`` once, writes 4 B
+    per (row, head).
+    """
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < num_rows
+    acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for d0 in range(0, head_dim, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        offs = rows.to(tl.int64)[:, None] * head_dim + cols[None, :]
+        mask = row_ok[:, None] & (cols < head_dim)[None, :]
+        o = tl.load(out + offs, mask=mask, other=0.0).to(tl.float32)
+        do = tl.load(grad_out + offs, mask=mask, other=0.0).to(tl.float32)
+        acc += tl.sum(o * do, axis=1)
+    tl.store(delta + rows, acc, mask=row_ok)
+
+
+@triton.jit
+def _probs_and_dscores(q_tile, k_tile, v_tile, do_tile, lse_m, delta_m, valid, qk_scale,
+                       DOT_PRECISION: tl.constexpr):
+    """Recomputed probabilities ``p`` and score gradients ``ds = p * (dO V^T - delta)`` of a
+    ``[BLOCK_M, BLOCK_N]`` tile (zero outside ``valid``)."""
+    s = tl.dot(q_tile, tl.trans(k_tile), input_precision=DOT_PRECISION) * qk_scale
+    p = tl.where(valid, tl.exp2(s - lse_m[:, None] * LOG2E), 0.0)
+    dp = tl.dot(do_tile, tl.trans(v_tile), input_precision=DOT_PRECISION)
+    return p, p * (dp - delta_m[:, None])
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    q, k, v, grad_out, lse, delta, grad_k, grad_v, cu_seqlens, cu_blocks, num_seqs, num_steps, scale, num_heads,
+    head_dim, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """``dV = P^T dO`` and ``dK = scale * dS^T Q`` for one key block of one head, looping over
+    the sequence's query blocks (no atomics). Grid ``(num_block_programs, H)``. Traffic: reads
+    the K/V block once and Q, dO, lse, delta once per key block (mostly L2), writes dK, dV once.
+    """
+    start, end, n0 = _block_coords(cu_seqlens, cu_blocks, num_seqs, num_steps, BLOCK)
+    if n0 >= end:
+        return
+    head = tl.program_id(1)
+    row_stride = num_heads * head_dim
+    lanes = tl.arange(0, BLOCK)
+    rows_n = n0 + lanes
+    n_ok = rows_n < end
+    kv_offs, kv_mask = _head_tile(rows_n, n_ok, row_stride, head * head_dim, head_dim, BLOCK_D)
+    k_tile = tl.load(k + kv_offs, mask=kv_mask, other=0.0)
+    v_tile = tl.load(v + kv_offs, mask=kv_mask, other=0.0)
+    qk_scale = scale * LOG2E
+    dk = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+    for m0 in range(start, end, BLOCK):
+        rows_m = m0 + lanes
+        m_ok = rows_m < end
+        q_offs, q_mask = _head_tile(rows_m, m_ok, row_stride, head * head_dim, head_dim, BLOCK_D)
+        q_tile = tl.load(q + q_offs, mask=q_mask, other=0.0)
+        do_tile = tl.load(grad_out + q_offs, mask=q_mask, other=0.0)
+        stat = rows_m.to(tl.int64) * num_heads + head
+        lse_m = tl.load(lse + stat, mask=m_ok, other=0.0)
+        delta_m = tl.load(delta + stat, mask=m_ok, other=0.0)
+        p, ds = _probs_and_dscores(q_tile, k_tile, v_tile, do_tile, lse_m, delta_m, m_ok[:, None] & n_ok[None, :],
+                                   qk_scale, DOT_PRECISION)
+        dv += tl.dot(tl.trans(p.to(do_tile.dtype)), do_tile, input_precision=DOT_PRECISION)
+        dk += tl.dot(tl.trans(ds.to(q_tile.dtype)), q_tile, input_precision=DOT_PRECISION)
+    tl.store(grad_k + kv_offs, (dk * scale).to(grad_k.dtype.element_ty), mask=kv_mask)
+    tl.store(grad_v + kv_offs, dv.to(grad_v.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    q, k, v, grad_out, lse, delta, grad_q, cu_seqlens, cu_blocks, num_seqs, num_steps, scale, num_heads, head_dim,
+    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """``dQ = scale * dS K`` for one query block of one head, looping over the sequence's key
+    blocks. Grid ``(num_block_programs, H)``. Traffic: reads Q, dO, lse, delta once and K/V
+    once per query block (mostly L2), writes dQ once.
+    """
+    start, end, m0 = _block_coords(cu_seqlens, cu_blocks, num_seqs, num_steps, BLOCK)
+    if m0 >= end:
+        return
+    head = tl.program_id(1)
+    row_stride = num_heads * head_dim
+    lanes = tl.arange(0, BLOCK)
+    rows_m = m0 + lanes
+    m_ok = rows_m < end
+    q_offs, q_mask = _head_tile(rows_m, m_ok, row_stride, head * head_dim, head_dim, BLOCK_D)
+    q_tile = tl.load(q + q_offs, mask=q_mask, other=0.0)
+    do_tile = tl.load(grad_out + q_offs, mask=q_mask, other=0.0)
+    stat = rows_m.to(tl.int64) * num_heads + head
+    lse_m = tl.load(lse + stat, mask=m_ok, other=0.0)
+    delta_m = tl.load(delta + stat, mask=m_ok, other=0.0)
+    qk_scale = scale * LOG2E
+    dq = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+    for n0 in range(start, end, BLOCK):
+        rows_n = n0 + lanes
+        n_ok = rows_n < end
+        kv_offs, kv_mask = _head_tile(rows_n, n_ok, row_stride, head * head_dim, head_dim, BLOCK_D)
+        k_tile = tl.load(k + kv_offs, mask=kv_mask, other=0.0)
+        v_tile = tl.load(v + kv_offs, mask=kv_mask, other=0.0)
+        _, ds = _probs_and_dscores(q_tile, k_tile, v_tile, do_tile, lse_m, delta_m, m_ok[:, None] & n_ok[None, :],
+                                   qk_scale, DOT_PRECISION)
+        dq += tl.dot(ds.to(k_tile.dtype), k_tile, input_precision=DOT_PRECISION)
+    tl.store(grad_q + q_offs, (dq * scale).to(grad_q.dtype.element_ty), mask=q_mask)
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
+    check(q.dim() == 3 and k.shape == q.shape and v.shape == q.shape, "q, k, v must all be [N, H, Dh]")
+    check(cu_seqlens.dim() == 1 and cu_seqlens.numel() >= 1 and cu_seqlens.dtype == torch.int32,
+          "cu_seqlens must be int32 [B + 1]")
+
+
+def _launch_plan(q: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int):
+    """``(grid, cu_blocks, block, block_d, common launch args)`` shared by the kernels."""
+    num_rows, num_heads, head_dim = q.shape
+    block, block_d = _block_size(head_dim)
+    num_seqs = cu_seqlens.numel() - 1
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    cu_blocks = torch.zeros(num_seqs + 1, dtype=torch.int32, device=q.device)
+    torch.cumsum((lengths + block - 1) // block, 0, out=cu_blocks[1:])
+    # sum_b cdiv(len_b, BLOCK) <= min(cdiv(N, BLOCK) + B, B * cdiv(max_seqlen, BLOCK)): no sync.
+    programs = min(triton.cdiv(num_rows, block) + num_seqs, num_seqs * triton.cdiv(max(max_seqlen, 0), block))
+    args = (cu_seqlens, cu_blocks, num_seqs, search_steps(num_seqs))
+    return (programs, num_heads), args, dict(BLOCK=block, BLOCK_D=block_d, DOT_PRECISION=_dot_precision(q))
+
+
+@on_device_of_first_arg
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                     scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """-> ``(out [N, H, Dh], logsumexp fp32 [N, H])``; ``max_seqlen`` must bound every length."""
+    _check_qkv(q, k, v, cu_seqlens)
+    q, k, v, cu_seqlens = (t.contiguous() for t in (q, k, v, cu_seqlens))
+    num_rows, num_heads, head_dim = q.shape
+    out = torch.empty_like(q)
+    lse = torch.empty((num_rows, num_heads), dtype=torch.float32, device=q.device)
+    grid, seq_args, meta = _launch_plan(q, cu_seqlens, max_seqlen)
+    if out.numel() and grid[0] > 0:
+        _attn_fwd_kernel[grid](q, k, v, out, lse, *seq_args, float(scale), num_heads, head_dim, **meta)
+    return out, lse
+
+
+@on_device_of_first_arg
+def varlen_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              out: torch.Tensor, logsumexp: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                              scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> ``(grad_q, grad_k, grad_v)``, each ``[N, H, Dh]``."""
+    _check_qkv(q, k, v, cu_seqlens)
+    check(grad_out.shape == q.shape and out.shape == q.shape and logsumexp.shape == q.shape[:2],
+          "grad_out/out must be [N, H, Dh] and logsumexp [N, H]")
+    grad_out, q, k, v, out, cu_seqlens = (t.contiguous() for t in (grad_out, q, k, v, out, cu_seqlens))
+    logsumexp = logsumexp.float().contiguous()
+    num_rows, num_heads, head_dim = q.shape
+    grad_q, grad_k, grad_v = (torch.empty_like(t) for t in (q, k, v))
+    grid, seq_args, meta = _launch_plan(q, cu_seqlens, max_seqlen)
+    if q.numel() == 0 or grid[0] == 0:
+        return grad_q, grad_k, grad_v
+    delta = torch.empty((num_rows, num_heads), dtype=torch.float32, device=q.device)
+    _, block_d = row_blocks(head_dim)
+    _attn_bwd_delta_kernel[(triton.cdiv(num_rows * num_heads, DELTA_BLOCK_R),)](
+        out, grad_out, delta, num_rows * num_heads, head_dim, BLOCK_R=DELTA_BLOCK_R, BLOCK_D=block_d)
+    scalars = (float(scale), num_heads, head_dim)
+    _attn_bwd_dkdv_kernel[grid](q, k, v, grad_out, logsumexp, delta, grad_k, grad_v, *seq_args, *scalars, **meta)
+    _attn_bwd_dq_kernel[grid](q, k, v, grad_out, logsumexp, delta, grad_q, *seq_args, *scalars, **meta)
+    return grad_q, grad_k, grad_v
+
+
+def aot_specs():
+    specs = []
+    for dt, head_dim in (("fp32", 64), ("fp32", 128), ("fp16", 64)):
+        block, block_d = _block_size(head_dim)
+        meta = {"BLOCK": block, "BLOCK_D": block_d, "DOT_PRECISION": "ieee"}
+        tensors = {n: f"*{dt}" for n in ("q", "k", "v", "out", "grad_out", "grad_q", "grad_k", "grad_v")}
+        types = {**tensors, "lse": "*fp32", "delta": "*fp32", "cu_seqlens": "*i32", "cu_blocks": "*i32", "scale": "fp32"}
+        for fn in (_attn_fwd_kernel, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel):
+            specs.append(aot_spec(fn, f"{dt},d{head_dim}", {n: t for n, t in types.items() if n in fn.arg_names}, meta))
+    _, block_d = row_blocks(64)
+    specs.append(aot_spec(_attn_bwd_delta_kernel, "fp32", {"out": "*fp32", "grad_out": "*fp32", "delta": "*fp32"},
+                          {"BLOCK_R": DELTA_BLOCK_R, "BLOCK_D": block_d}))
+    return specs

@@ -1,0 +1,172 @@
+"""Depthwise 'same' conv1d over packed variable-length sequences (channels last).
+
+Rows never see across a sequence edge: each row finds its sequence ``[start, end)`` by
+bisection over ``cu_seqlens`` (``log2(B)`` cached loads per row, no extra buffers), and taps
+outside it read zero.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import aot_spec, check, find_segment, on_device_of_first_arg, search_steps
+
+BLOCK_T = 32  # rows per tile
+MAX_BLOCK_C = 64
+TARGET_PROGRAMS = 1024  # backward: enough row groups to fill a GPU, few fp32 partials
+
+
+@triton.jit
+def _row_bounds(cu_seqlens, rows, row_ok, num_seqs, num_steps):
+    """``[start, end)`` of each row's sequence; empty for rows past ``N``."""
+    seq = find_segment(cu_seqlens, rows, num_seqs, num_steps)
+    start = tl.load(cu_seqlens + seq)
+    end = tl.where(row_ok, tl.load(cu_seqlens + seq + 1), start)
+    return start, end
+
+
+@triton.jit
+def _load_shifted(ptr, rows, shift, start, end, cols, col_ok, channels):
+    """fp32 tile ``ptr[rows + shift, cols]``, zero where the source row leaves ``[start, end)``."""
+    src = rows + shift
+    ok = (src >= start) & (src < end)
+    return tl.load(ptr + src.to(tl.int64)[:, None] * channels + cols[None, :], mask=ok[:, None] & col_ok[None, :],
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _dwconv_fwd_kernel(
+    x, cu_seqlens, weight, bias, out, num_rows, channels, num_seqs, num_steps,
+    K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """``out[t, c] = bias[c] + sum_k weight[c, k] * x[t + k - (K - 1) // 2, c]`` (same sequence).
+
+    Shapes: ``x``/``out`` ``[N, C]``, ``cu_seqlens`` int32 ``[B + 1]``, ``weight`` ``[C, K]``,
+    ``bias`` ``[C]``. Grid ``(cdiv(N, BLOCK_T), cdiv(C, BLOCK_C))``. Traffic per element:
+    ``x`` is read once from DRAM (the K shifted tile loads overlap and hit L1/L2; a tile
+    touches ``BLOCK_T + K - 1`` rows), ``out`` written once; weight/bias/cu_seqlens are tiny.
+    """
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_ok = rows < num_rows
+    col_ok = cols < channels
+    start, end = _row_bounds(cu_seqlens, rows, row_ok, num_seqs, num_steps)
+    acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    for k in tl.static_range(K):
+        w = tl.load(weight + cols * K + k, mask=col_ok, other=0.0).to(tl.float32)
+        acc += w[None, :] * _load_shifted(x, rows, k - (K - 1) // 2, start, end, cols, col_ok, channels)
+    tl.store(out + rows.to(tl.int64)[:, None] * channels + cols[None, :], acc.to(out.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _dwconv_bwd_kernel(
+    grad_out, x, cu_seqlens, weight, grad_x, partial_w, partial_b, num_rows, channels, num_seqs, num_steps,
+    tiles_per_program,
+    K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """All three gradients in one pass over ``grad_out`` and ``x``.
+
+    ``grad_x[s] = sum_k weight[:, k] * grad_out[s - k + pad]`` (the forward with mirrored
+    taps, same-sequence rule), ``grad_weight[:, k] = sum_t grad_out[t] * x[t + k - pad]``,
+    ``grad_bias = sum_t grad_out[t]``. Program ``(g, c)`` handles ``tiles_per_program``
+    consecutive row tiles and writes fp32 partials ``partial_w[g] [C, K]`` and
+    ``partial_b[g] [C]`` (summed by the launcher: deterministic, no atomics).
+    Grid ``(G, cdiv(C, BLOCK_C))``. Traffic per element: reads ``grad_out`` and ``x`` once
+    from DRAM (shifted reloads hit cache), writes ``grad_x`` once; plus ``G * C * (K + 1)``
+    fp32 partials, small because ``G * cdiv(C, BLOCK_C)`` is about ``TARGET_PROGRAMS``.
+    """
+    pad: tl.constexpr = (K - 1) // 2
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < channels
+    taps = tl.arange(0, BLOCK_K)[None, :]
+    acc_w = tl.zeros([BLOCK_C, BLOCK_K], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for i in range(tiles_per_program):
+        rows = (tl.program_id(0) * tiles_per_program + i) * BLOCK_T + tl.arange(0, BLOCK_T)
+        row_ok = rows < num_rows
+        start, end = _row_bounds(cu_seqlens, rows, row_ok, num_seqs, num_steps)
+        go = _load_shifted(grad_out, rows, 0, start, end, cols, col_ok, channels)
+        acc_b += tl.sum(go, axis=0)
+        gx = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
+        for k in tl.static_range(K):
+            w = tl.load(weight + cols * K + k, mask=col_ok, other=0.0).to(tl.float32)
+            gx += w[None, :] * _load_shifted(grad_out, rows, pad - k, start, end, cols, col_ok, channels)
+            xs = _load_shifted(x, rows, k - pad, start, end, cols, col_ok, channels)
+            # Register tiles cannot be indexed by k: add the tap's column with a select.
+            acc_w += tl.where(taps == k, tl.sum(go * xs, axis=0)[:, None], 0.0)
+        tl.store(grad_x + rows.to(tl.int64)[:, None] * channels + cols[None, :], gx.to(grad_x.dtype.element_ty),
+                 mask=row_ok[:, None] & col_ok[None, :])
+    group = tl.program_id(0).to(tl.int64) * channels
+    tl.store(partial_w + (group + cols[:, None]) * K + taps, acc_w, mask=col_ok[:, None] & (taps < K))
+    tl.store(partial_b + group + cols, acc_b, mask=col_ok)
+
+
+def _check_args(x: torch.Tensor, cu_seqlens: torch.Tensor, weight: torch.Tensor) -> None:
+    check(x.dim() == 2 and weight.dim() == 2 and weight.shape[0] == x.shape[1], "x must be [N, C], weight [C, K]")
+    check(weight.shape[1] % 2 == 1, "kernel size must be odd")
+    check(cu_seqlens.dim() == 1 and cu_seqlens.numel() >= 1 and cu_seqlens.dtype == torch.int32,
+          "cu_seqlens must be int32 [B + 1]")
+
+
+def _block_c(channels: int) -> int:
+    return min(triton.next_power_of_2(channels), MAX_BLOCK_C)
+
+
+@on_device_of_first_arg
+def varlen_dwconv1d(x: torch.Tensor, cu_seqlens: torch.Tensor, weight: torch.Tensor,
+                    bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """Depthwise 'same' conv1d over packed sequences: ``[N, C]`` -> ``[N, C]``."""
+    _check_args(x, cu_seqlens, weight)
+    num_rows, channels = x.shape
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if out.numel():
+        num_seqs, block_c = cu_seqlens.numel() - 1, _block_c(channels)
+        grid = (triton.cdiv(num_rows, BLOCK_T), triton.cdiv(channels, block_c))
+        _dwconv_fwd_kernel[grid](
+            x.contiguous(), cu_seqlens.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
+            out, num_rows, channels, num_seqs, search_steps(num_seqs),
+            K=weight.shape[1], HAS_BIAS=bias is not None, BLOCK_T=BLOCK_T, BLOCK_C=block_c,
+        )
+    return out
+
+
+@on_device_of_first_arg
+def varlen_dwconv1d_backward(grad_out: torch.Tensor, x: torch.Tensor, cu_seqlens: torch.Tensor,
+                             weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> ``(grad_x [N, C], grad_weight [C, K], grad_bias [C])`` (weights' dtype)."""
+    _check_args(x, cu_seqlens, weight)
+    check(grad_out.shape == x.shape, "grad_out must match x")
+    (num_rows, channels), kernel_size = x.shape, weight.shape[1]
+    grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if grad_x.numel() == 0:
+        return grad_x, torch.zeros_like(weight), weight.new_zeros(channels)
+    num_seqs, block_c = cu_seqlens.numel() - 1, _block_c(channels)
+    num_tiles, num_cblocks = triton.cdiv(num_rows, BLOCK_T), triton.cdiv(channels, block_c)
+    tiles_per_program = triton.cdiv(num_tiles, max(1, min(num_tiles, TARGET_PROGRAMS // num_cblocks)))
+    groups = triton.cdiv(num_tiles, tiles_per_program)
+    partial_w = torch.empty((groups, channels, kernel_size), dtype=torch.float32, device=x.device)
+    partial_b = torch.empty((groups, channels), dtype=torch.float32, device=x.device)
+    _dwconv_bwd_kernel[(groups, num_cblocks)](
+        grad_out.contiguous(), x.contiguous(), cu_seqlens.contiguous(), weight.contiguous(), grad_x, partial_w,
+        partial_b, num_rows, channels, num_seqs, search_steps(num_seqs), tiles_per_program,
+        K=kernel_size, BLOCK_T=BLOCK_T, BLOCK_C=block_c, BLOCK_K=triton.next_power_of_2(kernel_size),
+    )
+    return grad_x, partial_w.sum(0).to(weight.dtype), partial_b.sum(0).to(weight.dtype)
+
+
+def aot_specs():
+    k, block_c = 31, _block_c(256)
+    common = {"x": "*fp32", "cu_seqlens": "*i32", "weight": "*fp32"}
+    return [
+        aot_spec(_dwconv_fwd_kernel, "fp32,bias", {**common, "bias": "*fp32", "out": "*fp32"},
+                 {"K": k, "HAS_BIAS": True, "BLOCK_T": BLOCK_T, "BLOCK_C": block_c}),
+        aot_spec(_dwconv_bwd_kernel, "fp32",
+                 {**common, "grad_out": "*fp32", "grad_x": "*fp32", "partial_w": "*fp32", "partial_b": "*fp32"},
+                 {"K": k, "BLOCK_T": BLOCK_T, "BLOCK_C": block_c, "BLOCK_K": triton.next_power_of_2(k)}),
+    ]
