@@ -14,6 +14,7 @@ from typing import List, Optional, Protocol, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from . import ops
 from .routing import LayerRoute, PackedBatch, Schedule, VarlenBatch, pack, row_depth
@@ -54,6 +55,16 @@ def varlen_group_norm(x: Tensor, batch: VarlenBatch, norm: nn.GroupNorm) -> Tens
     return normed * norm.weight + norm.bias
 
 
+def batch_norm_rows(x: Tensor, norm: nn.BatchNorm1d) -> Tensor:
+    """BatchNorm1d on ``[N, C]`` rows; statistics over the valid rows in training. In eval
+    mode the affine form is written out (``F.batch_norm`` guards on N > 0, which
+    torch.compile cannot decide for a data-dependent N)."""
+    if norm.training or norm.running_mean is None:
+        return norm(x)
+    scale = torch.rsqrt(norm.running_var + norm.eps) * norm.weight
+    return (x - norm.running_mean) * scale + norm.bias
+
+
 class _ConvolutionModule(nn.Module):
     """LayerNorm -> pointwise conv (GLU) -> varlen depthwise conv -> Batch/GroupNorm -> SiLU
     -> pointwise conv -> Dropout, on packed ``[N, D]`` rows (parameter names as torchaudio)."""
@@ -79,7 +90,7 @@ class _ConvolutionModule(nn.Module):
         h = self.layer_norm(x)
         h = F.glu(F.linear(h, pointwise1.weight.squeeze(-1), pointwise1.bias), dim=-1)
         h = ops.varlen_dwconv1d(h, batch.cu_seqlens, depthwise.weight.squeeze(1), depthwise.bias)
-        h = varlen_group_norm(h, batch, norm) if isinstance(norm, nn.GroupNorm) else norm(h)
+        h = varlen_group_norm(h, batch, norm) if isinstance(norm, nn.GroupNorm) else batch_norm_rows(h, norm)
         h = F.linear(F.silu(h), pointwise2.weight.squeeze(-1), pointwise2.bias)
         return dropout(h)
 
@@ -263,15 +274,19 @@ class DynamicConformer(nn.Module):
         if gates is not None and (tuple(gates.shape) != (batch_size, self.num_layers) or not gates.is_floating_point()):
             raise ValueError(f"gates must be a float tensor of shape ({batch_size}, {self.num_layers}), got "
                              f"{gates.dtype} {tuple(gates.shape)}")
-        # One host sync for every value check.
-        checks = [lengths.min(), lengths.max()]
+        self._check_range("lengths", lengths, 1, max_frames, "T")
         if depth is not None:
-            checks += [depth.min(), depth.max()]
-        values = torch.stack([c.to(torch.int64) for c in checks]).tolist()
-        if values[0] < 1 or values[1] > max_frames:
-            raise ValueError(f"lengths must lie in [1, T={max_frames}], got min {values[0]} max {values[1]}")
-        if depth is not None and (values[2] < 0 or values[3] > self.num_layers):
-            raise ValueError(f"depth must lie in [0, num_layers={self.num_layers}], got min {values[2]} max {values[3]}")
+            self._check_range("depth", depth, 0, self.num_layers, "num_layers")
+
+    @staticmethod
+    def _check_range(name: str, values: Tensor, low: int, high: int, high_name: str) -> None:
+        if torch.compiler.is_compiling():  # data-dependent: becomes a runtime assertion
+            torch._check(bool((values >= low).all() & (values <= high).all()),
+                         lambda: f"{name} must lie in [{low}, {high_name}={high}]")
+            return
+        lo, hi = torch.stack([values.min(), values.max()]).tolist()
+        if lo < low or hi > high:
+            raise ValueError(f"{name} must lie in [{low}, {high_name}={high}], got min {lo} max {hi}")
 
     # ------------------------------------------------------------------ forward
     def forward(self, input: Tensor, lengths: Tensor, *, layer_mask: Optional[Tensor] = None,
@@ -331,13 +346,13 @@ class DynamicConformer(nn.Module):
         return x, routes
 
     def _run_layer(self, layer: DynamicConformerLayer, x: Tensor, route: LayerRoute) -> Tensor:
-        if route.num_rows == 0:
+        if guard_or_false(route.num_rows == 0):
             if self.training and torch.is_grad_enabled():
                 # Keep every parameter in the autograd graph (zero gradient) so DDP's
                 # reduction needs no find_unused_parameters.
                 x = x + sum(p.reshape(-1)[:1].sum() for p in layer.parameters()) * 0
             return x
-        if route.index is None and route.num_rows == x.shape[0] and route.gate is None:
+        if route.index is None and route.gate is None and guard_or_false(route.num_rows == x.shape[0]):
             return layer(x, route.batch)
         active = x[: route.num_rows] if route.index is None else ops.gather_rows(x, route.index)
         return ops.gated_residual_scatter(x, layer(active, route.batch), route.gate, route.index)

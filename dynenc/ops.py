@@ -23,6 +23,7 @@ from typing import Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from . import _C  # noqa: F401  (registers the dynenc:: schemas and CPU kernels)
 from . import reference
@@ -198,10 +199,12 @@ torch.library.register_autograd("dynenc::varlen_attention", _attention_backward,
 
 
 # ----------------------------------------------------------------------------- public API
+# Shape checks use guard_or_false: under torch.compile row counts are data-dependent, and a
+# check that cannot be decided at trace time is left to the kernels' own checks.
 def _check_rows(name: str, t: Tensor, like: Tensor) -> None:
     if t.dim() != 2:
         raise ValueError(f"{name} must be 2-D [rows, features], got shape {tuple(t.shape)}")
-    if t.shape[1] != like.shape[1] or t.dtype != like.dtype or t.device != like.device:
+    if guard_or_false(t.shape[1] != like.shape[1]) or t.dtype != like.dtype or t.device != like.device:
         raise ValueError(
             f"{name} must match x in features/dtype/device: got {tuple(t.shape)} {t.dtype} {t.device}, "
             f"x is {tuple(like.shape)} {like.dtype} {like.device}"
@@ -211,7 +214,7 @@ def _check_rows(name: str, t: Tensor, like: Tensor) -> None:
 def _check_index(index: Tensor, length: Optional[int], device: torch.device) -> None:
     if index.dtype != torch.int64 or index.dim() != 1:
         raise ValueError(f"index must be a 1-D int64 tensor, got {index.dtype} shape {tuple(index.shape)}")
-    if length is not None and index.shape[0] != length:
+    if length is not None and guard_or_false(index.shape[0] != length):
         raise ValueError(f"index must have {length} entries (one per active row), got {index.shape[0]}")
     if index.device != device:
         raise ValueError(f"index must be on {device}, got {index.device}")
@@ -231,9 +234,9 @@ def gated_residual_scatter(x: Tensor, y: Tensor, gate: Optional[Tensor] = None, 
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D [rows, features], got shape {tuple(x.shape)}")
     _check_rows("y", y, x)
-    if y.shape[0] > x.shape[0]:
+    if guard_or_false(y.shape[0] > x.shape[0]):
         raise ValueError(f"y has {y.shape[0]} rows but x only {x.shape[0]}")
-    if gate is not None and (gate.dim() != 1 or gate.shape[0] != y.shape[0]):
+    if gate is not None and (gate.dim() != 1 or guard_or_false(gate.shape[0] != y.shape[0])):
         raise ValueError(f"gate must be 1-D with {y.shape[0]} entries, got shape {tuple(gate.shape)}")
     if index is not None:
         _check_index(index, y.shape[0], x.device)
@@ -287,9 +290,9 @@ def varlen_dwconv1d(x: Tensor, cu_seqlens: Tensor, weight: Tensor, bias: Optiona
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D [rows, channels], got shape {tuple(x.shape)}")
     _check_cu_seqlens(cu_seqlens, x.device)
-    if weight.dim() != 2 or weight.shape[0] != x.shape[1] or weight.shape[1] % 2 != 1:
+    if weight.dim() != 2 or guard_or_false(weight.shape[0] != x.shape[1]) or weight.shape[1] % 2 != 1:
         raise ValueError(f"weight must be [C={x.shape[1]}, K] with K odd, got shape {tuple(weight.shape)}")
-    if bias is not None and tuple(bias.shape) != (x.shape[1],):
+    if bias is not None and (bias.dim() != 1 or guard_or_false(bias.shape[0] != x.shape[1])):
         raise ValueError(f"bias must have shape ({x.shape[1]},), got {tuple(bias.shape)}")
     if not _native():
         return reference.varlen_dwconv1d(x, cu_seqlens, weight, bias)
@@ -312,7 +315,8 @@ def varlen_attention(
     if q.dim() != 3:
         raise ValueError(f"q must be 3-D [rows, heads, head_dim], got shape {tuple(q.shape)}")
     for name, t in (("k", k), ("v", v)):
-        if t.shape != q.shape or t.dtype != q.dtype or t.device != q.device:
+        if t.dim() != 3 or any(guard_or_false(a != b) for a, b in zip(t.shape, q.shape)) or t.dtype != q.dtype \
+                or t.device != q.device:
             raise ValueError(f"{name} must match q ({tuple(q.shape)}, {q.dtype}, {q.device}), got {tuple(t.shape)}")
     _check_cu_seqlens(cu_seqlens, q.device)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)

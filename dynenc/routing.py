@@ -17,6 +17,7 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from . import ops
 
@@ -81,15 +82,17 @@ def pack(input: Tensor, lengths: Tensor, order: Optional[Tensor] = None) -> Pack
     """Pack the valid frames of ``input [B, T, D]`` (``lengths`` int ``[B]``) into ``[N, D]``.
 
     ``order`` (a permutation of the samples) sets the packed sequence order. One host sync
-    (for N and the longest length). Lengths must already be validated.
+    (for N). Lengths must already be validated; T is the ``max_seqlen`` bound.
     """
     batch_size, max_frames, _ = input.shape
     lengths = lengths.to(torch.int64)
     packed_lengths = lengths if order is None else lengths.index_select(0, order)
-    num_rows, max_len = (int(v) for v in torch.stack([lengths.sum(), lengths.max()]).tolist())
+    num_rows = lengths.sum().item()
+    torch._check(num_rows >= 0)
     cu_seqlens = F.pad(packed_lengths.cumsum(0), (1, 0)).to(torch.int32)
-    batch = VarlenBatch(cu_seqlens, max_len, num_rows)
-    if order is None and num_rows == batch_size * max_frames:
+    batch = VarlenBatch(cu_seqlens, max_frames, num_rows)
+    # guard_or_false: under torch.compile N is data-dependent; the general path is always correct.
+    if order is None and guard_or_false(num_rows == batch_size * max_frames):
         return PackedBatch(input.reshape(num_rows, -1), batch, None, None, batch_size, max_frames)
     seq = batch.seq_ids
     offset_in_seq = torch.arange(num_rows, device=input.device) - cu_seqlens.long().index_select(0, seq)
@@ -194,7 +197,7 @@ def row_depth(routes: Sequence[Optional[LayerRoute]], num_rows: int, device: tor
     """int64 ``[N]``: how many layers each packed row executed."""
     depth = torch.zeros(num_rows, dtype=torch.int64, device=device)
     for route in routes:
-        if route is None or route.num_rows == 0:
+        if route is None or guard_or_false(route.num_rows == 0):
             continue
         if route.index is None:
             depth[: route.num_rows] += 1

@@ -268,7 +268,7 @@ def varlen_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.
 
 def aot_specs():
     specs = []
-    for dt, head_dim in (("fp32", 64), ("fp32", 128), ("fp16", 64)):
+    for dt, head_dim in (("fp32", 64), ("fp16", 128)):
         block, block_d = _block_size(head_dim)
         meta = {"BLOCK": block, "BLOCK_D": block_d, "DOT_PRECISION": "ieee"}
         tensors = {n: f"*{dt}" for n in ("q", "k", "v", "out", "grad_out", "grad_q", "grad_k", "grad_v")}
