@@ -12,7 +12,7 @@ setup(
         CppExtension(
             "dynenc._C",
             sorted(glob.glob("csrc/*.cpp")),
-            extra_compile_args=["-O3", "-g0", "-fopenmp", "-std=c++17"],
+            extra_compile_args=["-O3", "-g0", "-fopenmp"],
             extra_link_args=["-fopenmp"],
         )
     ],

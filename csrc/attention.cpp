@@ -1,16 +1,55 @@
 // Block-diagonal attention over packed sequences: each sequence runs through ATen's CPU
 // flash-attention kernels as a [1, H, T, Dh] view of the packed [N, H, Dh] buffers (no copy
-// in; those kernels parallelise over heads and query blocks internally, and their output and
-// logsumexp come back laid out [1, T, H, ...], so copying them into the packed results is a
-// contiguous move).
+// in; their output and logsumexp come back laid out [1, T, H, ...], so copying them into the
+// packed results is a contiguous move).
 #include <ATen/ops/_scaled_dot_product_flash_attention_for_cpu.h>
 #include <ATen/ops/_scaled_dot_product_flash_attention_for_cpu_backward.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include "checks.h"
 #include "ops.h"
 
 namespace dynenc {
 namespace {
+
+// Multiply-adds (T^2 * H * Dh) from which one sequence is worth a parallel kernel call.
+constexpr int64_t kLongSequenceCost = int64_t{1} << 20;
+
+// Calls fn(start, len) once per non-empty sequence. Long sequences run one at a time and the
+// ATen kernel parallelises over heads and query blocks inside. Short ones would pay a thread
+// fork/join per call that can exceed their work (and stalls badly on a loaded machine), so
+// they are split into cost-balanced contiguous groups, one per thread, whose kernel calls run
+// inline on that thread.
+template <typename F>
+void for_each_sequence(const std::vector<int32_t>& cu, int64_t heads, int64_t head_dim, const F& fn) {
+  std::vector<int64_t> short_seqs, prefix_cost{0};
+  for (size_t b = 0; b + 1 < cu.size(); ++b) {
+    const int64_t len = cu[b + 1] - cu[b];
+    if (len == 0) continue;  // owns no rows
+    const int64_t cost = len * len * heads * head_dim;
+    if (cost >= kLongSequenceCost) {
+      fn(cu[b], len);
+    } else {
+      short_seqs.push_back(b);
+      prefix_cost.push_back(prefix_cost.back() + cost);
+    }
+  }
+  const int64_t groups = std::min<int64_t>(at::get_num_threads(), short_seqs.size());
+  const int64_t total = prefix_cost.back();
+  at::parallel_for(0, groups, 1, [&](int64_t g_begin, int64_t g_end) {
+    // Worker threads do not inherit the caller's below-autograd dispatch state; without this
+    // the per-sequence kernel calls would record autograd graphs for inputs requiring grad.
+    c10::impl::ExcludeDispatchKeyGuard no_autograd(c10::autograd_dispatch_keyset_with_ADInplaceOrView);
+    // Group g takes the sequences whose cost interval starts in [g, g + 1) * total / groups.
+    const auto first = [&](int64_t g) {
+      return std::lower_bound(prefix_cost.begin(), prefix_cost.end() - 1, total * g / groups) - prefix_cost.begin();
+    };
+    for (int64_t i = first(g_begin); i < first(g_end); ++i) {
+      const int64_t b = short_seqs[i];
+      fn(cu[b], cu[b + 1] - cu[b]);
+    }
+  });
+}
 
 // Rows [start, start + len) of a packed [N, H, ...] tensor as the [1, H, len, ...] view the
 // flash kernels take.
@@ -43,15 +82,13 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention(const at::Tensor& q, const a
   const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
   at::Tensor out = at::empty_like(qc);
   at::Tensor lse = at::empty({q.size(0), q.size(1)}, q.options().dtype(at::kFloat));
-  for (size_t b = 0; b + 1 < cu.size(); ++b) {
-    const int64_t start = cu[b], len = cu[b + 1] - cu[b];
-    if (len == 0) continue;  // owns no rows
+  for_each_sequence(cu, q.size(1), q.size(2), [&](int64_t start, int64_t len) {
     auto [o, l] = at::_scaled_dot_product_flash_attention_for_cpu(
         seq_view(qc, start, len), seq_view(kc, start, len), seq_view(vc, start, len), /*dropout_p=*/0.0,
         /*is_causal=*/false, /*attn_mask=*/{}, scale);
     seq_view(out, start, len).copy_(o);
     seq_view(lse, start, len).copy_(l);
-  }
+  });
   return {out, lse};
 }
 
@@ -73,9 +110,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_backward(
   const at::Tensor go = grad_out.contiguous(), qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous(),
                    oc = out.contiguous(), lc = logsumexp.contiguous();
   at::Tensor grad_q = at::empty_like(qc), grad_k = at::empty_like(kc), grad_v = at::empty_like(vc);
-  for (size_t b = 0; b + 1 < cu.size(); ++b) {
-    const int64_t start = cu[b], len = cu[b + 1] - cu[b];
-    if (len == 0) continue;
+  for_each_sequence(cu, q.size(1), q.size(2), [&](int64_t start, int64_t len) {
     const at::Tensor qs = seq_view(qc, start, len), ks = seq_view(kc, start, len), vs = seq_view(vc, start, len);
     const at::Tensor lse =
         recompute_lse ? std::get<1>(at::_scaled_dot_product_flash_attention_for_cpu(qs, ks, vs, 0.0, false, {}, scale))
@@ -86,7 +121,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_backward(
     seq_view(grad_q, start, len).copy_(gq);
     seq_view(grad_k, start, len).copy_(gk);
     seq_view(grad_v, start, len).copy_(gv);
-  }
+  });
   return {grad_q, grad_k, grad_v};
 }
 

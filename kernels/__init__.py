@@ -13,10 +13,13 @@ from .rows import gather_rows, scatter_rows
 _MODULES = (_utils, gated_scatter, rows, dwconv, attention, plan)
 
 
-def aot_specs():
+def aot_specs(backend=None):
     """``[(name, jit_fn, signature, constexprs)]`` covering every ``@triton.jit`` kernel of the
-    package, for ``triton.compile(triton.compiler.ASTSource(fn, signature, constexprs), target)``."""
-    return [spec for module in _MODULES for spec in module.aot_specs()]
+    package, for ``triton.compile(triton.compiler.ASTSource(fn, signature, constexprs), target)``.
+
+    ``backend`` ('cuda' / 'hip') picks the variants the launchers use there (fp32 attention
+    dots: 3xTF32 on CUDA); ``None`` gives variants that compile for every target."""
+    return [spec for module in _MODULES for spec in module.aot_specs(backend)]
 
 
 __all__ = [

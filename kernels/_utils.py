@@ -105,5 +105,5 @@ def inverse_index(index: Optional[torch.Tensor], num_rows: int) -> Optional[torc
     return inverse
 
 
-def aot_specs():
+def aot_specs(backend: Optional[str] = None):
     return [aot_spec(_inverse_index_kernel, "i64", {"index": "*i64", "inverse": "*i32"}, {"BLOCK": INVERSE_BLOCK})]

@@ -9,7 +9,7 @@ Scores are kept in log2 units (``exp2``); the saved logsumexp is natural-log, fp
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -28,10 +28,14 @@ def _block_size(head_dim: int) -> Tuple[int, int]:
     return (64 if block_d <= 64 else 32), block_d
 
 
-def _dot_precision(t: torch.Tensor) -> str:
-    """fp32 inputs: 3xTF32 on NVIDIA (fp32-level accuracy on tensor cores; plain TF32 would
-    lose ~3 digits), IEEE elsewhere (AMD, interpreter). Ignored for fp16/bf16 operands."""
-    return "tf32x3" if t.is_cuda and torch.version.hip is None else "ieee"
+def _dot_precision(backend: Optional[str]) -> str:
+    """fp32 operands: 3xTF32 on NVIDIA (fp32-level accuracy on tensor cores; plain TF32 would
+    lose ~3 digits), IEEE elsewhere (AMD, interpreter, portable AOT). fp16/bf16 ignore it."""
+    return "tf32x3" if backend == "cuda" else "ieee"
+
+
+def _backend_of(t: torch.Tensor) -> Optional[str]:
+    return None if not t.is_cuda else ("hip" if torch.version.hip else "cuda")
 
 
 @triton.jit
@@ -219,11 +223,11 @@ def _launch_plan(q: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int):
     num_seqs = cu_seqlens.numel() - 1
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
     cu_blocks = torch.zeros(num_seqs + 1, dtype=torch.int32, device=q.device)
-    torch.cumsum((lengths + block - 1) // block, 0, out=cu_blocks[1:])
+    torch.cumsum((lengths + block - 1) // block, 0, dtype=torch.int32, out=cu_blocks[1:])
     # sum_b cdiv(len_b, BLOCK) <= min(cdiv(N, BLOCK) + B, B * cdiv(max_seqlen, BLOCK)): no sync.
     programs = min(triton.cdiv(num_rows, block) + num_seqs, num_seqs * triton.cdiv(max(max_seqlen, 0), block))
     args = (cu_seqlens, cu_blocks, num_seqs, search_steps(num_seqs))
-    return (programs, num_heads), args, dict(BLOCK=block, BLOCK_D=block_d, DOT_PRECISION=_dot_precision(q))
+    return (programs, num_heads), args, dict(BLOCK=block, BLOCK_D=block_d, DOT_PRECISION=_dot_precision(_backend_of(q)))
 
 
 @on_device_of_first_arg
@@ -266,11 +270,11 @@ def varlen_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.
     return grad_q, grad_k, grad_v
 
 
-def aot_specs():
+def aot_specs(backend: Optional[str] = None):
     specs = []
     for dt, head_dim in (("fp32", 64), ("fp16", 128)):
         block, block_d = _block_size(head_dim)
-        meta = {"BLOCK": block, "BLOCK_D": block_d, "DOT_PRECISION": "ieee"}
+        meta = {"BLOCK": block, "BLOCK_D": block_d, "DOT_PRECISION": _dot_precision(backend)}
         tensors = {n: f"*{dt}" for n in ("q", "k", "v", "out", "grad_out", "grad_q", "grad_k", "grad_v")}
         types = {**tensors, "lse": "*fp32", "delta": "*fp32", "cu_seqlens": "*i32", "cu_blocks": "*i32", "scale": "fp32"}
         for fn in (_attn_fwd_kernel, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel):

@@ -160,7 +160,7 @@ def varlen_dwconv1d_backward(grad_out: torch.Tensor, x: torch.Tensor, cu_seqlens
     return grad_x, partial_w.sum(0).to(weight.dtype), partial_b.sum(0).to(weight.dtype)
 
 
-def aot_specs():
+def aot_specs(backend: Optional[str] = None):
     k, block_c = 31, _block_c(256)
     common = {"x": "*fp32", "cu_seqlens": "*i32", "weight": "*fp32"}
     return [

@@ -171,9 +171,9 @@ def gated_residual_scatter_backward(grad_out: torch.Tensor, x: torch.Tensor, y: 
     return grad_x, grad_y, grad_gate
 
 
-def aot_specs():
+def aot_specs(backend: Optional[str] = None):
     specs = []
-    for dt in ("fp32", "fp16"):
+    for dt in ("fp32", "fp16", "bf16"):
         ptrs = {"x": f"*{dt}", "y": f"*{dt}", "gate": f"*{dt}", "inverse": "*i32", "out": f"*{dt}"}
         block_r, block_d = row_blocks(256)
         blocks = {"BLOCK_R": block_r, "BLOCK_D": block_d}

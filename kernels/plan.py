@@ -9,7 +9,7 @@ Three launches and one host sync (the size of ``indices``):
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -110,7 +110,7 @@ def build_plan(row_mask: torch.Tensor, cu_seqlens: torch.Tensor) -> Tuple[torch.
     return indices, offsets, active_cu
 
 
-def aot_specs():
+def aot_specs(backend: Optional[str] = None):
     types = {"row_mask": "*u8", "cu_seqlens": "*i32", "active_cu": "*i32", "offsets": "*i64", "indices": "*i64"}
     return [
         aot_spec(fn, "u8", {n: t for n, t in types.items() if n in fn.arg_names}, {"BLOCK": BLOCK})

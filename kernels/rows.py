@@ -1,6 +1,8 @@
 """Row compaction: ``gather_rows`` (``x[index]``) and its inverse ``scatter_rows``."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -52,9 +54,9 @@ def scatter_rows(y: torch.Tensor, index: torch.Tensor, num_rows: int) -> torch.T
     return merge_rows(None, y, None, index, int(num_rows))
 
 
-def aot_specs():
+def aot_specs(backend: Optional[str] = None):
     specs = []
-    for dt in ("fp32", "fp16"):
+    for dt in ("fp32", "fp16", "bf16"):
         block_r, block_d = row_blocks(256)
         specs.append(aot_spec(_gather_rows_kernel, dt, {"x": f"*{dt}", "index": "*i64", "out": f"*{dt}"},
                               {"BLOCK_R": block_r, "BLOCK_D": block_d}))

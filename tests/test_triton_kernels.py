@@ -80,6 +80,10 @@ def cu_seqlens_of(lengths):
     return torch.tensor([0] + list(lengths), dtype=torch.int64).cumsum(0).to(torch.int32).to(DEVICE)
 
 
+# Many short sequences, empty ones included: exercises the bisection over cu_seqlens.
+MANY_LENGTHS = (0, 3, 6, 1, 0, 5, 2, 2, 0, 4, 6, 1, 3, 0, 0, 5, 1, 2, 6, 3, 4, 0, 1, 2, 5)
+
+
 # ----------------------------------------------------------------------------- row ops
 # (N, D, M, index kind): odd D; D > 512 loops over two BLOCK_D chunks; all / no rows active.
 ROW_CASES = [(37, 13, 11, "random"), (20, 600, 7, "random"), (9, 5, 9, "random"), (9, 5, 0, "random"),
@@ -143,7 +147,7 @@ def test_gather_scatter_rows(dtype, case):
 
 # ----------------------------------------------------------------------------- dwconv
 # Zero-length sequences, T = 1, B = 1, a sequence longer than a row tile, odd C > BLOCK_C.
-CONV_CASES = [((5, 0, 40, 1, 3), 7, 5), ((1,), 3, 1), ((0, 9, 0), 70, 31), ((70,), 5, 3)]
+CONV_CASES = [((5, 0, 40, 1, 3), 7, 5), ((1,), 3, 1), ((0, 9, 0), 70, 31), ((70,), 5, 3), (MANY_LENGTHS, 4, 7)]
 
 
 def conv_inputs(case, dtype, seed=0):
@@ -183,9 +187,10 @@ def test_varlen_dwconv1d_backward(dtype, case):
 
 
 # ----------------------------------------------------------------------------- attention
-# Multi-block sequences (> 64 rows), T = 1, zero lengths, Dh padded to 16 / not a power of two,
-# Dh > 64 (32-row blocks, 128-wide head tiles).
-ATTENTION_CASES = [((5, 0, 70, 1, 3), 2, 12), ((1,), 1, 16), ((33, 20), 3, 8), ((40, 0), 1, 80)]
+# Multi-block sequences (> 64 rows, exact multiples of 64), T = 1, zero lengths, Dh padded to 16 /
+# not a power of two, Dh > 64 (32-row blocks, 128-wide head tiles).
+ATTENTION_CASES = [((5, 0, 70, 1, 3), 2, 12), ((1,), 1, 16), ((33, 20), 3, 8), ((40, 0), 1, 80),
+                   ((3, 64, 129, 0, 128), 1, 16), (MANY_LENGTHS, 2, 4)]
 
 
 def attention_inputs(case, dtype, seed=0):
@@ -238,8 +243,8 @@ def test_varlen_attention_backward(dtype, case):
 @pytest.mark.parametrize("density", [0.0, 0.4, 1.0])
 @pytest.mark.parametrize(
     "lengths,num_layers",
-    [((5, 0, 40, 1, 3), 3), ((1,), 1), ((0,), 2), ((3, 4), 0), ((1500, 0, 7), 2)],
-    ids=["ragged", "T1", "empty_seq", "no_layers", "multi_block"],
+    [((5, 0, 40, 1, 3), 3), ((1,), 1), ((0,), 2), ((3, 4), 0), ((1500, 0, 7), 2), (MANY_LENGTHS, 4)],
+    ids=["ragged", "T1", "empty_seq", "no_layers", "multi_block", "many_seqs"],
 )
 def test_build_plan(lengths, num_layers, density):
     gen = torch.Generator().manual_seed(0)
@@ -254,7 +259,8 @@ def test_build_plan(lengths, num_layers, density):
 # ----------------------------------------------------------------------------- AOT compile
 AOT_TARGETS = {"cuda-sm80": ("cuda", 80, 32), "cuda-sm90": ("cuda", 90, 32), "hip-gfx90a": ("hip", "gfx90a", 64)}
 
-# Runs without TRITON_INTERPRET; prints one JSON line per spec.
+# Runs without TRITON_INTERPRET (it cannot compile); prints one JSON line per spec. The specs
+# of the target's backend are the variants its launchers compile at run time.
 _AOT_SCRIPT = """
 import json, sys, time, traceback
 import triton
@@ -262,7 +268,7 @@ from triton.backends.compiler import GPUTarget
 import dynenc.kernels as kernels
 target = GPUTarget(*json.loads(sys.argv[1]))
 binary = "cubin" if target.backend == "cuda" else "hsaco"
-for name, fn, signature, constexprs in kernels.aot_specs():
+for name, fn, signature, constexprs in kernels.aot_specs(target.backend):
     start = time.perf_counter()
     try:
         compiled = triton.compile(triton.compiler.ASTSource(fn, signature, constexprs), target=target)
@@ -299,7 +305,7 @@ def test_aot_compile(target, tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(results) == len(kernels.aot_specs()), proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert len(results) == len(kernels.aot_specs(AOT_TARGETS[target][0])), proc.stdout[-4000:] + proc.stderr[-4000:]
     failures = {r["name"]: r["error"] for r in results if r["error"]}
     assert not failures, "\n".join(f"{name}:\n{error}" for name, error in failures.items())
     slowest = max(results, key=lambda r: r["seconds"])

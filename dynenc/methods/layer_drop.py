@@ -57,9 +57,8 @@ def fixed_layers_mask(num_layers: int, n: int, batch_size: int, strategy: str = 
         return torch.zeros(batch_size, num_layers, dtype=torch.bool, device=device).scatter_(1, chosen, True)
     mask = torch.zeros(num_layers, dtype=torch.bool, device=device)
     if strategy == "every_other":
-        if n:
-            mask[torch.linspace(num_layers - 1, 0, n).round().long().unique()] = True
-            mask[(~mask).nonzero()[: n - int(mask.sum())].flatten()] = True  # rounding collisions
+        # Counting down from the last layer in steps of L / n >= 1 (distinct layers).
+        mask[num_layers - 1 - (torch.arange(n) * num_layers) // max(n, 1)] = True
     elif strategy == "first":
         mask[:n] = True
     else:

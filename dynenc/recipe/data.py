@@ -168,7 +168,7 @@ def _espeak_binary() -> str:
         raise RuntimeError(
             "espeak-ng is not on PATH; it is needed to synthesise the speech corpus. "
             "Install it with `apt-get update && apt-get install -y espeak-ng` "
-            "(or `make deps`; on macOS `brew install espeak-ng`)."
+            "(on macOS: `brew install espeak-ng`)."
         )
     return exe
 
