@@ -12,7 +12,7 @@ SOURCES := $(wildcard csrc/*.cpp csrc/*.h) setup.py pyproject.toml
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
-	$(PIP) install -q $(TORCH_PINS) ninja numpy tqdm soundfile jiwer matplotlib pytest pytest-benchmark hypothesis
+	$(PIP) install -q $(TORCH_PINS) ninja numpy tqdm soundfile jiwer matplotlib flashlight-text pytest pytest-benchmark hypothesis
 	touch $@
 
 # The C++ extension is rebuilt whenever csrc/ or the build files change.

@@ -12,29 +12,37 @@
 namespace dynenc {
 namespace {
 
-// Multiply-adds (T^2 * H * Dh) from which one sequence is worth a parallel kernel call.
-constexpr int64_t kLongSequenceCost = int64_t{1} << 20;
+// Below this many multiply-adds (T^2 * H * Dh) a sequence never gets a parallel kernel call
+// to itself: a thread fork/join would cost about as much as its work.
+constexpr int64_t kMinParallelCost = int64_t{1} << 20;
 
-// Calls fn(start, len) once per non-empty sequence. Long sequences run one at a time and the
-// ATen kernel parallelises over heads and query blocks inside. Short ones would pay a thread
-// fork/join per call that can exceed their work (and stalls badly on a loaded machine), so
-// they are split into cost-balanced contiguous groups, one per thread, whose kernel calls run
-// inline on that thread.
+// Calls fn(start, len) once per non-empty sequence. A sequence holding a large share of the
+// work runs alone, with the ATen kernel parallelising over heads and query blocks inside. The
+// others are split into contiguous cost-balanced groups, one per thread, whose kernel calls run
+// inline on that thread: one fork/join for all of them instead of one per sequence, which for
+// short sequences can exceed their work (and stalls badly on a loaded machine).
 template <typename F>
 void for_each_sequence(const std::vector<int32_t>& cu, int64_t heads, int64_t head_dim, const F& fn) {
+  const int64_t threads = at::get_num_threads();
+  const auto cost = [&](size_t b) {
+    const int64_t len = cu[b + 1] - cu[b];
+    // >= 1 for a non-empty sequence, so the group split below sees strictly increasing sums.
+    return len == 0 ? 0 : std::max<int64_t>(1, len * len * heads * head_dim);
+  };
+  int64_t all_cost = 0;
+  for (size_t b = 0; b + 1 < cu.size(); ++b) all_cost += cost(b);
+  const int64_t long_cost = std::max(kMinParallelCost, all_cost / (2 * threads));
   std::vector<int64_t> short_seqs, prefix_cost{0};
   for (size_t b = 0; b + 1 < cu.size(); ++b) {
-    const int64_t len = cu[b + 1] - cu[b];
-    if (len == 0) continue;  // owns no rows
-    const int64_t cost = len * len * heads * head_dim;
-    if (cost >= kLongSequenceCost) {
-      fn(cu[b], len);
+    if (cu[b + 1] == cu[b]) continue;  // owns no rows
+    if (cost(b) >= long_cost) {
+      fn(cu[b], cu[b + 1] - cu[b]);
     } else {
       short_seqs.push_back(b);
-      prefix_cost.push_back(prefix_cost.back() + cost);
+      prefix_cost.push_back(prefix_cost.back() + cost(b));
     }
   }
-  const int64_t groups = std::min<int64_t>(at::get_num_threads(), short_seqs.size());
+  const int64_t groups = std::min<int64_t>(threads, short_seqs.size());
   const int64_t total = prefix_cost.back();
   at::parallel_for(0, groups, 1, [&](int64_t g_begin, int64_t g_end) {
     // Worker threads do not inherit the caller's below-autograd dispatch state; without this

@@ -41,8 +41,24 @@ def on_device_of_first_arg(fn):
 
 
 def check(cond: bool, message: str) -> None:
+    """Shape/dtype validation; RuntimeError like the C++ ops' TORCH_CHECK. Values on the device
+    (index range, cu_seqlens order) are trusted: checking them would need a host sync."""
     if not cond:
-        raise ValueError(message)
+        raise RuntimeError(message)
+
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def check_floating(t: torch.Tensor, name: str) -> None:
+    check(t.dtype in FLOAT_DTYPES, f"{name} must be float32, float64, bfloat16 or float16, got {t.dtype}")
+
+
+@triton.constexpr_function
+def opmath(dtype):
+    """Arithmetic dtype for an element type (as ``at::opmath_type``): fp64 stays, the rest is
+    fp32, so fp16/bf16 are computed and reduced in fp32."""
+    return tl.float64 if dtype == tl.float64 else tl.float32
 
 
 def aot_spec(fn, variant: str, types: dict, constexprs: dict):

@@ -5,7 +5,7 @@ Design: one kernel over all ``N`` output rows. Each row looks up its position in
 through an int32 inverse map (``-1``: untouched row), so every output row is written exactly
 once and ``x`` is read once. The alternative, a full copy of ``x`` followed by a kernel over
 the ``M`` active rows, re-reads ``x[index]`` and writes ``out[index]`` a second time:
-``2 * M * D`` extra elements against ``~4 * N + 12 * M`` bytes for building the map. In the
+``2 * M * D`` extra elements against ``8 * N + 12 * M`` bytes for the map (see README.md). In the
 prefix case (``index=None``) the map is implicit (row ``r < M`` sits at position ``r``).
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import aot_spec, check, inverse_index, on_device_of_first_arg, row_blocks
+from ._utils import aot_spec, check, check_floating, inverse_index, on_device_of_first_arg, opmath, row_blocks
 
 
 @triton.jit
@@ -30,6 +30,13 @@ def _active_positions(inverse, rows, row_ok, num_active, HAS_INDEX: tl.constexpr
 
 
 @triton.jit
+def _load_gate(gate, pos, active, y):
+    """``[BLOCK_R, 1]`` gates, rounded to y's dtype first as the reference does."""
+    g = tl.load(gate + pos, mask=active, other=0.0).to(y.dtype.element_ty)
+    return g.to(opmath(y.dtype.element_ty))[:, None]
+
+
+@triton.jit
 def _row_merge_kernel(
     x, y, gate, inverse, out, num_rows, num_active, dim,
     HAS_X: tl.constexpr, HAS_GATE: tl.constexpr, HAS_INDEX: tl.constexpr,
@@ -39,37 +46,37 @@ def _row_merge_kernel(
     ``index``, else ``x[r]``.
 
     Shapes: ``x``/``out`` ``[N, D]``, ``y`` ``[M, D]``, ``gate`` ``[M]``, ``inverse`` int32
-    ``[N]``. ``HAS_GATE=False``: gate 1 (``out[r] = y[p]``, ``x[r]`` not read); ``HAS_X=False``:
-    ``x`` is zero (this is ``scatter_rows``); ``HAS_INDEX=False``: prefix, ``p = r`` for ``r < M``.
-    Grid: ``cdiv(N, BLOCK_R)``; each program loops over ``dim`` in ``BLOCK_D`` chunks.
-    Traffic per element: reads ``x`` once (untouched rows, and active rows only when gated),
-    ``y`` once per active row, writes ``out`` once; per row 4 B of ``inverse`` and one gate.
+    ``[N]``. ``HAS_GATE=False``: gate 1 (``out[r] = y[p]``, an exact copy, ``x[r]`` not read);
+    ``HAS_X=False``: ``x`` is zero (this is ``scatter_rows``); ``HAS_INDEX=False``: prefix,
+    ``p = r`` for ``r < M``. Grid: ``cdiv(N, BLOCK_R)``; each program loops over ``dim`` in
+    ``BLOCK_D`` chunks. Traffic per element: reads ``x`` once (untouched rows, and active rows
+    only when gated), ``y`` once per active row, writes ``out`` once; per row 4 B of
+    ``inverse`` and one gate.
     """
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < num_rows
     pos = _active_positions(inverse, rows, row_ok, num_active, HAS_INDEX)
     active = pos >= 0
     if HAS_GATE:
-        g = tl.load(gate + pos, mask=active, other=0.0).to(tl.float32)[:, None]
-    # Only read x where the result needs it: untouched rows, and active rows when gated.
-    if HAS_GATE:
-        x_rows = row_ok
+        g = _load_gate(gate, pos, active, y)
+        x_rows = row_ok  # the update reads x[r] of active rows too
     else:
-        x_rows = row_ok & ~active
+        x_rows = row_ok & ~active  # active rows are replaced by y: skip their x
     out_rows = rows.to(tl.int64)[:, None] * dim
     y_rows = pos.to(tl.int64)[:, None] * dim
     for d0 in range(0, dim, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)[None, :]
         col_ok = cols < dim
-        new = tl.load(y + y_rows + cols, mask=active[:, None] & col_ok, other=0.0).to(tl.float32)
+        new = tl.load(y + y_rows + cols, mask=active[:, None] & col_ok, other=0.0)
         if HAS_X:
-            old = tl.load(x + out_rows + cols, mask=x_rows[:, None] & col_ok, other=0.0).to(tl.float32)
+            old = tl.load(x + out_rows + cols, mask=x_rows[:, None] & col_ok, other=0.0)
             if HAS_GATE:
-                new = old + g * (new - old)
+                old_acc = old.to(g.dtype)
+                new = old_acc + g * (new.to(g.dtype) - old_acc)
         else:
-            old = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-        merged = tl.where(active[:, None], new, old)
-        tl.store(out + out_rows + cols, merged.to(out.dtype.element_ty), mask=row_ok[:, None] & col_ok)
+            old = tl.zeros([BLOCK_R, BLOCK_D], dtype=y.dtype.element_ty)
+        merged = tl.where(active[:, None], new.to(out.dtype.element_ty), old.to(out.dtype.element_ty))
+        tl.store(out + out_rows + cols, merged, mask=row_ok[:, None] & col_ok)
 
 
 @triton.jit
@@ -81,21 +88,22 @@ def _gated_scatter_bwd_kernel(
 
     For an active row ``r`` at position ``p``: ``grad_x[r] = (1 - gate[p]) * grad_out[r]``
     (0 without gate), ``grad_y[p] = gate[p] * grad_out[r]``,
-    ``grad_gate[p] = sum_d grad_out[r] * (y[p] - x[r])`` (fp32 accumulation over the dim
-    loop); other rows: ``grad_x[r] = grad_out[r]``. Shapes as the forward; grid
+    ``grad_gate[p] = sum_d grad_out[r] * (y[p] - x[r])`` (accumulated in fp32, fp64 for fp64,
+    over the dim loop); other rows: ``grad_x[r] = grad_out[r]``. Shapes as the forward; grid
     ``cdiv(N, BLOCK_R)``. Traffic per element: reads ``grad_out`` once, ``x`` and ``y`` once
     per active row (only when gated), writes ``grad_x`` once and ``grad_y`` once per active
     row; per row 4 B of ``inverse``, one gate read and one ``grad_gate`` write.
     """
+    ACC: tl.constexpr = opmath(y.dtype.element_ty)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < num_rows
     pos = _active_positions(inverse, rows, row_ok, num_active, HAS_INDEX)
     active = pos >= 0
     if HAS_GATE:
-        g = tl.load(gate + pos, mask=active, other=0.0).to(tl.float32)[:, None]
+        g = _load_gate(gate, pos, active, y)
     else:
-        g = 1.0
-    dot = tl.zeros([BLOCK_R], dtype=tl.float32)
+        g = tl.full([BLOCK_R, 1], 1.0, dtype=ACC)
+    dot = tl.zeros([BLOCK_R], dtype=ACC)
     out_rows = rows.to(tl.int64)[:, None] * dim
     y_rows = pos.to(tl.int64)[:, None] * dim
     for d0 in range(0, dim, BLOCK_D):
@@ -103,13 +111,13 @@ def _gated_scatter_bwd_kernel(
         col_ok = cols < dim
         all_ok = row_ok[:, None] & col_ok
         act_ok = active[:, None] & col_ok
-        go = tl.load(grad_out + out_rows + cols, mask=all_ok, other=0.0).to(tl.float32)
+        go = tl.load(grad_out + out_rows + cols, mask=all_ok, other=0.0).to(ACC)
         tl.store(grad_x + out_rows + cols, tl.where(active[:, None], (1.0 - g) * go, go).to(grad_x.dtype.element_ty),
                  mask=all_ok)
         tl.store(grad_y + y_rows + cols, (g * go).to(grad_y.dtype.element_ty), mask=act_ok)
         if HAS_GATE:
-            xv = tl.load(x + out_rows + cols, mask=act_ok, other=0.0).to(tl.float32)
-            yv = tl.load(y + y_rows + cols, mask=act_ok, other=0.0).to(tl.float32)
+            xv = tl.load(x + out_rows + cols, mask=act_ok, other=0.0).to(ACC)
+            yv = tl.load(y + y_rows + cols, mask=act_ok, other=0.0).to(ACC)
             dot += tl.sum(go * (yv - xv), axis=1)
     if HAS_GATE:
         tl.store(grad_gate + pos, dot.to(grad_gate.dtype.element_ty), mask=active)
@@ -117,6 +125,10 @@ def _gated_scatter_bwd_kernel(
 
 def _check_args(x: torch.Tensor, y: torch.Tensor, gate: Optional[torch.Tensor], index: Optional[torch.Tensor]) -> None:
     check(x.dim() == 2 and y.dim() == 2 and y.shape[1] == x.shape[1], "x and y must be [N, D] and [M, D]")
+    check_floating(x, "x")
+    check(y.dtype == x.dtype, f"y has dtype {y.dtype} but x has dtype {x.dtype}")
+    if gate is not None:
+        check_floating(gate, "gate")
     check(y.shape[0] <= x.shape[0], "more active rows than rows")
     check(gate is None or gate.shape == (y.shape[0],), "gate must be [M]")
     check(index is None or (index.shape == (y.shape[0],) and index.dtype == torch.int64), "index must be int64 [M]")
@@ -157,7 +169,7 @@ def gated_residual_scatter_backward(grad_out: torch.Tensor, x: torch.Tensor, y: 
     grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
     grad_y = torch.empty_like(y, memory_format=torch.contiguous_format)
     if gate is None:
-        grad_gate = torch.zeros(num_active, dtype=y.dtype, device=y.device)
+        grad_gate = torch.zeros(num_active, dtype=x.dtype, device=x.device)
     else:
         gate = gate.contiguous()
         grad_gate = torch.empty_like(gate)

@@ -76,6 +76,10 @@ def reference_grads(fn, inputs, grad_out):
     return out
 
 
+def batch_id(lengths):
+    return f"B{len(lengths)}-N{sum(lengths)}-min{min(lengths)}"
+
+
 def cu_seqlens_of(lengths):
     return torch.tensor([0] + list(lengths), dtype=torch.int64).cumsum(0).to(torch.int32).to(DEVICE)
 
@@ -161,7 +165,7 @@ def conv_inputs(case, dtype, seed=0):
 
 @needs_runnable_kernels
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
-@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "lens{}-C{}-K{}".format(*c))
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"{batch_id(c[0])}-C{c[1]}-K{c[2]}")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_varlen_dwconv1d(dtype, case, with_bias):
     x, cu_seqlens, weight, bias = conv_inputs(case, dtype)
@@ -173,9 +177,12 @@ def test_varlen_dwconv1d(dtype, case, with_bias):
 
 
 @needs_runnable_kernels
-@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "lens{}-C{}-K{}".format(*c))
+@pytest.mark.parametrize("programs", [None, 2], ids=["default_grid", "multi_tile_programs"])
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"{batch_id(c[0])}-C{c[1]}-K{c[2]}")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_varlen_dwconv1d_backward(dtype, case):
+def test_varlen_dwconv1d_backward(dtype, case, programs, monkeypatch):
+    if programs:  # few row groups: each program reduces several row tiles into its partials
+        monkeypatch.setattr(kernels.dwconv, "TARGET_PROGRAMS", programs)
     x, cu_seqlens, weight, bias = conv_inputs(case, dtype)
     grad_out = rand(*x.shape, dtype=dtype, gen=torch.Generator().manual_seed(1))
     grads = kernels.varlen_dwconv1d_backward(grad_out, x, cu_seqlens, weight)
@@ -211,7 +218,7 @@ def reference_logsumexp(q, k, cu_seqlens, scale):
 
 
 @needs_runnable_kernels
-@pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: "lens{}-H{}-Dh{}".format(*c))
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: f"{batch_id(c[0])}-H{c[1]}-Dh{c[2]}")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_varlen_attention(dtype, case):
     q, k, v, cu_seqlens, max_seqlen, scale = attention_inputs(case, dtype)
@@ -224,7 +231,7 @@ def test_varlen_attention(dtype, case):
 
 
 @needs_runnable_kernels
-@pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: "lens{}-H{}-Dh{}".format(*c))
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: f"{batch_id(c[0])}-H{c[1]}-Dh{c[2]}")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_varlen_attention_backward(dtype, case):
     q, k, v, cu_seqlens, max_seqlen, scale = attention_inputs(case, dtype)

@@ -747,18 +747,20 @@ class SpeechBatches:
 # ------------------------------------------------------------------------------ CLI
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m dynenc.recipe.data OUT_DIR [--num-train N ...] [--features]``"""
-    p = argparse.ArgumentParser(description="Synthesise the dynenc speech corpus with espeak-ng.")
-    p.add_argument("out_dir")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``dynenc data``."""
+    p.add_argument("--out-dir", default="data/speech", help="corpus directory (default: data/speech)")
     p.add_argument("--num-train", type=int, default=2400)
     p.add_argument("--num-dev", type=int, default=200)
     p.add_argument("--num-test", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=max(1, os.cpu_count() or 1))
-    p.add_argument("--features", action="store_true", help="also compute and cache fbank features")
+    p.add_argument("--no-features", action="store_true", help="skip computing and caching fbank features")
     p.add_argument("--quiet", action="store_true")
-    a = p.parse_args(argv)
+
+
+def run(a: argparse.Namespace) -> int:
+    """``dynenc data [--out-dir DIR] [--num-train N ...]``: synthesise (cached) + features."""
     try:
         manifests = synthesize_corpus(
             a.out_dir, a.num_train, a.num_dev, a.num_test, a.seed, a.workers, progress=not a.quiet
@@ -767,11 +769,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     for split, path in manifests.items():
-        if a.features:
+        if not a.no_features:
             load_split(a.out_dir, split, progress=not a.quiet)
         print(f"{split}: {path}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    parser = argparse.ArgumentParser(description="Synthesise the dynenc speech corpus with espeak-ng.")
+    add_arguments(parser)
+    sys.exit(run(parser.parse_args()))

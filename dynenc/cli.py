@@ -1,0 +1,36 @@
+"""``dynenc`` command line: bench, profile, data, train, eval.
+
+Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args)``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import List, Optional
+
+COMMANDS = {
+    "bench": ("dynenc.bench", "benchmark dynenc against its peers (the README's main job)"),
+    "profile": ("dynenc.profiling", "run a forward/backward under torch.profiler and write a Chrome trace"),
+    "data": ("dynenc.recipe.data", "synthesise the espeak-ng speech corpus"),
+    "train": ("dynenc.recipe.train", "train a CTC model with one of the dynamic-depth methods"),
+    "eval": ("dynenc.recipe.evaluate", "sweep budgets: WER vs executed compute for every method"),
+}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="dynenc", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        sub = commands.add_parser(name, help=help_text, add_help=False)
+        sub.set_defaults(_module=module_name)
+    # Parse the command first, then let its module add its own arguments.
+    args, rest = parser.parse_known_args(argv)
+    module = importlib.import_module(args._module)
+    sub = argparse.ArgumentParser(prog=f"dynenc {args.command}", description=COMMANDS[args.command][1])
+    module.add_arguments(sub)
+    return int(module.run(sub.parse_args(rest)) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""``dynenc eval``: sweep each trained method's budgets on the test split and report WER vs
+executed compute (fraction of full-depth token x layers) and measured CPU inference time,
+as JSON, a PNG plot (all methods on one figure) and a markdown report."""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import jiwer
+import torch
+from tqdm import tqdm
+
+from .. import methods
+from ..asr import CTCModel, load_checkpoint
+from .data import CharTokenizer, SpeechBatches, collate_batch, load_split
+
+EVAL_METHODS = ("static", "layer_drop", "dld", "selector", "early_exit", "blank_skip")
+
+
+def beam_decoder(tokenizer: CharTokenizer, beam_size: int):
+    """Lexicon-free CTC beam search (torchaudio / flashlight-text), no language model."""
+    from torchaudio.models.decoder import ctc_decoder
+
+    tokens = ["-", "|"] + list(tokenizer.symbols[2:])  # blank, word boundary (space), ', a..z
+    return ctc_decoder(lexicon=None, tokens=tokens, lm=None, beam_size=beam_size, blank_token="-", sil_token="|")
+
+
+@torch.no_grad()
+def decode_split(model: CTCModel, data: Sequence, tokenizer: CharTokenizer,
+                 budget: Optional[methods.Budget] = None, max_frames: int = 20000, beam=None) -> Dict:
+    """Decode ``data`` (``[(features, text)]``) under ``budget`` (default full depth).
+
+    Returns WER (greedy, or beam when ``beam`` is a torchaudio decoder), executed fraction of
+    full-depth token x layers, inference seconds (encoder + heads, no decoding), mean exit
+    layer (early exit) and the fraction of frames that skipped the upper layers (blank skip).
+    """
+    model.eval()
+    budget = budget or methods.Budget()
+    hypotheses, references = [], []
+    executed = full = 0
+    seconds = 0.0
+    exit_layers, skipped, frames = [], 0, 0
+    for idx in SpeechBatches(data, tokenizer, max_frames=max_frames, shuffle=False).batch_indices():
+        features, lengths, _, _ = collate_batch([data[i] for i in idx], tokenizer)
+        tic = time.perf_counter()
+        result = methods.infer(model, features, lengths, budget)
+        seconds += time.perf_counter() - tic
+        executed += result.report.executed_token_layers
+        full += result.report.total_tokens * result.report.num_layers
+        if result.exit_layer is not None:
+            exit_layers += result.exit_layer.tolist()
+        if result.skipped_frames is not None:
+            skipped += int(result.skipped_frames.sum())
+        frames += int(result.lengths.sum())
+        if beam is None:
+            best = result.log_probs.argmax(-1)
+            hypotheses += [tokenizer.decode_ctc(best[b, :n]) for b, n in enumerate(result.lengths.tolist())]
+        else:
+            hits = beam(result.log_probs.float().contiguous(), result.lengths.to(torch.int32))
+            hypotheses += [" ".join(hit[0].words) if hit[0].words else
+                           tokenizer.decode(hit[0].tokens).strip() for hit in hits]
+        references += [data[i][1] for i in idx]
+    return {
+        "wer": jiwer.wer(references, [h.strip() for h in hypotheses]),
+        "executed_fraction": executed / max(full, 1),
+        "seconds": seconds,
+        "mean_exit_layer": sum(exit_layers) / len(exit_layers) if exit_layers else None,
+        "skipped_frame_fraction": skipped / max(frames, 1) if budget.method == "blank_skip" else None,
+    }
+
+
+def budgets_for(method: str, model: CTCModel) -> List[Tuple[str, methods.Budget]]:
+    """The budget sweep of one trained method."""
+    L = model.config.num_layers
+    if method == "static":
+        return [("full", methods.Budget())]
+    if method in ("layer_drop", "dld"):
+        every_other = [(f"n={n}", methods.Budget("layer_drop", layers=n)) for n in range(L, 0, -1)]
+        return every_other + [(f"n={n} random", methods.Budget("layer_drop", layers=n, strategy="random"))
+                              for n in range(L - 1, 0, -1)]
+    if method == "selector":
+        return [(f"k={k}", methods.Budget("selector", layers=k)) for k in range(L, 0, -1)]
+    if method == "early_exit":
+        exits = sorted(set(model.config.exit_layers) | {L})
+        fixed = [(f"exit={e}", methods.Budget("early_exit", fixed_exit=e)) for e in exits]
+        return fixed + [(f"{criterion} thr={t}", methods.Budget("early_exit", exit_threshold=t, criterion=criterion))
+                        for criterion, values in (("max_prob", (0.99, 0.97, 0.95, 0.9, 0.8)),
+                                                  ("entropy", (-0.05, -0.1, -0.2, -0.4)))
+                        for t in values]
+    if method == "blank_skip":
+        return [("full", methods.Budget())] + [
+            (f"tau={t}", methods.Budget("blank_skip", blank_threshold=t, spike_window=1))
+            for t in (0.999, 0.99, 0.95, 0.9, 0.8, 0.6)]
+    raise ValueError(f"method must be one of {EVAL_METHODS}, got {method!r}")
+
+
+def sweep(runs: Path, data_dir: Path, method_names: Sequence[str], beam_size: int = 0, limit: Optional[int] = None,
+          progress: bool = True) -> Dict:
+    """Evaluate every ``runs/<method>/model.pt`` found; returns the results dictionary."""
+    tokenizer = CharTokenizer()
+    test = load_split(data_dir, "test")[:limit]
+    beam = beam_decoder(tokenizer, beam_size) if beam_size else None
+    results: Dict = {"test_utterances": len(test), "threads": torch.get_num_threads(), "methods": {}}
+    for method in method_names:
+        checkpoint = runs / method / "model.pt"
+        if not checkpoint.exists():
+            print(f"skipping {method}: no checkpoint at {checkpoint}")
+            continue
+        model, payload = load_checkpoint(checkpoint)
+        rows = []
+        for label, budget in tqdm(budgets_for(method, model), desc=f"eval {method}", disable=not progress):
+            row = {"budget": label, **decode_split(model, test, tokenizer, budget)}
+            if beam is not None and label in ("full", "n=%d" % model.config.num_layers, "exit=%d" % model.config.num_layers):
+                row["wer_beam"] = decode_split(model, test, tokenizer, budget, beam=beam)["wer"]
+            rows.append(row)
+        full_seconds = next((r["seconds"] for r in rows if r["executed_fraction"] >= 0.999), rows[0]["seconds"])
+        for row in rows:
+            row["speedup"] = full_seconds / max(row["seconds"], 1e-9)
+        log = runs / method / "log.jsonl"
+        train_log = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+        results["methods"][method] = {"rows": rows, "best_dev_epoch": payload.get("epoch"),
+                                      "train_seconds": train_log[-1]["train_seconds"] if train_log else None,
+                                      "dev_wer_per_epoch": [r["dev_wer"] for r in train_log]}
+    return results
+
+
+def plot(results: Dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method, entry in results["methods"].items():
+        rows = [r for r in entry["rows"] if "random" not in r["budget"]]
+        rows.sort(key=lambda r: r["executed_fraction"])
+        ax.plot([r["executed_fraction"] for r in rows], [100 * r["wer"] for r in rows], "o-", label=method)
+    ax.set_xlabel("executed compute (fraction of full-depth token x layers)")
+    ax.set_ylabel("test WER (%)")
+    ax.set_title("WER vs executed compute (held-out voices)")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def markdown(results: Dict) -> str:
+    lines = ["| method | budget | WER % | executed | time s | speed-up | exit | skipped |", "|---|---|---|---|---|---|---|---|"]
+    for method, entry in results["methods"].items():
+        for r in entry["rows"]:
+            exit_layer = "" if r["mean_exit_layer"] is None else f"{r['mean_exit_layer']:.2f}"
+            skipped = "" if r["skipped_frame_fraction"] is None else f"{100 * r['skipped_frame_fraction']:.0f} %"
+            wer = f"{100 * r['wer']:.1f}" + (f" (beam {100 * r['wer_beam']:.1f})" if "wer_beam" in r else "")
+            lines.append(f"| {method} | {r['budget']} | {wer} | {r['executed_fraction']:.2f} | {r['seconds']:.2f} | "
+                         f"{r['speedup']:.2f}x | {exit_layer} | {skipped} |")
+    return "\n".join(lines) + "\n"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", default="data/speech", help="corpus directory made by `dynenc data`")
+    parser.add_argument("--runs", default="runs", help="directory holding runs/<method>/model.pt")
+    parser.add_argument("--methods", default=",".join(EVAL_METHODS), help="comma-separated methods to evaluate")
+    parser.add_argument("--out", default="out/eval", help="where results.json, results.md and the PNG go")
+    parser.add_argument("--beam", type=int, default=10, help="beam size for the full-depth rows (0 = greedy only)")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N test utterances")
+    parser.add_argument("--quiet", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = set(names) - set(EVAL_METHODS)
+    if unknown:
+        raise SystemExit(f"--methods: unknown {sorted(unknown)}; choose from {EVAL_METHODS}")
+    results = sweep(Path(args.runs), Path(args.data), names, args.beam, args.limit, not args.quiet)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    plot(results, out / "wer_vs_compute.png")
+    (out / "results.md").write_text(markdown(results))
+    print(markdown(results))
+    print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'wer_vs_compute.png'}")
+    return 0
