@@ -82,20 +82,20 @@ inline at::Tensor check_index(const at::Tensor& index, int64_t num_rows, const a
   return idx;
 }
 
-// Byte map of the rows an in-range index hits (mask[r] = 1 iff r in index); raises on a
-// duplicate, which would make a scatter's result depend on write order.
-inline std::vector<uint8_t> unique_row_mask(const at::Tensor& idx, int64_t num_rows, const char* op) {
-  std::vector<uint8_t> mask(num_rows, 0);
-  const int64_t* p = idx.data_ptr<int64_t>();
-  uint8_t* m = mask.data();
+// slot[r] = j where index[j] == r, and -1 for rows the (in-range) index does not hit. Raises on
+// a duplicate, which would make a scatter's result depend on write order.
+inline std::vector<int64_t> index_slots(const at::Tensor& idx, int64_t num_rows, const char* op) {
+  std::vector<int64_t> slot(num_rows, -1);
+  const int64_t* p = idx.const_data_ptr<int64_t>();
+  int64_t* s = slot.data();
   at::parallel_for(0, idx.numel(), kGrain, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
       // Atomic so two threads claiming the same row cannot both see it free.
-      TORCH_CHECK(__atomic_exchange_n(&m[p[j]], uint8_t{1}, __ATOMIC_RELAXED) == 0, op, ": index contains row ",
-                  p[j], " more than once, expected distinct rows");
+      TORCH_CHECK(__atomic_exchange_n(&s[p[j]], j, __ATOMIC_RELAXED) < 0, op, ": index contains row ", p[j],
+                  " more than once, expected distinct rows");
     }
   });
-  return mask;
+  return slot;
 }
 
 }  // namespace dynenc

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "convert.h"
 #include "ops.h"
 
 namespace dynenc {
@@ -46,7 +47,7 @@ const opmath_t* load_rows(const scalar_t* src, int64_t h0, int64_t h1, int64_t C
   } else {
     buf.resize((h1 - h0) * C);
     const scalar_t* s = src + h0 * C;
-    for (int64_t i = 0; i < (h1 - h0) * C; ++i) buf[i] = opmath_t(s[i]);
+    for (int64_t i = 0; i < (h1 - h0) * C; ++i) buf[i] = to_opmath(s[i]);
     return buf.data();
   }
 }
@@ -55,7 +56,7 @@ const opmath_t* load_rows(const scalar_t* src, int64_t h0, int64_t h1, int64_t C
 // [k0, k1) are exactly those whose input row t - pad + k lies inside t's sequence, and in[i]
 // points at opmath row t - pad + k0 (the first valid tap) of inputs[i].
 template <typename scalar_t, typename opmath_t, size_t NumInputs, typename F>
-void for_each_row(int64_t begin, int64_t end, int64_t N, int64_t C, int64_t K, const int32_t* cu, int64_t B,
+void for_each_conv_row(int64_t begin, int64_t end, int64_t N, int64_t C, int64_t K, const int32_t* cu, int64_t B,
                   const std::array<const scalar_t*, NumInputs>& inputs, const F& f) {
   const int64_t pad = (K - 1) / 2;
   std::array<std::vector<opmath_t>, NumInputs> bufs;
@@ -90,7 +91,7 @@ void conv_row(opmath_t* acc, const opmath_t* init, const opmath_t* w, const opma
 
 template <typename scalar_t>
 void store_row(scalar_t* dst, const at::opmath_type<scalar_t>* acc, int64_t C) {
-  for (int64_t c = 0; c < C; ++c) dst[c] = scalar_t(acc[c]);
+  for (int64_t c = 0; c < C; ++c) dst[c] = from_opmath<scalar_t>(acc[c]);
 }
 
 // Shared validation; returns cu_seqlens contiguous.
@@ -138,7 +139,7 @@ at::Tensor varlen_dwconv1d(const at::Tensor& x, const at::Tensor& cu_seqlens, co
     scalar_t* o = out.data_ptr<scalar_t>();
     at::parallel_for(0, N, row_grain(C * K), [&](int64_t begin, int64_t end) {
       std::vector<opmath_t> acc(C);
-      for_each_row<scalar_t, opmath_t>(begin, end, N, C, K, cup, B, inputs,
+      for_each_conv_row<scalar_t, opmath_t>(begin, end, N, C, K, cup, B, inputs,
                                        [&](int64_t t, const auto& in, int64_t k0, int64_t k1) {
                                          conv_row(acc.data(), bp, wp, in[0], k0, k1, C);
                                          store_row(o + t * C, acc.data(), C);
@@ -177,7 +178,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_dwconv1d_backward(const at
       for (int64_t p = p_begin; p < p_end; ++p) {
         opmath_t* gw = part + p * (K + 1) * C;
         opmath_t* gb = gw + K * C;
-        for_each_row<scalar_t, opmath_t>(
+        for_each_conv_row<scalar_t, opmath_t>(
             N * p / P, N * (p + 1) / P, N, C, K, cup, B, inputs,
             [&](int64_t t, const auto& in, int64_t k0, int64_t k1) {
               // grad_x[t] = sum_k w[K-1-k] * grad_out[t - pad + k]: the same taps, flipped.

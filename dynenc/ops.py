@@ -85,7 +85,7 @@ def _(x, y, gate, index):
 
 @torch.library.register_fake("dynenc::gated_residual_scatter_backward")
 def _(grad_out, x, y, gate, index):
-    return torch.empty_like(x), torch.empty_like(y), y.new_empty(y.shape[0])
+    return torch.empty_like(x), torch.empty_like(y), (x if gate is None else gate).new_empty(y.shape[0])
 
 
 @torch.library.register_fake("dynenc::gather_rows")
@@ -105,7 +105,7 @@ def _(x, cu_seqlens, weight, bias):
 
 @torch.library.register_fake("dynenc::varlen_dwconv1d_backward")
 def _(grad_out, x, cu_seqlens, weight):
-    return torch.empty_like(x), torch.empty_like(weight), weight.new_empty(weight.shape[0])
+    return torch.empty_like(x), torch.empty_like(weight), x.new_empty(weight.shape[0])
 
 
 @torch.library.register_fake("dynenc::varlen_attention")

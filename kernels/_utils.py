@@ -9,17 +9,16 @@ import torch
 import triton
 import triton.language as tl
 
-# Rough tile size (elements) of the memory-bound row kernels: big enough to keep ~16
-# elements in flight per thread with 4 warps, small enough not to spill.
+# Tile size (elements) of the memory-bound row kernels: 32 elements in flight per thread with
+# the default 4 warps, enough to cover DRAM latency without spilling.
 ROW_TILE = 4096
 MAX_BLOCK_D = 512
-MAX_BLOCK_R = 64
 
 
 def row_blocks(dim: int) -> tuple[int, int]:
     """(BLOCK_R, BLOCK_D) for kernels that stream ``[rows, dim]`` tiles, looping over dim."""
     block_d = min(triton.next_power_of_2(max(dim, 1)), MAX_BLOCK_D)
-    return max(1, min(MAX_BLOCK_R, ROW_TILE // block_d)), block_d
+    return ROW_TILE // block_d, block_d
 
 
 def search_steps(num_segments: int) -> int:
@@ -47,11 +46,21 @@ def check(cond: bool, message: str) -> None:
         raise RuntimeError(message)
 
 
+def check_same_device(*tensors: Optional[torch.Tensor]) -> None:
+    devices = {t.device for t in tensors if t is not None}
+    check(len(devices) <= 1, f"all tensors must be on one device, got {sorted(map(str, devices))}")
+
+
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def check_floating(t: torch.Tensor, name: str) -> None:
     check(t.dtype in FLOAT_DTYPES, f"{name} must be float32, float64, bfloat16 or float16, got {t.dtype}")
+
+
+def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Host-side twin of :func:`opmath` (for buffers of partial sums)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @triton.constexpr_function

@@ -8,14 +8,14 @@ Scores are kept in log2 units (``exp2``); the saved logsumexp is natural-log, fp
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ._utils import aot_spec, check, find_segment, on_device_of_first_arg, row_blocks, search_steps
+from ._utils import (aot_spec, check, check_floating, check_same_device, find_segment, on_device_of_first_arg, opmath,
+                     opmath_dtype, row_blocks, search_steps)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -28,10 +28,10 @@ def _block_size(head_dim: int) -> Tuple[int, int]:
     return (64 if block_d <= 64 else 32), block_d
 
 
-def _dot_precision(backend: Optional[str]) -> str:
-    """fp32 operands: 3xTF32 on NVIDIA (fp32-level accuracy on tensor cores; plain TF32 would
-    lose ~3 digits), IEEE elsewhere (AMD, interpreter, portable AOT). fp16/bf16 ignore it."""
-    return "tf32x3" if backend == "cuda" else "ieee"
+def _dot_precision(backend: Optional[str], dtype: torch.dtype) -> str:
+    """fp32 operands on NVIDIA: 3xTF32 (fp32-level accuracy on tensor cores; plain TF32 would
+    lose ~3 digits). Everything else: IEEE (AMD, fp64, interpreter; fp16/bf16 ignore it)."""
+    return "tf32x3" if backend == "cuda" and dtype == torch.float32 else "ieee"
 
 
 def _backend_of(t: torch.Tensor) -> Optional[str]:
@@ -50,11 +50,18 @@ def _block_coords(cu_seqlens, cu_blocks, num_seqs, num_steps, BLOCK: tl.constexp
 
 
 @triton.jit
-def _head_tile(rows, row_ok, row_stride, head_offset, head_dim, BLOCK_D: tl.constexpr):
-    """Offsets and mask of the ``[rows, BLOCK_D]`` tile of one head in an ``[N, H, Dh]`` tensor."""
+def _head_tile(rows, row_ok, num_heads, head_dim, BLOCK_D: tl.constexpr):
+    """Offsets and mask of the ``[rows, BLOCK_D]`` tile of head ``program_id(1)`` in a
+    contiguous ``[N, H, Dh]`` tensor."""
     cols = tl.arange(0, BLOCK_D)
-    offs = rows.to(tl.int64)[:, None] * row_stride + head_offset + cols[None, :]
+    offs = rows.to(tl.int64)[:, None] * (num_heads * head_dim) + tl.program_id(1) * head_dim + cols[None, :]
     return offs, row_ok[:, None] & (cols < head_dim)[None, :]
+
+
+@triton.jit
+def _row_stats(stats, rows, row_ok, num_heads, ACC: tl.constexpr):
+    """Per-(row, head) statistics (logsumexp, delta) of head ``program_id(1)`` from ``[N, H]``."""
+    return tl.load(stats + rows.to(tl.int64) * num_heads + tl.program_id(1), mask=row_ok, other=0.0).to(ACC)
 
 
 @triton.jit
@@ -68,56 +75,56 @@ def _attn_fwd_kernel(
     ``(num_block_programs, H)``. Traffic: reads the query block once and the sequence's K/V
     once per query block (``T / BLOCK`` times per K/V element, mostly from L2), writes ``out``
     once and 4 B of ``lse`` per (row, head). FLOPs ``4 * T^2 * Dh`` per sequence and head.
+    Statistics and the output accumulator are fp32 (fp64 for fp64 inputs).
     """
+    ACC: tl.constexpr = opmath(q.dtype.element_ty)
     start, end, m0 = _block_coords(cu_seqlens, cu_blocks, num_seqs, num_steps, BLOCK)
     if m0 >= end:
         return
-    head = tl.program_id(1)
-    row_stride = num_heads * head_dim
     lanes = tl.arange(0, BLOCK)
     rows_m = m0 + lanes
-    q_offs, q_mask = _head_tile(rows_m, rows_m < end, row_stride, head * head_dim, head_dim, BLOCK_D)
+    q_offs, q_mask = _head_tile(rows_m, rows_m < end, num_heads, head_dim, BLOCK_D)
     q_tile = tl.load(q + q_offs, mask=q_mask, other=0.0)
     qk_scale = scale * LOG2E  # softmax via exp2
-    m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK], dtype=tl.float32)
-    acc = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK], float("-inf"), dtype=ACC)
+    l_i = tl.zeros([BLOCK], dtype=ACC)
+    acc = tl.zeros([BLOCK, BLOCK_D], dtype=ACC)
     for n0 in range(start, end, BLOCK):
         rows_n = n0 + lanes
         n_ok = rows_n < end
-        kv_offs, kv_mask = _head_tile(rows_n, n_ok, row_stride, head * head_dim, head_dim, BLOCK_D)
+        kv_offs, kv_mask = _head_tile(rows_n, n_ok, num_heads, head_dim, BLOCK_D)
         k_tile = tl.load(k + kv_offs, mask=kv_mask, other=0.0)
-        s = tl.dot(q_tile, tl.trans(k_tile), input_precision=DOT_PRECISION) * qk_scale
+        s = tl.dot(q_tile, tl.trans(k_tile), input_precision=DOT_PRECISION, out_dtype=ACC) * qk_scale
         s = tl.where(n_ok[None, :], s, float("-inf"))  # every key block has a valid key: m_new is finite
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v_tile = tl.load(v + kv_offs, mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile, input_precision=DOT_PRECISION)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile, input_precision=DOT_PRECISION, out_dtype=ACC)
         m_i = m_new
     acc = acc / l_i[:, None]
     tl.store(out + q_offs, acc.to(out.dtype.element_ty), mask=q_mask)
-    tl.store(lse + rows_m.to(tl.int64) * num_heads + head, (m_i + tl.log2(l_i)) * LN2,
-             mask=rows_m < end)
+    lse_m = (m_i + tl.log2(l_i)) * LN2
+    tl.store(lse + rows_m.to(tl.int64) * num_heads + tl.program_id(1), lse_m.to(tl.float32), mask=rows_m < end)
 
 
 @triton.jit
 def _attn_bwd_delta_kernel(out, grad_out, delta, num_rows, head_dim, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """``delta[r] = sum_d grad_out[r, d] * out[r, d]`` in fp32 over the ``N * H`` rows.
-
-    Grid ``cdiv(N * H, BLOCK_R)``. Traffic: reads ``out`` and ``grad_out`` once, writes 4 B
-    per (row, head).
+    """``delta[r] = sum_d grad_out[r, d] * out[r, d]`` over the ``N * H`` rows, accumulated
+    and stored in fp32 (fp64 for fp64). Grid ``cdiv(N * H, BLOCK_R)``. Traffic: reads ``out``
+    and ``grad_out`` once, writes 4 B per (row, head).
     """
+    ACC: tl.constexpr = opmath(out.dtype.element_ty)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < num_rows
-    acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R], dtype=ACC)
     for d0 in range(0, head_dim, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         offs = rows.to(tl.int64)[:, None] * head_dim + cols[None, :]
         mask = row_ok[:, None] & (cols < head_dim)[None, :]
-        o = tl.load(out + offs, mask=mask, other=0.0).to(tl.float32)
-        do = tl.load(grad_out + offs, mask=mask, other=0.0).to(tl.float32)
+        o = tl.load(out + offs, mask=mask, other=0.0).to(ACC)
+        do = tl.load(grad_out + offs, mask=mask, other=0.0).to(ACC)
         acc += tl.sum(o * do, axis=1)
     tl.store(delta + rows, acc, mask=row_ok)
 
@@ -126,10 +133,10 @@ def _attn_bwd_delta_kernel(out, grad_out, delta, num_rows, head_dim, BLOCK_R: tl
 def _probs_and_dscores(q_tile, k_tile, v_tile, do_tile, lse_m, delta_m, valid, qk_scale,
                        DOT_PRECISION: tl.constexpr):
     """Recomputed probabilities ``p`` and score gradients ``ds = p * (dO V^T - delta)`` of a
-    ``[BLOCK_M, BLOCK_N]`` tile (zero outside ``valid``)."""
-    s = tl.dot(q_tile, tl.trans(k_tile), input_precision=DOT_PRECISION) * qk_scale
+    ``[BLOCK_M, BLOCK_N]`` tile (zero outside ``valid``), in the dtype of ``lse_m``."""
+    s = tl.dot(q_tile, tl.trans(k_tile), input_precision=DOT_PRECISION, out_dtype=lse_m.dtype) * qk_scale
     p = tl.where(valid, tl.exp2(s - lse_m[:, None] * LOG2E), 0.0)
-    dp = tl.dot(do_tile, tl.trans(v_tile), input_precision=DOT_PRECISION)
+    dp = tl.dot(do_tile, tl.trans(v_tile), input_precision=DOT_PRECISION, out_dtype=lse_m.dtype)
     return p, p * (dp - delta_m[:, None])
 
 
@@ -142,33 +149,30 @@ def _attn_bwd_dkdv_kernel(
     the sequence's query blocks (no atomics). Grid ``(num_block_programs, H)``. Traffic: reads
     the K/V block once and Q, dO, lse, delta once per key block (mostly L2), writes dK, dV once.
     """
+    ACC: tl.constexpr = opmath(q.dtype.element_ty)
     start, end, n0 = _block_coords(cu_seqlens, cu_blocks, num_seqs, num_steps, BLOCK)
     if n0 >= end:
         return
-    head = tl.program_id(1)
-    row_stride = num_heads * head_dim
     lanes = tl.arange(0, BLOCK)
     rows_n = n0 + lanes
     n_ok = rows_n < end
-    kv_offs, kv_mask = _head_tile(rows_n, n_ok, row_stride, head * head_dim, head_dim, BLOCK_D)
+    kv_offs, kv_mask = _head_tile(rows_n, n_ok, num_heads, head_dim, BLOCK_D)
     k_tile = tl.load(k + kv_offs, mask=kv_mask, other=0.0)
     v_tile = tl.load(v + kv_offs, mask=kv_mask, other=0.0)
     qk_scale = scale * LOG2E
-    dk = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+    dk = tl.zeros([BLOCK, BLOCK_D], dtype=ACC)
+    dv = tl.zeros([BLOCK, BLOCK_D], dtype=ACC)
     for m0 in range(start, end, BLOCK):
         rows_m = m0 + lanes
         m_ok = rows_m < end
-        q_offs, q_mask = _head_tile(rows_m, m_ok, row_stride, head * head_dim, head_dim, BLOCK_D)
+        q_offs, q_mask = _head_tile(rows_m, m_ok, num_heads, head_dim, BLOCK_D)
         q_tile = tl.load(q + q_offs, mask=q_mask, other=0.0)
         do_tile = tl.load(grad_out + q_offs, mask=q_mask, other=0.0)
-        stat = rows_m.to(tl.int64) * num_heads + head
-        lse_m = tl.load(lse + stat, mask=m_ok, other=0.0)
-        delta_m = tl.load(delta + stat, mask=m_ok, other=0.0)
-        p, ds = _probs_and_dscores(q_tile, k_tile, v_tile, do_tile, lse_m, delta_m, m_ok[:, None] & n_ok[None, :],
+        p, ds = _probs_and_dscores(q_tile, k_tile, v_tile, do_tile, _row_stats(lse, rows_m, m_ok, num_heads, ACC),
+                                   _row_stats(delta, rows_m, m_ok, num_heads, ACC), m_ok[:, None] & n_ok[None, :],
                                    qk_scale, DOT_PRECISION)
-        dv += tl.dot(tl.trans(p.to(do_tile.dtype)), do_tile, input_precision=DOT_PRECISION)
-        dk += tl.dot(tl.trans(ds.to(q_tile.dtype)), q_tile, input_precision=DOT_PRECISION)
+        dv += tl.dot(tl.trans(p.to(do_tile.dtype)), do_tile, input_precision=DOT_PRECISION, out_dtype=ACC)
+        dk += tl.dot(tl.trans(ds.to(q_tile.dtype)), q_tile, input_precision=DOT_PRECISION, out_dtype=ACC)
     tl.store(grad_k + kv_offs, (dk * scale).to(grad_k.dtype.element_ty), mask=kv_mask)
     tl.store(grad_v + kv_offs, dv.to(grad_v.dtype.element_ty), mask=kv_mask)
 
@@ -182,42 +186,44 @@ def _attn_bwd_dq_kernel(
     blocks. Grid ``(num_block_programs, H)``. Traffic: reads Q, dO, lse, delta once and K/V
     once per query block (mostly L2), writes dQ once.
     """
+    ACC: tl.constexpr = opmath(q.dtype.element_ty)
     start, end, m0 = _block_coords(cu_seqlens, cu_blocks, num_seqs, num_steps, BLOCK)
     if m0 >= end:
         return
-    head = tl.program_id(1)
-    row_stride = num_heads * head_dim
     lanes = tl.arange(0, BLOCK)
     rows_m = m0 + lanes
     m_ok = rows_m < end
-    q_offs, q_mask = _head_tile(rows_m, m_ok, row_stride, head * head_dim, head_dim, BLOCK_D)
+    q_offs, q_mask = _head_tile(rows_m, m_ok, num_heads, head_dim, BLOCK_D)
     q_tile = tl.load(q + q_offs, mask=q_mask, other=0.0)
     do_tile = tl.load(grad_out + q_offs, mask=q_mask, other=0.0)
-    stat = rows_m.to(tl.int64) * num_heads + head
-    lse_m = tl.load(lse + stat, mask=m_ok, other=0.0)
-    delta_m = tl.load(delta + stat, mask=m_ok, other=0.0)
+    lse_m = _row_stats(lse, rows_m, m_ok, num_heads, ACC)
+    delta_m = _row_stats(delta, rows_m, m_ok, num_heads, ACC)
     qk_scale = scale * LOG2E
-    dq = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+    dq = tl.zeros([BLOCK, BLOCK_D], dtype=ACC)
     for n0 in range(start, end, BLOCK):
         rows_n = n0 + lanes
         n_ok = rows_n < end
-        kv_offs, kv_mask = _head_tile(rows_n, n_ok, row_stride, head * head_dim, head_dim, BLOCK_D)
+        kv_offs, kv_mask = _head_tile(rows_n, n_ok, num_heads, head_dim, BLOCK_D)
         k_tile = tl.load(k + kv_offs, mask=kv_mask, other=0.0)
         v_tile = tl.load(v + kv_offs, mask=kv_mask, other=0.0)
         _, ds = _probs_and_dscores(q_tile, k_tile, v_tile, do_tile, lse_m, delta_m, m_ok[:, None] & n_ok[None, :],
                                    qk_scale, DOT_PRECISION)
-        dq += tl.dot(ds.to(k_tile.dtype), k_tile, input_precision=DOT_PRECISION)
+        dq += tl.dot(ds.to(k_tile.dtype), k_tile, input_precision=DOT_PRECISION, out_dtype=ACC)
     tl.store(grad_q + q_offs, (dq * scale).to(grad_q.dtype.element_ty), mask=q_mask)
 
 
-def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+               *others: torch.Tensor) -> None:
     check(q.dim() == 3 and k.shape == q.shape and v.shape == q.shape, "q, k, v must all be [N, H, Dh]")
+    check_floating(q, "q")
+    check(k.dtype == q.dtype and v.dtype == q.dtype, "q, k, v must have the same dtype")
     check(cu_seqlens.dim() == 1 and cu_seqlens.numel() >= 1 and cu_seqlens.dtype == torch.int32,
           "cu_seqlens must be int32 [B + 1]")
+    check_same_device(q, k, v, cu_seqlens, *others)
 
 
 def _launch_plan(q: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int):
-    """``(grid, cu_blocks, block, block_d, common launch args)`` shared by the kernels."""
+    """``(grid, sequence args, constexprs)`` shared by the attention kernels."""
     num_rows, num_heads, head_dim = q.shape
     block, block_d = _block_size(head_dim)
     num_seqs = cu_seqlens.numel() - 1
@@ -227,7 +233,8 @@ def _launch_plan(q: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int):
     # sum_b cdiv(len_b, BLOCK) <= min(cdiv(N, BLOCK) + B, B * cdiv(max_seqlen, BLOCK)): no sync.
     programs = min(triton.cdiv(num_rows, block) + num_seqs, num_seqs * triton.cdiv(max(max_seqlen, 0), block))
     args = (cu_seqlens, cu_blocks, num_seqs, search_steps(num_seqs))
-    return (programs, num_heads), args, dict(BLOCK=block, BLOCK_D=block_d, DOT_PRECISION=_dot_precision(_backend_of(q)))
+    meta = dict(BLOCK=block, BLOCK_D=block_d, DOT_PRECISION=_dot_precision(_backend_of(q), q.dtype))
+    return (programs, num_heads), args, meta
 
 
 @on_device_of_first_arg
@@ -250,17 +257,18 @@ def varlen_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.
                               out: torch.Tensor, logsumexp: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
                               scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> ``(grad_q, grad_k, grad_v)``, each ``[N, H, Dh]``."""
-    _check_qkv(q, k, v, cu_seqlens)
+    _check_qkv(q, k, v, cu_seqlens, grad_out, out, logsumexp)
     check(grad_out.shape == q.shape and out.shape == q.shape and logsumexp.shape == q.shape[:2],
           "grad_out/out must be [N, H, Dh] and logsumexp [N, H]")
     grad_out, q, k, v, out, cu_seqlens = (t.contiguous() for t in (grad_out, q, k, v, out, cu_seqlens))
-    logsumexp = logsumexp.float().contiguous()
+    check(logsumexp.dtype == torch.float32, f"logsumexp must be float32, got {logsumexp.dtype}")
+    logsumexp = logsumexp.contiguous()
     num_rows, num_heads, head_dim = q.shape
     grad_q, grad_k, grad_v = (torch.empty_like(t) for t in (q, k, v))
     grid, seq_args, meta = _launch_plan(q, cu_seqlens, max_seqlen)
     if q.numel() == 0 or grid[0] == 0:
         return grad_q, grad_k, grad_v
-    delta = torch.empty((num_rows, num_heads), dtype=torch.float32, device=q.device)
+    delta = torch.empty((num_rows, num_heads), dtype=opmath_dtype(q.dtype), device=q.device)
     _, block_d = row_blocks(head_dim)
     _attn_bwd_delta_kernel[(triton.cdiv(num_rows * num_heads, DELTA_BLOCK_R),)](
         out, grad_out, delta, num_rows * num_heads, head_dim, BLOCK_R=DELTA_BLOCK_R, BLOCK_D=block_d)
@@ -274,9 +282,11 @@ def aot_specs(backend: Optional[str] = None):
     specs = []
     for dt, head_dim in (("fp32", 64), ("fp16", 128)):
         block, block_d = _block_size(head_dim)
-        meta = {"BLOCK": block, "BLOCK_D": block_d, "DOT_PRECISION": _dot_precision(backend)}
+        meta = {"BLOCK": block, "BLOCK_D": block_d,
+                "DOT_PRECISION": _dot_precision(backend, torch.float32 if dt == "fp32" else torch.float16)}
         tensors = {n: f"*{dt}" for n in ("q", "k", "v", "out", "grad_out", "grad_q", "grad_k", "grad_v")}
-        types = {**tensors, "lse": "*fp32", "delta": "*fp32", "cu_seqlens": "*i32", "cu_blocks": "*i32", "scale": "fp32"}
+        types = {**tensors, "lse": "*fp32", "delta": "*fp32", "cu_seqlens": "*i32", "cu_blocks": "*i32",
+                 "scale": "fp32"}
         for fn in (_attn_fwd_kernel, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel):
             specs.append(aot_spec(fn, f"{dt},d{head_dim}", {n: t for n, t in types.items() if n in fn.arg_names}, meta))
     _, block_d = row_blocks(64)

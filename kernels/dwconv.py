@@ -12,7 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import aot_spec, check, find_segment, on_device_of_first_arg, search_steps
+from ._utils import (aot_spec, check, check_floating, check_same_device, find_segment, on_device_of_first_arg, opmath,
+                     opmath_dtype, search_steps)
 
 BLOCK_T = 32  # rows per tile
 MAX_BLOCK_C = 64
@@ -30,11 +31,19 @@ def _row_bounds(cu_seqlens, rows, row_ok, num_seqs, num_steps):
 
 @triton.jit
 def _load_shifted(ptr, rows, shift, start, end, cols, col_ok, channels):
-    """fp32 tile ``ptr[rows + shift, cols]``, zero where the source row leaves ``[start, end)``."""
+    """Tile ``ptr[rows + shift, cols]`` in opmath dtype, zero where the source row leaves
+    ``[start, end)``."""
     src = rows + shift
     ok = (src >= start) & (src < end)
-    return tl.load(ptr + src.to(tl.int64)[:, None] * channels + cols[None, :], mask=ok[:, None] & col_ok[None, :],
-                   other=0.0).to(tl.float32)
+    tile = tl.load(ptr + src.to(tl.int64)[:, None] * channels + cols[None, :], mask=ok[:, None] & col_ok[None, :],
+                   other=0.0)
+    return tile.to(opmath(ptr.dtype.element_ty))
+
+
+@triton.jit
+def _load_tap(weight, cols, col_ok, k, K: tl.constexpr, ACC: tl.constexpr):
+    """``weight[cols, k]`` of a ``[C, K]`` weight as a ``[1, BLOCK_C]`` row of dtype ``ACC``."""
+    return tl.load(weight + cols * K + k, mask=col_ok, other=0.0).to(ACC)[None, :]
 
 
 @triton.jit
@@ -54,12 +63,13 @@ def _dwconv_fwd_kernel(
     row_ok = rows < num_rows
     col_ok = cols < channels
     start, end = _row_bounds(cu_seqlens, rows, row_ok, num_seqs, num_steps)
-    acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
+    ACC: tl.constexpr = opmath(x.dtype.element_ty)
+    acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=ACC)
     if HAS_BIAS:
-        acc += tl.load(bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
     for k in tl.static_range(K):
-        w = tl.load(weight + cols * K + k, mask=col_ok, other=0.0).to(tl.float32)
-        acc += w[None, :] * _load_shifted(x, rows, k - (K - 1) // 2, start, end, cols, col_ok, channels)
+        tap = _load_tap(weight, cols, col_ok, k, K, ACC)
+        acc += tap * _load_shifted(x, rows, k - (K - 1) // 2, start, end, cols, col_ok, channels)
     tl.store(out + rows.to(tl.int64)[:, None] * channels + cols[None, :], acc.to(out.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
 
@@ -75,28 +85,29 @@ def _dwconv_bwd_kernel(
     ``grad_x[s] = sum_k weight[:, k] * grad_out[s - k + pad]`` (the forward with mirrored
     taps, same-sequence rule), ``grad_weight[:, k] = sum_t grad_out[t] * x[t + k - pad]``,
     ``grad_bias = sum_t grad_out[t]``. Program ``(g, c)`` handles ``tiles_per_program``
-    consecutive row tiles and writes fp32 partials ``partial_w[g] [C, K]`` and
-    ``partial_b[g] [C]`` (summed by the launcher: deterministic, no atomics).
+    consecutive row tiles and writes partials ``partial_w[g] [C, K]`` and ``partial_b[g] [C]``
+    in fp32 (fp64 for fp64 inputs), summed by the launcher: deterministic, no atomics.
     Grid ``(G, cdiv(C, BLOCK_C))``. Traffic per element: reads ``grad_out`` and ``x`` once
     from DRAM (shifted reloads hit cache), writes ``grad_x`` once; plus ``G * C * (K + 1)``
-    fp32 partials, small because ``G * cdiv(C, BLOCK_C)`` is about ``TARGET_PROGRAMS``.
+    partials, few because ``G * cdiv(C, BLOCK_C)`` is about ``TARGET_PROGRAMS``.
     """
     pad: tl.constexpr = (K - 1) // 2
+    ACC: tl.constexpr = opmath(x.dtype.element_ty)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < channels
     taps = tl.arange(0, BLOCK_K)[None, :]
-    acc_w = tl.zeros([BLOCK_C, BLOCK_K], dtype=tl.float32)
-    acc_b = tl.zeros([BLOCK_C], dtype=tl.float32)
+    acc_w = tl.zeros([BLOCK_C, BLOCK_K], dtype=ACC)
+    acc_b = tl.zeros([BLOCK_C], dtype=ACC)
     for i in range(tiles_per_program):
         rows = (tl.program_id(0) * tiles_per_program + i) * BLOCK_T + tl.arange(0, BLOCK_T)
         row_ok = rows < num_rows
         start, end = _row_bounds(cu_seqlens, rows, row_ok, num_seqs, num_steps)
         go = _load_shifted(grad_out, rows, 0, start, end, cols, col_ok, channels)
         acc_b += tl.sum(go, axis=0)
-        gx = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
+        gx = tl.zeros([BLOCK_T, BLOCK_C], dtype=ACC)
         for k in tl.static_range(K):
-            w = tl.load(weight + cols * K + k, mask=col_ok, other=0.0).to(tl.float32)
-            gx += w[None, :] * _load_shifted(grad_out, rows, pad - k, start, end, cols, col_ok, channels)
+            tap = _load_tap(weight, cols, col_ok, k, K, ACC)
+            gx += tap * _load_shifted(grad_out, rows, pad - k, start, end, cols, col_ok, channels)
             xs = _load_shifted(x, rows, k - pad, start, end, cols, col_ok, channels)
             # Register tiles cannot be indexed by k: add the tap's column with a select.
             acc_w += tl.where(taps == k, tl.sum(go * xs, axis=0)[:, None], 0.0)
@@ -107,11 +118,15 @@ def _dwconv_bwd_kernel(
     tl.store(partial_b + group + cols, acc_b, mask=col_ok)
 
 
-def _check_args(x: torch.Tensor, cu_seqlens: torch.Tensor, weight: torch.Tensor) -> None:
+def _check_args(x: torch.Tensor, cu_seqlens: torch.Tensor, weight: torch.Tensor,
+                *others: Optional[torch.Tensor]) -> None:
     check(x.dim() == 2 and weight.dim() == 2 and weight.shape[0] == x.shape[1], "x must be [N, C], weight [C, K]")
+    check_floating(x, "x")
+    check_floating(weight, "weight")
     check(weight.shape[1] % 2 == 1, "kernel size must be odd")
     check(cu_seqlens.dim() == 1 and cu_seqlens.numel() >= 1 and cu_seqlens.dtype == torch.int32,
           "cu_seqlens must be int32 [B + 1]")
+    check_same_device(x, cu_seqlens, weight, *others)
 
 
 def _block_c(channels: int) -> int:
@@ -122,7 +137,7 @@ def _block_c(channels: int) -> int:
 def varlen_dwconv1d(x: torch.Tensor, cu_seqlens: torch.Tensor, weight: torch.Tensor,
                     bias: Optional[torch.Tensor]) -> torch.Tensor:
     """Depthwise 'same' conv1d over packed sequences: ``[N, C]`` -> ``[N, C]``."""
-    _check_args(x, cu_seqlens, weight)
+    _check_args(x, cu_seqlens, weight, bias)
     num_rows, channels = x.shape
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     if out.numel():
@@ -139,25 +154,25 @@ def varlen_dwconv1d(x: torch.Tensor, cu_seqlens: torch.Tensor, weight: torch.Ten
 @on_device_of_first_arg
 def varlen_dwconv1d_backward(grad_out: torch.Tensor, x: torch.Tensor, cu_seqlens: torch.Tensor,
                              weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> ``(grad_x [N, C], grad_weight [C, K], grad_bias [C])`` (weights' dtype)."""
-    _check_args(x, cu_seqlens, weight)
+    """-> ``(grad_x [N, C], grad_weight [C, K] (weight's dtype), grad_bias [C] (x's dtype))``."""
+    _check_args(x, cu_seqlens, weight, grad_out)
     check(grad_out.shape == x.shape, "grad_out must match x")
     (num_rows, channels), kernel_size = x.shape, weight.shape[1]
     grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
     if grad_x.numel() == 0:
-        return grad_x, torch.zeros_like(weight), weight.new_zeros(channels)
+        return grad_x, torch.zeros_like(weight), x.new_zeros(channels)
     num_seqs, block_c = cu_seqlens.numel() - 1, _block_c(channels)
     num_tiles, num_cblocks = triton.cdiv(num_rows, BLOCK_T), triton.cdiv(channels, block_c)
     tiles_per_program = triton.cdiv(num_tiles, max(1, min(num_tiles, TARGET_PROGRAMS // num_cblocks)))
     groups = triton.cdiv(num_tiles, tiles_per_program)
-    partial_w = torch.empty((groups, channels, kernel_size), dtype=torch.float32, device=x.device)
-    partial_b = torch.empty((groups, channels), dtype=torch.float32, device=x.device)
+    partial_w = torch.empty((groups, channels, kernel_size), dtype=opmath_dtype(x.dtype), device=x.device)
+    partial_b = torch.empty((groups, channels), dtype=opmath_dtype(x.dtype), device=x.device)
     _dwconv_bwd_kernel[(groups, num_cblocks)](
         grad_out.contiguous(), x.contiguous(), cu_seqlens.contiguous(), weight.contiguous(), grad_x, partial_w,
         partial_b, num_rows, channels, num_seqs, search_steps(num_seqs), tiles_per_program,
         K=kernel_size, BLOCK_T=BLOCK_T, BLOCK_C=block_c, BLOCK_K=triton.next_power_of_2(kernel_size),
     )
-    return grad_x, partial_w.sum(0).to(weight.dtype), partial_b.sum(0).to(weight.dtype)
+    return grad_x, partial_w.sum(0).to(weight.dtype), partial_b.sum(0).to(x.dtype)
 
 
 def aot_specs(backend: Optional[str] = None):

@@ -16,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import aot_spec, check, check_floating, inverse_index, on_device_of_first_arg, opmath, row_blocks
+from ._utils import (aot_spec, check, check_floating, check_same_device, inverse_index, on_device_of_first_arg, opmath,
+                     row_blocks)
 
 
 @triton.jit
@@ -132,6 +133,7 @@ def _check_args(x: torch.Tensor, y: torch.Tensor, gate: Optional[torch.Tensor], 
     check(y.shape[0] <= x.shape[0], "more active rows than rows")
     check(gate is None or gate.shape == (y.shape[0],), "gate must be [M]")
     check(index is None or (index.shape == (y.shape[0],) and index.dtype == torch.int64), "index must be int64 [M]")
+    check_same_device(x, y, gate, index)
 
 
 def merge_rows(x: Optional[torch.Tensor], y: torch.Tensor, gate: Optional[torch.Tensor], index: Optional[torch.Tensor],
@@ -164,7 +166,7 @@ def gated_residual_scatter_backward(grad_out: torch.Tensor, x: torch.Tensor, y: 
                                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> ``(grad_x [N, D], grad_y [M, D], grad_gate [M])``; ``grad_gate`` is zeros without gate."""
     _check_args(x, y, gate, index)
-    check(grad_out.shape == x.shape, "grad_out must match x")
+    check(grad_out.shape == x.shape and grad_out.device == x.device, "grad_out must match x")
     (num_rows, dim), num_active = x.shape, y.shape[0]
     grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
     grad_y = torch.empty_like(y, memory_format=torch.contiguous_format)

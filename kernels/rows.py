@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import aot_spec, check, on_device_of_first_arg, row_blocks
+from ._utils import aot_spec, check, check_same_device, on_device_of_first_arg, row_blocks
 from .gated_scatter import _row_merge_kernel, merge_rows
 
 
@@ -32,6 +32,7 @@ def _gather_rows_kernel(x, index, out, num_out, dim, BLOCK_R: tl.constexpr, BLOC
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``x[index]``: ``[N, D]`` -> ``[M, D]``."""
     check(x.dim() == 2 and index.dim() == 1 and index.dtype == torch.int64, "x must be [N, D], index int64 [M]")
+    check_same_device(x, index)
     out = torch.empty((index.shape[0], x.shape[1]), dtype=x.dtype, device=x.device)
     if out.numel():
         block_r, block_d = row_blocks(x.shape[1])
@@ -51,6 +52,7 @@ def scatter_rows(y: torch.Tensor, index: torch.Tensor, num_rows: int) -> torch.T
     check(y.dim() == 2 and index.shape == (y.shape[0],) and index.dtype == torch.int64,
           "y must be [M, D], index int64 [M]")
     check(y.shape[0] <= num_rows, "more rows to scatter than num_rows")
+    check_same_device(y, index)
     return merge_rows(None, y, None, index, int(num_rows))
 
 

@@ -1,6 +1,14 @@
 """Shared helpers: random torchaudio Conformers and the per-sample oracle loop."""
-import pytest
+import os
+
+# Triton kernels run on CPU tensors only under the interpreter, which must be chosen before
+# any @triton.jit function is defined (AOT-compile tests run in a subprocess without it).
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
 import torchaudio
 
 import dynenc

@@ -222,6 +222,20 @@ def test_varlen_dwconv1d_long_rows():
     _close(actual[2], grad_out.sum(0), 1e-3, "grad_bias")
 
 
+def test_float16_conversions_bit_exact():
+    """The kernels' own float16 <-> float32 conversions (csrc/convert.h) match torch's bit for
+    bit: every float16 pattern goes through a K = 1 conv, out = 0 + w * x, whose product is
+    exact in float32, so only the two conversions (and the rounding back) are tested."""
+    x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.float16).reshape(-1, 8)
+    cu = torch.tensor([0, x.shape[0]], dtype=torch.int32)
+    weight = torch.tensor([1.0, -1.0, 0.5, 3.0, -1.5, 1e-3, 2.0**-10, 7.3], dtype=torch.float16)[:, None]
+    out = ops.varlen_dwconv1d(x, cu, weight, None)
+    expected = (0 + x.float() * weight.float().T).half()
+    nan = expected.isnan()
+    assert torch.equal(out.isnan(), nan)
+    assert torch.equal(out.view(torch.int16)[~nan], expected.view(torch.int16)[~nan])
+
+
 # ----------------------------------------------------------------------------- attention
 def _attention_case(seed, dtype):
     gen = _gen(seed)

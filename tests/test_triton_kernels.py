@@ -10,6 +10,7 @@ The AOT tests compile every kernel of ``aot_specs()`` for sm_80, sm_90 and gfx90
 subprocess (the interpreter cannot compile), so they need no GPU either.
 """
 import importlib
+import inspect
 import json
 import math
 import os
@@ -37,18 +38,29 @@ needs_runnable_kernels = pytest.mark.skipif(
     reason="dynenc.kernels was imported before TRITON_INTERPRET=1 was set (e.g. by another test module), "
     "so its kernels are compiled-only and there is no GPU: run this file on its own",
 )
-TOLERANCES = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=1e-2, rtol=1e-2)}
-ATTENTION_TOLERANCES = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=1e-2, rtol=1e-2)}
-DTYPES = [torch.float32, torch.float16]
+TOLERANCES = {
+    torch.float64: dict(atol=1e-10, rtol=1e-10),
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+    torch.float16: dict(atol=1e-2, rtol=1e-2),
+    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+}
+# float64 attention: the interface's scale and logsumexp are fp32, so ~1e-7 relative.
+ATTENTION_TOLERANCES = {
+    torch.float64: dict(atol=1e-6, rtol=1e-6),
+    torch.float32: dict(atol=1e-4, rtol=1e-4),
+    torch.float16: dict(atol=1e-2, rtol=1e-2),
+    torch.bfloat16: dict(atol=5e-2, rtol=5e-2),
+}
+DTYPES = [torch.float32, torch.float16, torch.float64] + ([] if INTERPRETED else [torch.bfloat16])  # no bf16 in numpy
 
 
 @pytest.fixture(autouse=True)
 def _nan_filled_empty():
     """torch.empty returns NaN (floats) / max int while deterministic algorithms are on."""
-    enabled, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
     yield
-    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+    torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
 
 
 def rand(*shape, dtype=torch.float32, gen):
@@ -66,14 +78,10 @@ def assert_close(actual, expected, tol):
 
 
 def reference_grads(fn, inputs, grad_out):
-    """``torch.autograd.grad`` of a float64 reference; zeros for inputs that get no gradient."""
+    """``torch.autograd.grad`` of a float64 reference w.r.t. the inputs that are not None."""
     leaves = [t for t in inputs if t is not None]
-    grads = iter(torch.autograd.grad(fn(*inputs), leaves, grad_out.cpu().double(), allow_unused=True))
-    out = []
-    for t in inputs:
-        g = None if t is None else next(grads)
-        out.append(None if t is None else (torch.zeros_like(t) if g is None else g))
-    return out
+    grads = iter(torch.autograd.grad(fn(*inputs), leaves, grad_out.cpu().double(), materialize_grads=True))
+    return [None if t is None else next(grads) for t in inputs]
 
 
 def batch_id(lengths):
@@ -91,7 +99,7 @@ MANY_LENGTHS = (0, 3, 6, 1, 0, 5, 2, 2, 0, 4, 6, 1, 3, 0, 0, 5, 1, 2, 6, 3, 4, 0
 # ----------------------------------------------------------------------------- row ops
 # (N, D, M, index kind): odd D; D > 512 loops over two BLOCK_D chunks; all / no rows active.
 ROW_CASES = [(37, 13, 11, "random"), (20, 600, 7, "random"), (9, 5, 9, "random"), (9, 5, 0, "random"),
-             (16, 3, 6, "prefix"), (1, 1, 1, "prefix")]
+             (16, 3, 6, "prefix"), (1, 1, 1, "prefix"), (4, 3, 0, "prefix")]
 
 
 def row_inputs(case, dtype, gate_kind, seed=0):
@@ -101,14 +109,15 @@ def row_inputs(case, dtype, gate_kind, seed=0):
     index = None if index_kind == "prefix" else torch.randperm(num_rows, generator=gen)[:num_active].to(DEVICE)
     gate = {
         "none": None,
-        "soft": torch.rand(num_active, generator=gen),
-        "hard": (torch.rand(num_active, generator=gen) > 0.5).float(),
+        "soft": torch.rand(num_active, generator=gen).to(dtype),
+        "hard": (torch.rand(num_active, generator=gen) > 0.5).to(dtype),
+        "soft_fp32": torch.rand(num_active, generator=gen),  # rounded to x's dtype by the op
     }[gate_kind]
-    return x, y, None if gate is None else gate.to(dtype).to(DEVICE), index
+    return x, y, None if gate is None else gate.to(DEVICE), index
 
 
 @needs_runnable_kernels
-@pytest.mark.parametrize("gate_kind", ["soft", "hard", "none"])
+@pytest.mark.parametrize("gate_kind", ["soft", "hard", "soft_fp32", "none"])
 @pytest.mark.parametrize("case", ROW_CASES, ids=lambda c: "N{}-D{}-M{}-{}".format(*c))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_gated_residual_scatter(dtype, case, gate_kind):
@@ -120,7 +129,7 @@ def test_gated_residual_scatter(dtype, case, gate_kind):
 
 
 @needs_runnable_kernels
-@pytest.mark.parametrize("gate_kind", ["soft", "none"])
+@pytest.mark.parametrize("gate_kind", ["soft", "soft_fp32", "none"])
 @pytest.mark.parametrize("case", ROW_CASES, ids=lambda c: "N{}-D{}-M{}-{}".format(*c))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_gated_residual_scatter_backward(dtype, case, gate_kind):
@@ -133,14 +142,15 @@ def test_gated_residual_scatter_backward(dtype, case, gate_kind):
     assert_close(grad_y, expected[1], TOLERANCES[dtype])
     assert grad_gate.shape == (y.shape[0],)
     if gate is None:
-        assert not grad_gate.any()
+        assert grad_gate.dtype == x.dtype and not grad_gate.any()
     else:
-        assert_close(grad_gate, expected[2], TOLERANCES[dtype])
+        assert grad_gate.dtype == gate.dtype  # reduced in opmath, rounded to the gate's dtype
+        assert_close(grad_gate, expected[2], max(TOLERANCES[dtype], TOLERANCES[gate.dtype], key=lambda t: t["atol"]))
 
 
 @needs_runnable_kernels
 @pytest.mark.parametrize("case", [c for c in ROW_CASES if c[3] == "random"], ids=lambda c: "N{}-D{}-M{}".format(*c[:3]))
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.int64], ids=str)  # exact copies: any dtype
 def test_gather_scatter_rows(dtype, case):
     x, y, _, index = row_inputs(case, dtype, "none")
     assert torch.equal(kernels.gather_rows(x, index).cpu(), reference.gather_rows(x.cpu(), index.cpu()))
@@ -261,6 +271,36 @@ def test_build_plan(lengths, num_layers, density):
     want = reference.build_plan(row_mask.cpu(), cu_seqlens.cpu())
     for g, w in zip(got, want):
         assert g.dtype == w.dtype and torch.equal(g.cpu(), w)
+
+
+# ----------------------------------------------------------------------------- interface
+OPS = ["gated_residual_scatter", "gated_residual_scatter_backward", "gather_rows", "scatter_rows", "varlen_dwconv1d",
+       "varlen_dwconv1d_backward", "varlen_attention", "varlen_attention_backward", "build_plan"]
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_launcher_signature_matches_op_schema(name):
+    """dynenc.ops calls the launchers positionally with the op's arguments."""
+    schema = getattr(torch.ops.dynenc, name).default._schema
+    assert list(inspect.signature(getattr(kernels, name)).parameters) == [a.name for a in schema.arguments]
+
+
+BAD_CALLS = {
+    "y_dtype": lambda: kernels.gated_residual_scatter(torch.zeros(4, 3), torch.zeros(2, 3).double(), None, None),
+    "index_dtype": lambda: kernels.gather_rows(torch.zeros(4, 3), torch.tensor([0, 1], dtype=torch.int32)),
+    "even_kernel": lambda: kernels.varlen_dwconv1d(torch.zeros(4, 3), torch.tensor([0, 4], dtype=torch.int32),
+                                                   torch.zeros(3, 4), None),
+    "lse_dtype": lambda: kernels.varlen_attention_backward(*[torch.zeros(4, 1, 8)] * 5, torch.zeros(4, 1).double(),
+                                                           torch.tensor([0, 4], dtype=torch.int32), 4, 1.0),
+    "mask_dtype": lambda: kernels.build_plan(torch.zeros(2, 4), torch.tensor([0, 4], dtype=torch.int32)),
+}
+
+
+@pytest.mark.parametrize("call", list(BAD_CALLS))
+def test_launchers_reject_bad_inputs(call):
+    """Shape/dtype errors raise RuntimeError (like the C++ ops' TORCH_CHECK) before any launch."""
+    with pytest.raises(RuntimeError):
+        BAD_CALLS[call]()
 
 
 # ----------------------------------------------------------------------------- AOT compile
