@@ -18,9 +18,11 @@ inline int64_t row_grain(int64_t work_per_row) {
   return std::max<int64_t>(1, kGrain / std::max<int64_t>(1, work_per_row));
 }
 
+// The dtypes the kernels are dispatched for.
 inline void check_floating(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name,
-              " must be float32, float64, bfloat16 or float16, got ", t.scalar_type());
+  const at::ScalarType s = t.scalar_type();
+  TORCH_CHECK(s == at::kFloat || s == at::kDouble || s == at::kBFloat16 || s == at::kHalf, op, ": ", name,
+              " must be float32, float64, bfloat16 or float16, got ", s);
 }
 
 inline void check_rank(const at::Tensor& t, int64_t rank, const char* op, const char* name) {

@@ -13,7 +13,7 @@
 #include <vector>
 
 #include "checks.h"
-#include "convert.h"
+#include "vectorize.h"
 #include "ops.h"
 
 namespace dynenc {
@@ -38,6 +38,16 @@ class SeqCursor {
   int64_t b_;
 };
 
+template <typename scalar_t>
+DYNENC_MULTIVERSION void convert_to_opmath(at::opmath_type<scalar_t>* dst, const scalar_t* src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = to_opmath(src[i]);
+}
+
+template <typename scalar_t>
+DYNENC_MULTIVERSION void store_row(scalar_t* dst, const at::opmath_type<scalar_t>* acc, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) dst[c] = from_opmath<scalar_t>(acc[c]);
+}
+
 // Rows [h0, h1) of a row-major [*, C] buffer as opmath values: a pointer into the buffer itself
 // when no conversion is needed, else a converted copy in `buf`.
 template <typename scalar_t, typename opmath_t>
@@ -46,8 +56,7 @@ const opmath_t* load_rows(const scalar_t* src, int64_t h0, int64_t h1, int64_t C
     return src + h0 * C;
   } else {
     buf.resize((h1 - h0) * C);
-    const scalar_t* s = src + h0 * C;
-    for (int64_t i = 0; i < (h1 - h0) * C; ++i) buf[i] = to_opmath(s[i]);
+    convert_to_opmath(buf.data(), src + h0 * C, (h1 - h0) * C);
     return buf.data();
   }
 }
@@ -57,7 +66,7 @@ const opmath_t* load_rows(const scalar_t* src, int64_t h0, int64_t h1, int64_t C
 // points at opmath row t - pad + k0 (the first valid tap) of inputs[i].
 template <typename scalar_t, typename opmath_t, size_t NumInputs, typename F>
 void for_each_conv_row(int64_t begin, int64_t end, int64_t N, int64_t C, int64_t K, const int32_t* cu, int64_t B,
-                  const std::array<const scalar_t*, NumInputs>& inputs, const F& f) {
+                       const std::array<const scalar_t*, NumInputs>& inputs, const F& f) {
   const int64_t pad = (K - 1) / 2;
   std::array<std::vector<opmath_t>, NumInputs> bufs;
   std::array<const opmath_t*, NumInputs> rows;
@@ -79,8 +88,8 @@ void for_each_conv_row(int64_t begin, int64_t end, int64_t N, int64_t C, int64_t
 
 // acc = init (or 0) + sum_{k in [k0, k1)} w[k] * in[k - k0]; w is [K, C], in holds rows of C.
 template <typename opmath_t>
-void conv_row(opmath_t* acc, const opmath_t* init, const opmath_t* w, const opmath_t* in, int64_t k0, int64_t k1,
-              int64_t C) {
+DYNENC_MULTIVERSION void conv_row(opmath_t* acc, const opmath_t* init, const opmath_t* w, const opmath_t* in,
+                                  int64_t k0, int64_t k1, int64_t C) {
   for (int64_t c = 0; c < C; ++c) acc[c] = init ? init[c] : opmath_t(0);
   for (int64_t k = k0; k < k1; ++k) {
     const opmath_t* wk = w + k * C;
@@ -89,9 +98,17 @@ void conv_row(opmath_t* acc, const opmath_t* init, const opmath_t* w, const opma
   }
 }
 
-template <typename scalar_t>
-void store_row(scalar_t* dst, const at::opmath_type<scalar_t>* acc, int64_t C) {
-  for (int64_t c = 0; c < C; ++c) dst[c] = from_opmath<scalar_t>(acc[c]);
+// Weight / bias gradient of one output row g: grad_w[k] += g * in[k - k0] for k in [k0, k1),
+// grad_b += g.
+template <typename opmath_t>
+DYNENC_MULTIVERSION void accumulate_taps(opmath_t* grad_w, opmath_t* grad_b, const opmath_t* g, const opmath_t* in,
+                                         int64_t k0, int64_t k1, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) grad_b[c] += g[c];
+  for (int64_t k = k0; k < k1; ++k) {
+    opmath_t* gwk = grad_w + k * C;
+    const opmath_t* xk = in + (k - k0) * C;
+    for (int64_t c = 0; c < C; ++c) gwk[c] += g[c] * xk[c];
+  }
 }
 
 // Shared validation; returns cu_seqlens contiguous.
@@ -140,10 +157,10 @@ at::Tensor varlen_dwconv1d(const at::Tensor& x, const at::Tensor& cu_seqlens, co
     at::parallel_for(0, N, row_grain(C * K), [&](int64_t begin, int64_t end) {
       std::vector<opmath_t> acc(C);
       for_each_conv_row<scalar_t, opmath_t>(begin, end, N, C, K, cup, B, inputs,
-                                       [&](int64_t t, const auto& in, int64_t k0, int64_t k1) {
-                                         conv_row(acc.data(), bp, wp, in[0], k0, k1, C);
-                                         store_row(o + t * C, acc.data(), C);
-                                       });
+                                            [&](int64_t t, const auto& in, int64_t k0, int64_t k1) {
+                                              conv_row(acc.data(), bp, wp, in[0], k0, k1, C);
+                                              store_row(o + t * C, acc.data(), C);
+                                            });
     });
   });
   return out;
@@ -185,13 +202,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_dwconv1d_backward(const at
               conv_row(acc.data(), static_cast<const opmath_t*>(nullptr), wp, in[0], k0, k1, C);
               store_row(gx + t * C, acc.data(), C);
               // grad_w[k] += grad_out[t] * x[t - pad + k]; grad_b += grad_out[t].
-              const opmath_t* g = in[0] + (pad - k0) * C;
-              for (int64_t c = 0; c < C; ++c) gb[c] += g[c];
-              for (int64_t k = k0; k < k1; ++k) {
-                opmath_t* gwk = gw + k * C;
-                const opmath_t* xk = in[1] + (k - k0) * C;
-                for (int64_t c = 0; c < C; ++c) gwk[c] += g[c] * xk[c];
-              }
+              accumulate_taps(gw, gb, in[0] + (pad - k0) * C, in[1], k0, k1, C);
             });
       }
     });

@@ -9,7 +9,7 @@
 #include <cstring>
 
 #include "checks.h"
-#include "convert.h"
+#include "vectorize.h"
 #include "ops.h"
 
 namespace dynenc {
@@ -41,7 +41,7 @@ ActiveRows active_rows(const std::optional<at::Tensor>& index, int64_t num_activ
   return rows;
 }
 
-// Rows looked up out of order (by index) are prefetched this many rows of work ahead.
+// Rows looked up out of order (by index) are prefetched this many rows ahead.
 constexpr int64_t kPrefetchDistance = 4;
 
 // Prefetches the start of a row; the hardware stream prefetcher follows on from there.
@@ -69,9 +69,16 @@ void for_each_row(const ActiveRows& rows, int64_t D, const Prefetch& prefetch, c
   }
   const int64_t* slot = rows.slot.data();
   at::parallel_for(0, rows.num_rows, grain, [&](int64_t begin, int64_t end) {
+    // A second cursor runs kPrefetchDistance active rows ahead of the sweep, prefetching.
+    int64_t ahead = begin;
+    const auto prefetch_next = [&] {
+      while (ahead < end && slot[ahead] < 0) ++ahead;
+      if (ahead < end) prefetch(slot[ahead++]);
+    };
+    for (int64_t i = 0; i < kPrefetchDistance; ++i) prefetch_next();
     for (int64_t r = begin; r < end;) {
       for (; r < end && slot[r] >= 0; ++r) {
-        if (r + kPrefetchDistance < end && slot[r + kPrefetchDistance] >= 0) prefetch(slot[r + kPrefetchDistance]);
+        prefetch_next();
         active(slot[r], r);
       }
       const int64_t r0 = r;
@@ -100,21 +107,46 @@ at::Tensor prepare_gate(const std::optional<at::Tensor>& gate, int64_t num_activ
   return gate->to(x.scalar_type()).contiguous();
 }
 
+// out = x + g * (y - x), one row.
+template <typename scalar_t>
+DYNENC_MULTIVERSION void lerp_row(scalar_t* out, const scalar_t* x, const scalar_t* y, at::opmath_type<scalar_t> g,
+                                  int64_t D) {
+  for (int64_t d = 0; d < D; ++d) {
+    const auto xv = to_opmath(x[d]);
+    out[d] = from_opmath<scalar_t>(xv + g * (to_opmath(y[d]) - xv));
+  }
+}
+
 // Sum over d of a[d] * (b[d] - c[d]) in opmath with 8 independent partial sums, so the loop
 // vectorises without reassociation flags (one accumulator would serialise on add latency).
 template <typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
-opmath_t dot_diff(const scalar_t* a, const scalar_t* b, const scalar_t* c, int64_t n) {
+inline opmath_t dot_diff(const scalar_t* a, const scalar_t* b, const scalar_t* c, int64_t n) {
   constexpr int64_t kLanes = 8;
   opmath_t lanes[kLanes] = {};
-  const auto term = [&](int64_t i) { return to_opmath(a[i]) * (to_opmath(b[i]) - to_opmath(c[i])); };
   int64_t d = 0;
   for (; d + kLanes <= n; d += kLanes) {
-    for (int64_t l = 0; l < kLanes; ++l) lanes[l] += term(d + l);
+    for (int64_t l = 0; l < kLanes; ++l) {
+      lanes[l] += to_opmath(a[d + l]) * (to_opmath(b[d + l]) - to_opmath(c[d + l]));
+    }
   }
   opmath_t sum = 0;
-  for (; d < n; ++d) sum += term(d);
+  for (; d < n; ++d) sum += to_opmath(a[d]) * (to_opmath(b[d]) - to_opmath(c[d]));
   for (int64_t l = 0; l < kLanes; ++l) sum += lanes[l];
   return sum;
+}
+
+// Backward of lerp_row for one row: grad_x = (1 - g) * grad_out, grad_y = g * grad_out, and
+// returns the gate's gradient sum_d grad_out * (y - x). Two loops over the (L1-resident) row:
+// fused into one, the reduced-precision versions did not vectorise.
+template <typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
+DYNENC_MULTIVERSION opmath_t lerp_backward_row(scalar_t* grad_x, scalar_t* grad_y, const scalar_t* grad_out,
+                                               const scalar_t* x, const scalar_t* y, opmath_t g, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) {
+    const opmath_t go = to_opmath(grad_out[d]);
+    grad_x[d] = from_opmath<scalar_t>((opmath_t(1) - g) * go);
+    grad_y[d] = from_opmath<scalar_t>(g * go);
+  }
+  return dot_diff(grad_out, y, x, D);
 }
 
 }  // namespace
@@ -129,7 +161,6 @@ at::Tensor gated_residual_scatter(const at::Tensor& x, const at::Tensor& y, cons
   const at::Tensor xc = x.contiguous(), yc = y.contiguous();
   at::Tensor out = at::empty_like(xc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), op, [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = xc.const_data_ptr<scalar_t>();
     const scalar_t* yp = yc.const_data_ptr<scalar_t>();
     const scalar_t* gp = g.defined() ? g.const_data_ptr<scalar_t>() : nullptr;
@@ -144,11 +175,7 @@ at::Tensor gated_residual_scatter(const at::Tensor& x, const at::Tensor& y, cons
             std::memcpy(orow, yj, D * sizeof(scalar_t));
             return;
           }
-          const opmath_t gj = to_opmath(gp[j]);
-          for (int64_t d = 0; d < D; ++d) {
-            const opmath_t xv = to_opmath(xr[d]);
-            orow[d] = from_opmath<scalar_t>(xv + gj * (to_opmath(yj[d]) - xv));
-          }
+          lerp_row(orow, xr, yj, to_opmath(gp[j]), D);
         },
         [&](int64_t r0, int64_t r1) { std::memcpy(o + r0 * D, xp + r0 * D, (r1 - r0) * D * sizeof(scalar_t)); });
   });
@@ -194,13 +221,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_residual_scatter_backward(
             std::memset(gxr, 0, D * sizeof(scalar_t));
             return;
           }
-          const opmath_t gj = to_opmath(gp[j]);
-          for (int64_t d = 0; d < D; ++d) {
-            const opmath_t gv = to_opmath(gor[d]);
-            gxr[d] = from_opmath<scalar_t>((opmath_t(1) - gj) * gv);
-            gyj[d] = from_opmath<scalar_t>(gj * gv);
-          }
-          ggp[j] = dot_diff(gor, yp + j * D, xp + r * D, D);
+          ggp[j] = lerp_backward_row(gxr, gyj, gor, xp + r * D, yp + j * D, to_opmath(gp[j]), D);
         },
         [&](int64_t r0, int64_t r1) { std::memcpy(gx + r0 * D, gop + r0 * D, (r1 - r0) * D * sizeof(scalar_t)); });
     grad_gate = g.defined() ? gg.to(gate->scalar_type()) : at::zeros({M}, x.options());

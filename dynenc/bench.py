@@ -29,7 +29,7 @@ import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -212,23 +212,24 @@ def spread_lengths(batch: int, frames: int, min_length: float, generator: torch.
 
 
 def depths_for_fraction(lengths: Tensor, num_layers: int, fraction: float, generator: torch.Generator,
-                        draws: int = 64) -> Tensor:
-    """Random per-sample depths whose token-weighted mean is ``fraction * L``.
+                        cost: Optional[Tensor] = None, draws: int = 256) -> Tensor:
+    """Random per-sample depths whose mean over the valid token x layers is ``fraction``.
 
     Depths spread evenly over ``fraction * L +- min(L / 4, room)`` (each in ``[1, L]``); of
-    ``draws`` random assignments to the samples, the one whose executed fraction of the
-    valid token x layers is closest to ``fraction`` is kept (long and short samples both
-    get deep and shallow depths, and the x value of the proportionality plot is f).
+    ``draws`` random assignments to the samples, the one whose executed fraction is closest
+    to ``fraction`` is kept — weighted by tokens and, if given, by the per-sample layer
+    ``cost`` (attention grows with the square of the length, so long samples weigh more).
+    Then the x value of the proportionality plot is f by both measures.
     """
     batch = lengths.numel()
     centre = fraction * num_layers
     spread = max(0.0, min(num_layers / 4, centre - 1, num_layers - centre))
     base = torch.linspace(centre - spread, centre + spread, batch).round().clamp(1, num_layers).long()
-    weights = lengths.double() / (lengths.sum().double() * num_layers)
+    weights = [w.double() / (w.double().sum() * num_layers) for w in (lengths, cost) if w is not None]
     best, best_error = base, math.inf
     for _ in range(draws):
         depth = base[torch.randperm(batch, generator=generator)]
-        error = abs(float((depth.double() * weights).sum()) - fraction)
+        error = max(abs(float((depth.double() * w).sum()) - fraction) for w in weights)
         if error < best_error:
             best, best_error = depth, error
     return best
@@ -313,7 +314,9 @@ class Workload:
     @functools.lru_cache(maxsize=None)
     def depth(self, fraction: float) -> Tensor:
         lengths = self.input[1].cpu()
-        return depths_for_fraction(lengths, self.config.layers, fraction, self._generator(1, fraction)).to(self.device)
+        cost = torch.tensor([self.models[1].layer_flops(n, n * n) for n in lengths.tolist()])
+        depth = depths_for_fraction(lengths, self.config.layers, fraction, self._generator(1, fraction), cost)
+        return depth.to(self.device)
 
     @functools.lru_cache(maxsize=None)
     def drop_mask(self, fraction: float) -> Tensor:
@@ -390,9 +393,18 @@ class Case:
         return f"{self.figure}/{self.name}"
 
 
+#: A case key, or weighted case keys ``((key, weight), ...)`` summed.
+Terms = Union[str, Tuple[Tuple[str, float], ...]]
+
+
+def _terms(terms: Terms) -> Tuple[Tuple[str, float], ...]:
+    return ((terms, 1.0),) if isinstance(terms, str) else terms
+
+
 @dataclass(frozen=True)
 class Ratio:
-    """``sum(weight * median(case))`` of ``numerator`` over ``denominator``, against a target.
+    """``numerator / denominator`` of case medians (each a weighted sum of cases), against
+    a target.
 
     ``target`` is a number, a function of the prepared infos (for targets that depend on
     a measured fraction), or None (reported, no target). ``metric`` ``"time"`` compares
@@ -401,8 +413,8 @@ class Ratio:
 
     figure: str
     name: str
-    numerator: Tuple[Tuple[str, float], ...]
-    denominator: str
+    numerator: Terms
+    denominator: Terms
     target: Any = None
     metric: str = "time"
     note: str = ""
@@ -467,7 +479,9 @@ def _dynenc_forward(fraction: float, backend: str = "native", drop: bool = False
         run = _with_backend(backend, _inference(lambda: dynamic(x, lengths, **routing), dynamic))
         with dynenc.use_backend(backend):
             report = _inference(lambda: dynamic(x, lengths, return_report=True, **routing).report, dynamic)()
-        return Prepared(run, dict(active=report.executed_fraction, computed=report.executed_fraction))
+            full = _inference(lambda: dynamic(x, lengths, return_report=True).report, dynamic)()
+        return Prepared(run, dict(active=report.executed_fraction, computed=report.executed_fraction,
+                                  flops=report.flops / full.flops))
 
     return build
 
@@ -493,19 +507,19 @@ def forward_ratios(config: BenchConfig) -> List[Ratio]:
         return lambda infos: infos[key]["active"] + 0.03  # f = the executed token x layer fraction
 
     ratios = [Ratio("proportionality", f"dynenc {_fmt_fraction(f)} / dynenc full",
-                    ((f"forward/dynenc {_fmt_fraction(f)}", 1.0),), full,
+                    f"forward/dynenc {_fmt_fraction(f)}", full,
                     target=proportional(f"forward/dynenc {_fmt_fraction(f)}"), note="per-sample random depths")
               for f in sorted(config.fractions, reverse=True) if f < 1]
     ratios += [
-        Ratio("proportionality", "dynenc LD f=0.50 / dynenc full", (("forward/dynenc LD f=0.50", 1.0),), full,
+        Ratio("proportionality", "dynenc LD f=0.50 / dynenc full", "forward/dynenc LD f=0.50", full,
               target=proportional("forward/dynenc LD f=0.50"),
               note="per-sample random layer subsets (gather/scatter routes)"),
-        Ratio("padding", "dynenc full / torchaudio", ((full, 1.0),), "forward/torchaudio", target=0.70),
-        Ratio("padding", "dynenc f=0.50 / torchaudio", (("forward/dynenc f=0.50", 1.0),), "forward/torchaudio",
+        Ratio("padding", "dynenc full / torchaudio", full, "forward/torchaudio", target=0.70),
+        Ratio("padding", "dynenc f=0.50 / torchaudio", "forward/dynenc f=0.50", "forward/torchaudio",
               target=0.38),
-        Ratio("padding", "masked f=0.50 / torchaudio", (("forward/masked f=0.50", 1.0),), "forward/torchaudio",
+        Ratio("padding", "masked f=0.50 / torchaudio", "forward/masked f=0.50", "forward/torchaudio",
               note="today's practice saves nothing"),
-        Ratio("backends", "dynenc-reference / dynenc (native)", (("forward/dynenc-reference f=1.00", 1.0),), full),
+        Ratio("backends", "dynenc-reference / dynenc (native)", "forward/dynenc-reference f=1.00", full),
     ]
     return ratios
 
@@ -545,11 +559,11 @@ def train_cases(config: BenchConfig) -> List[Case]:
 def train_ratios(config: BenchConfig) -> List[Ratio]:
     ld, full = "train/dynenc LD f=0.50", "train/dynenc full"
     return [
-        Ratio("train", "dynenc LD f=0.50 step / dynenc full step", ((ld, 1.0),), full, target=0.60),
-        Ratio("train", "dynenc LD f=0.50 saved activations / full", ((ld, 1.0),), full, target=0.60, metric="saved",
+        Ratio("train", "dynenc LD f=0.50 step / dynenc full step", ld, full, target=0.60),
+        Ratio("train", "dynenc LD f=0.50 saved activations / full", ld, full, target=0.60, metric="saved",
               note="bytes autograd saves for backward (distinct storages, parameters excluded)"),
-        Ratio("train", "dynenc full step / torchaudio full step", ((full, 1.0),), "train/torchaudio full"),
-        Ratio("train", "masked LD f=0.50 step / torchaudio full step", (("train/masked LD f=0.50", 1.0),),
+        Ratio("train", "dynenc full step / torchaudio full step", full, "train/torchaudio full"),
+        Ratio("train", "masked LD f=0.50 step / torchaudio full step", "train/masked LD f=0.50",
               "train/torchaudio full"),
     ]
 
@@ -594,7 +608,7 @@ def dld_cases(config: BenchConfig) -> List[Case]:
 
 
 def dld_ratios(config: BenchConfig) -> List[Ratio]:
-    return [Ratio("dld", "DLD step / (teacher fwd + full student step)", (("dld/DLD step (p=0.5)", 1.0),),
+    return [Ratio("dld", "DLD step / (teacher fwd + full student step)", "dld/DLD step (p=0.5)",
                   "dld/teacher fwd + full student step", target=0.67)]
 
 
@@ -783,7 +797,7 @@ def op_cases(config: BenchConfig) -> List[Case]:
 
 
 def op_ratios(config: BenchConfig) -> List[Ratio]:
-    ratios = [Ratio("ops", f"{op}: native / {impl}", ((f"ops/{op} native", 1.0),), f"ops/{op} {impl}")
+    ratios = [Ratio("ops", f"{op}: native / {impl}", f"ops/{op} native", f"ops/{op} {impl}")
               for op, impls in OPS.items() for impl, _ in impls[1:]]
     overhead = ((f"ops/{ROUTES}", 1.0 / config.layers), ("ops/gather native", 1.0), ("ops/gated scatter native", 1.0))
     ratios.append(Ratio("ops", f"routing overhead / layer (D={config.op_dim})", overhead, f"ops/{LAYER}",
@@ -824,6 +838,13 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _load_average() -> Optional[float]:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
 def machine_info() -> Dict[str, Any]:
     """CPU model and threads, GPU if any, library versions, dynenc commit."""
     import torchaudio
@@ -835,6 +856,7 @@ def machine_info() -> Dict[str, Any]:
     except ImportError:
         triton_version = None
     return {
+        "load_avg_1m": _load_average(),
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -879,14 +901,15 @@ def evaluate(ratios: Sequence[Ratio], rows: Dict[str, Row], device: str) -> List
     results = []
     infos = {key: row.info for key, row in rows.items()}
     for ratio in ratios:
-        keys = [key for key, _ in ratio.numerator] + [ratio.denominator]
-        if not all(key in rows for key in keys):
+        numerator, denominator = _terms(ratio.numerator), _terms(ratio.denominator)
+        if not all(key in rows for key, _ in numerator + denominator):
             continue
 
-        def value(key: str) -> float:
-            return rows[key].info["saved_mb"] if ratio.metric == "saved" else rows[key].median_ms
+        def value(terms: Tuple[Tuple[str, float], ...]) -> float:
+            metric = (lambda r: r.info["saved_mb"]) if ratio.metric == "saved" else (lambda r: r.median_ms)
+            return sum(weight * metric(rows[key]) for key, weight in terms)
 
-        measured = sum(weight * value(key) for key, weight in ratio.numerator) / value(ratio.denominator)
+        measured = value(numerator) / value(denominator)
         target = ratio.target(infos) if callable(ratio.target) else ratio.target
         met = None if target is None else bool(measured <= target)
         results.append(RatioResult(device, ratio.figure, ratio.name, measured, target, met, ratio.note))
@@ -960,9 +983,10 @@ def format_rows(rows: Sequence[Row]) -> str:
         body.append([
             f"{row.device}:{row.figure}", row.case, f"{row.median_ms:.3f}" if row.median_ms < 10 else f"{row.median_ms:.1f}",
             f"{row.tokens_per_s:,.0f}" if row.tokens_per_s else "",
-            f"{info['active']:.2f}" if "active" in info else "", f"{info['computed']:.2f}" if "computed" in info else "",
+            *(f"{info[key]:.2f}" if key in info else "" for key in ("active", "flops", "computed")),
             phases, f"{info['saved_mb']:.1f}" if "saved_mb" in info else ""])
-    return _table(["figure", "case", "median ms", "tokens/s", "active", "computed", "fwd / bwd ms", "saved MB"], body)
+    return _table(["figure", "case", "median ms", "tokens/s", "active", "flops", "computed", "fwd / bwd ms", "saved MB"],
+                  body)
 
 
 def format_results(results: Sequence[RatioResult]) -> str:
@@ -972,8 +996,8 @@ def format_results(results: Sequence[RatioResult]) -> str:
 
 
 def format_machine(machine: Dict[str, Any]) -> str:
-    return (f"CPU: {machine['cpu']} ({machine['cpu_count']} cores, torch threads {machine['torch_threads']})  "
-            f"GPU: {machine['gpu'] or 'none'}\n"
+    return (f"CPU: {machine['cpu']} ({machine['cpu_count']} cores, torch threads {machine['torch_threads']}, "
+            f"load {machine['load_avg_1m']})  GPU: {machine['gpu'] or 'none'}\n"
             f"torch {machine['torch']}  torchaudio {machine['torchaudio']}  triton {machine['triton']}  "
             f"dynenc {machine['dynenc']} ({machine['dynenc_commit']})  python {machine['python']}")
 
@@ -1024,7 +1048,8 @@ def plot(rows: Sequence[Row], results: Sequence[RatioResult], device: str, path:
             ax.barh(labels, [r.median_ms for r in data], color=[PEER_COLOURS.get(r.peer, "C7") for r in data])
         for i, r in enumerate(data):
             extra = f"  {r.info['saved_mb']:.0f} MB saved" if "saved_mb" in r.info else ""
-            ax.text(r.median_ms, i, f" {r.median_ms:.0f} ms{extra}", va="center", fontsize=7)
+            end = sum(r.phases_ms.values()) if stacked_phases and r.phases_ms else r.median_ms
+            ax.text(end, i, f" {r.median_ms:.0f} ms{extra}", va="center", fontsize=7)
         ax.invert_yaxis()
         ax.tick_params(axis="y", labelsize=7)
         ax.set(title=title, xlabel="ms")
@@ -1036,13 +1061,16 @@ def plot(rows: Sequence[Row], results: Sequence[RatioResult], device: str, path:
 
     exits = by_figure.get("exits", [])
     full_exit = [r.median_ms for r in exits if r.case == "full"]
+    top = 1.0
     for r in exits:
         if full_exit:
-            ax_exit.plot(r.info["active"], r.median_ms / full_exit[0], "o", color="C0")
-            ax_exit.annotate(r.case, (r.info["active"], r.median_ms / full_exit[0]), fontsize=7)
-    ax_exit.plot([0, 1], [0, 1], ":", color="gray")
-    ax_exit.set(title="inference budgets (CTC model)", xlabel="executed fraction", ylabel="time / full",
-                xlim=(0, 1.05), ylim=(0, 1.15))
+            ratio = r.median_ms / full_exit[0]
+            top = max(top, ratio)
+            ax_exit.plot(r.info["active"], ratio, "o", color="C0")
+            ax_exit.annotate(f" {r.case}", (r.info["active"], ratio), fontsize=7)
+    ax_exit.plot([0, 1], [0, 1], ":", color="gray", label="proportional")
+    ax_exit.set(title="inference budgets (CTC model, front-end included)", xlabel="executed fraction of the encoder",
+                ylabel="time / full", xlim=(0, 1.1), ylim=(0, top * 1.1))
 
     op_results = [r for r in results if r.device == device and r.figure == "ops"]
     if op_results:
@@ -1055,7 +1083,7 @@ def plot(rows: Sequence[Row], results: Sequence[RatioResult], device: str, path:
         ax_ops.tick_params(axis="y", labelsize=6)
         for i, r in enumerate(op_results):
             ax_ops.text(r.measured, i, f" {r.measured:.3g}", va="center", fontsize=7)
-    ax_ops.set(title="ops: native / eager time (lower is better)", xlabel="ratio")
+    ax_ops.set(title="ops: native / eager time; routing overhead / layer", xlabel="time ratio (lower is better)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -1074,6 +1102,7 @@ def write_outputs(out_dir: Path, config: BenchConfig, machine: Dict[str, Any], r
             "timing": "median over repeats after warm-up; cases of a figure timed round-robin; forward-only cases "
                       "under torch.inference_mode",
             "active": "fraction of the valid token x layers the outputs depend on",
+            "flops": "estimated FLOPs executed over those of the full-depth packed forward",
             "computed": "token x layers computed over the valid token x layers (padding and discarded work > 1)",
             "saved_mb": "bytes of the distinct storages autograd saves for backward in one forward (parameters "
                         "excluded): the activation memory of a training step",
@@ -1136,9 +1165,14 @@ def run(args: argparse.Namespace) -> int:
     figures = [f for f in FIGURES if f in args.modes]
     machine = machine_info()
     print(format_machine(machine), flush=True)
+    busy = machine["load_avg_1m"] is not None and machine["load_avg_1m"] > 0.5
+    if busy:  # other processes take cores from the worker threads, which then wait on each other
+        print(f"warning: load average {machine['load_avg_1m']} before the run: other processes are busy, "
+              "timings will be noisy", flush=True)
     start = time.perf_counter()
     rows, results = run_benchmarks(config, figures, devices, show_progress=not args.no_progress)
     wall_s = time.perf_counter() - start
+    machine["load_avg_1m_after"] = _load_average()
     paths = write_outputs(args.out, config, machine, rows, results, devices, wall_s)
     print()
     print(f"D={config.dim} L={config.layers} heads={config.heads} ffn={config.ffn_mult * config.dim} "

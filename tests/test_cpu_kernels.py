@@ -223,7 +223,7 @@ def test_varlen_dwconv1d_long_rows():
 
 
 def test_float16_conversions_bit_exact():
-    """The kernels' own float16 <-> float32 conversions (csrc/convert.h) match torch's bit for
+    """The kernels' own float16 <-> float32 conversions (csrc/vectorize.h) match torch's bit for
     bit: every float16 pattern goes through a K = 1 conv, out = 0 + w * x, whose product is
     exact in float32, so only the two conversions (and the rounding back) are tested."""
     x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.float16).reshape(-1, 8)
@@ -271,6 +271,23 @@ def test_varlen_attention(dtype):
         actual = ops.varlen_attention_backward(grad_out, q, k, v, out, lse, cu, max_seqlen, scale)
         for name, a, e in zip(("grad_q", "grad_k", "grad_v"), actual, expected):
             _close(a, e, ATOL[dtype], f"{what} {name}")
+
+
+def test_varlen_attention_long_and_short():
+    """A sequence long enough to get a parallel kernel call of its own, among short ones that
+    are grouped per thread (the unit cases above are all short)."""
+    gen = _gen(11)
+    cu = torch.tensor([0, 3, 303, 303, 310, 311], dtype=torch.int32)
+    q, k, v = (_randn(gen, 311, 2, 16) for _ in range(3))
+    out, lse = ops.varlen_attention(q, k, v, cu, 300, 0.25)
+    _close(out, ref.varlen_attention(q, k, v, cu, 0.25), 1e-5, "out")
+    _close(lse, _logsumexp(q, k, cu, 0.25), 1e-5, "logsumexp")
+    leaves = [_leaf(t) for t in (q, k, v)]
+    grad_out = _randn(gen, 311, 2, 16)
+    expected = _grads(ref.varlen_attention(*leaves, cu, 0.25), leaves, grad_out)
+    actual = ops.varlen_attention_backward(grad_out, q, k, v, out, lse, cu, 300, 0.25)
+    for name, a, e in zip(("grad_q", "grad_k", "grad_v"), actual, expected):
+        _close(a, e, 1e-5, name)
 
 
 @pytest.mark.parametrize("dtype", REDUCED)

@@ -1,9 +1,17 @@
-// Element conversions between a storage dtype and its opmath type, written so that loops over
-// them vectorise. On x86, c10's float <-> Half conversions (outside ATen's own per-CPU builds)
-// are scalar code with branches the vectoriser rejects, which made float16 kernels several
-// times slower than float32; the versions below are c10's algorithm in branchless form and
-// give identical bits. Elsewhere (aarch64 converts in hardware) and for the other dtypes the
-// c10 conversions are used as they are.
+// Helpers that let the kernels' inner loops vectorise well in an extension built for the
+// baseline ISA (torch's build flags carry no -march).
+//
+// DYNENC_MULTIVERSION: on x86-64 Linux with GCC, a function so marked is compiled three times,
+// for x86-64-v4 (AVX-512), x86-64-v3 (AVX2, FMA, F16C) and the SSE2 baseline, and the dynamic
+// loader picks the best one the CPU supports (GNU ifunc). Built as ISO C++ (torch passes
+// -std=c++20), GCC keeps FMA contraction off, so every clone computes bit-identical results.
+//
+// to_opmath / from_opmath: element conversions between a storage dtype and its opmath type. On
+// x86, c10's float <-> Half conversions (outside ATen's own per-CPU builds) are scalar code
+// with branches the vectoriser rejects, which made float16 kernels several times slower than
+// float32; the versions below are c10's algorithm in branchless form and give identical bits.
+// Elsewhere (aarch64 converts in hardware) and for the other dtypes the c10 conversions are
+// used as they are.
 #pragma once
 #include <ATen/OpMathType.h>
 #include <c10/util/Half.h>
@@ -11,6 +19,13 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+
+// The x86-64-v* names need GCC 11; clang does not take them in target_clones.
+#if defined(__x86_64__) && defined(__linux__) && !defined(__clang__) && __GNUC__ >= 11
+#define DYNENC_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define DYNENC_MULTIVERSION
+#endif
 
 namespace dynenc {
 namespace detail {
