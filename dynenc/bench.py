@@ -634,19 +634,26 @@ def _exit_case(make_budget: Callable[[Workload], Budget]) -> Builder:
         features, lengths = w.speech_batch[:2]
         run = _inference(lambda: infer(model, features, lengths, budget), model)
         report = run().report
-        return Prepared(run,
-                        dict(active=report.executed_fraction, computed=report.executed_fraction))
+        return Prepared(run, dict(active=report.executed_fraction, computed=report.executed_fraction))
 
     return build
+
+
+def _front_end(w: Workload) -> Prepared:
+    """The CTC model's convolutional front-end alone: the part no budget can skip."""
+    model = w.ctc_model
+    features, lengths = w.speech_batch[:2]
+    return Prepared(_inference(lambda: model.embed(features, lengths), model))
 
 
 def exit_cases(config: BenchConfig) -> List[Case]:
     """CTC-model inference under budgets: early exit at each fixed exit, CTC-blank frame
     skipping after layer L/2 with 60 % and 80 % of the frames judged blank (spike window 0:
     with random weights the blank frames are scattered at random, so spike extension would
-    keep nearly every frame)."""
+    keep nearly every frame). The front-end alone is timed too: budgets skip encoder work only."""
     layers = config.layers
-    cases = [Case("exits", "full", "dynenc", _exit_case(lambda w: Budget("full")))]
+    cases = [Case("exits", "front-end only", "dynenc", _front_end),
+             Case("exits", "full", "dynenc", _exit_case(lambda w: Budget("full")))]
     for exit_layer in sorted({max(1, layers * q // 4) for q in (1, 2, 3)} - {layers}):
         cases.append(Case("exits", f"early exit @{exit_layer}", "dynenc",
                           _exit_case(lambda w, e=exit_layer: Budget("early_exit", fixed_exit=e))))
@@ -658,9 +665,15 @@ def exit_cases(config: BenchConfig) -> List[Case]:
 
 
 def exit_ratios(config: BenchConfig) -> List[Ratio]:
-    return [Ratio("exits", f"{case.name} / full", ((case.key, 1.0),), "exits/full",
-                  note="informative: compare with the executed fraction")
-            for case in exit_cases(config)[1:]]
+    """Whole model, and the encoder part alone (front-end time subtracted); no targets:
+    compare with the executed fraction (the ``active`` column of the case)."""
+    front, full = "exits/front-end only", "exits/full"
+    ratios = []
+    for case in exit_cases(config)[2:]:
+        ratios.append(Ratio("exits", f"{case.name} / full", case.key, full, note="whole model, front-end included"))
+        ratios.append(Ratio("exits", f"{case.name} / full, encoder only", ((case.key, 1.0), (front, -1.0)),
+                            ((full, 1.0), (front, -1.0)), note="(time - front-end) / (full - front-end)"))
+    return ratios
 
 
 # ------------------------------------------------------------------ op micro-benchmarks
@@ -1005,85 +1018,101 @@ def format_machine(machine: Dict[str, Any]) -> str:
 PEER_COLOURS = {"torchaudio": "C3", "masked": "C1", "dynenc-reference": "C4", "dynenc": "C0", "eager": "C7"}
 
 
+def _plot_proportionality(ax, forward: List[Row]) -> None:
+    for peer, style in (("dynenc", "o-"), ("masked", "s--")):
+        points = sorted((r.info["active"], r.median_ms) for r in forward
+                        if r.peer == peer and "LD" not in r.case and "active" in r.info)
+        if points:
+            ax.plot(*zip(*points), style, color=PEER_COLOURS[peer], label=peer)
+    for r in forward:
+        if r.case == "dynenc f=1.00":
+            ax.plot([0, 1], [0, r.median_ms], ":", color="gray", label="ideal (f x full)")
+        if r.peer == "torchaudio":
+            ax.axhline(r.median_ms, color=PEER_COLOURS["torchaudio"], label="torchaudio (static)")
+    ax.set(title="forward time vs active fraction", xlabel="executed fraction of valid token x layers", ylabel="ms",
+           xlim=(0, 1.05))
+    ax.legend(fontsize=8)
+
+
+def _plot_bars(ax, data: List[Row], title: str) -> None:
+    """Median times; forward and backward stacked for training steps; saved MB noted."""
+    labels = [r.case for r in data]
+    if all("fwd" in r.phases_ms for r in data):
+        fwd = [r.phases_ms["fwd"] for r in data]
+        ax.barh(labels, fwd, label="forward")
+        ax.barh(labels, [r.phases_ms["bwd"] for r in data], left=fwd, label="backward")
+        ax.legend(fontsize=8)
+    else:
+        ax.barh(labels, [r.median_ms for r in data], color=[PEER_COLOURS.get(r.peer, "C7") for r in data])
+    for i, r in enumerate(data):
+        extra = f"  {r.info['saved_mb']:.0f} MB saved" if "saved_mb" in r.info else ""
+        end = sum(r.phases_ms.values()) if r.phases_ms else r.median_ms
+        ax.text(end, i, f" {r.median_ms:.0f} ms{extra}", va="center", fontsize=7)
+    ax.invert_yaxis()
+    ax.tick_params(axis="y", labelsize=7)
+    ax.set(title=title, xlabel="ms")
+    ax.margins(x=0.35)
+
+
+def _plot_exits(ax, exits: List[Row]) -> None:
+    times = {r.case: r.median_ms for r in exits}
+    full, front = times["full"], times.get("front-end only", 0.0)
+    top = 1.0
+    for r in exits:
+        if "active" in r.info:
+            ratio = r.median_ms / full
+            top = max(top, ratio)
+            ax.plot(r.info["active"], ratio, "o", color="C0")
+            ax.annotate(f" {r.case}", (r.info["active"], ratio), fontsize=7)
+    ax.plot([0, 1], [0, 1], ":", color="gray", label="proportional")
+    if front:
+        ax.plot([0, 1], [front / full, 1], "--", color="gray", lw=0.8, label="front-end + proportional encoder")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set(title="inference budgets (CTC model, front-end included)", xlabel="executed fraction of the encoder",
+           ylabel="time / full", xlim=(0, 1.1), ylim=(0, top * 1.1))
+
+
+def _plot_ops(ax, op_results: List[RatioResult]) -> None:
+    labels = [textwrap.fill(r.name, 34) for r in op_results]
+    ax.barh(labels, [r.measured for r in op_results], color=["C2" if r.met is not False else "C3" for r in op_results])
+    ax.axvline(1, color="gray", lw=0.8)
+    ax.set_xscale("log")
+    ax.invert_yaxis()
+    ax.tick_params(axis="y", labelsize=6)
+    for i, r in enumerate(op_results):
+        ax.text(r.measured, i, f" {r.measured:.3g}", va="center", fontsize=7)
+    ax.set(title="ops: native / eager time; routing overhead / layer", xlabel="time ratio (lower is better)")
+
+
 def plot(rows: Sequence[Row], results: Sequence[RatioResult], device: str, path: Path, title: str) -> None:
     """One PNG per device: forward time vs active fraction, padding, training, DLD,
-    inference budgets, op ratios."""
+    inference budgets, op ratios (panels of figures that did not run say so)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in rows if r.device == device]
     by_figure: Dict[str, List[Row]] = {}
     for row in rows:
-        by_figure.setdefault(row.figure, []).append(row)
+        if row.device == device:
+            by_figure.setdefault(row.figure, []).append(row)
+    op_results = [r for r in results if r.device == device and r.figure == "ops"]
     fig, axes = plt.subplots(2, 3, figsize=(17, 9.5))
     fig.suptitle(title, fontsize=9)
-    (ax_prop, ax_pad, ax_train), (ax_dld, ax_exit, ax_ops) = axes
-
-    forward = by_figure.get("forward", [])
-    for peer, style in (("dynenc", "o-"), ("masked", "s--")):
-        points = sorted((r.info["active"], r.median_ms) for r in forward
-                        if r.peer == peer and "LD" not in r.case and "active" in r.info)
-        if points:
-            ax_prop.plot(*zip(*points), style, label=peer)
-    full = [r.median_ms for r in forward if r.case == "dynenc f=1.00"]
-    if full:
-        ax_prop.plot([0, 1], [0, full[0]], ":", color="gray", label="ideal (f x full)")
-    for r in forward:
-        if r.peer == "torchaudio":
-            ax_prop.axhline(r.median_ms, color="C3", label="torchaudio (static)")
-    ax_prop.set(title="forward time vs active fraction", xlabel="executed fraction of valid token x layers",
-                ylabel="ms", xlim=(0, 1.05))
-    ax_prop.legend(fontsize=8)
-
-    def bars(ax, data: List[Row], title: str, stacked_phases: bool = False) -> None:
-        labels = [r.case for r in data]
-        if stacked_phases and all("fwd" in r.phases_ms for r in data):
-            fwd = [r.phases_ms["fwd"] for r in data]
-            ax.barh(labels, fwd, label="forward")
-            ax.barh(labels, [r.phases_ms["bwd"] for r in data], left=fwd, label="backward")
-            ax.legend(fontsize=8)
+    panels = [
+        ("forward", lambda ax: _plot_proportionality(ax, by_figure["forward"])),
+        ("forward", lambda ax: _plot_bars(ax, by_figure["forward"], "forward (padded peers vs packed dynenc)")),
+        ("train", lambda ax: _plot_bars(ax, by_figure["train"], "training step (fwd + bwd)")),
+        ("dld", lambda ax: _plot_bars(ax, by_figure["dld"], "DLD step vs teacher fwd + full student step")),
+        ("exits", lambda ax: _plot_exits(ax, by_figure["exits"])),
+        ("ops", lambda ax: _plot_ops(ax, op_results)),
+    ]
+    for ax, (figure, draw) in zip(axes.flat, panels):
+        if figure in by_figure:
+            draw(ax)
         else:
-            ax.barh(labels, [r.median_ms for r in data], color=[PEER_COLOURS.get(r.peer, "C7") for r in data])
-        for i, r in enumerate(data):
-            extra = f"  {r.info['saved_mb']:.0f} MB saved" if "saved_mb" in r.info else ""
-            end = sum(r.phases_ms.values()) if stacked_phases and r.phases_ms else r.median_ms
-            ax.text(end, i, f" {r.median_ms:.0f} ms{extra}", va="center", fontsize=7)
-        ax.invert_yaxis()
-        ax.tick_params(axis="y", labelsize=7)
-        ax.set(title=title, xlabel="ms")
-        ax.margins(x=0.35)
-
-    bars(ax_pad, forward, "forward (padded peers vs packed dynenc)")
-    bars(ax_train, by_figure.get("train", []), "training step (fwd + bwd)", stacked_phases=True)
-    bars(ax_dld, by_figure.get("dld", []), "DLD step vs teacher fwd + full student", stacked_phases=True)
-
-    exits = by_figure.get("exits", [])
-    full_exit = [r.median_ms for r in exits if r.case == "full"]
-    top = 1.0
-    for r in exits:
-        if full_exit:
-            ratio = r.median_ms / full_exit[0]
-            top = max(top, ratio)
-            ax_exit.plot(r.info["active"], ratio, "o", color="C0")
-            ax_exit.annotate(f" {r.case}", (r.info["active"], ratio), fontsize=7)
-    ax_exit.plot([0, 1], [0, 1], ":", color="gray", label="proportional")
-    ax_exit.set(title="inference budgets (CTC model, front-end included)", xlabel="executed fraction of the encoder",
-                ylabel="time / full", xlim=(0, 1.1), ylim=(0, top * 1.1))
-
-    op_results = [r for r in results if r.device == device and r.figure == "ops"]
-    if op_results:
-        labels = [textwrap.fill(r.name, 34) for r in op_results]
-        ax_ops.barh(labels, [r.measured for r in op_results],
-                    color=["C2" if r.met is not False else "C3" for r in op_results])
-        ax_ops.axvline(1, color="gray", lw=0.8)
-        ax_ops.set_xscale("log")
-        ax_ops.invert_yaxis()
-        ax_ops.tick_params(axis="y", labelsize=6)
-        for i, r in enumerate(op_results):
-            ax_ops.text(r.measured, i, f" {r.measured:.3g}", va="center", fontsize=7)
-    ax_ops.set(title="ops: native / eager time; routing overhead / layer", xlabel="time ratio (lower is better)")
+            ax.set_axis_off()
+            ax.text(0.5, 0.5, f"{figure}: not run", ha="center", va="center", color="gray")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
