@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 TORCH_PINS := torch==2.14.1 torchaudio==2.11.0
 SOURCES := $(wildcard csrc/*.cpp csrc/*.h) setup.py pyproject.toml
 
-.PHONY: install test bench espeak clean
+.PHONY: install test bench espeak recipe clean
 
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,17 @@ test: install espeak
 
 bench: install
 	$(PY) -m dynenc bench
+
+# The speech recipe of docs/results.md: corpus, static teacher, the five dynamic methods
+# fine-tuned from it, then the budget sweep.
+DATA ?= data/speech
+FINETUNE := --epochs 5 --lr 1e-3 --warmup 0.2 --init runs/static/model.pt --teacher runs/static/model.pt
+recipe: install espeak
+	$(PY) -m dynenc data --out-dir $(DATA)
+	$(PY) -m dynenc train --method static --data $(DATA) --epochs 16
+	for method in layer_drop dld selector early_exit blank_skip; do \
+		$(PY) -m dynenc train --method $$method --data $(DATA) $(FINETUNE) || exit 1; done
+	$(PY) -m dynenc eval --data $(DATA) --runs runs --out docs/results
 
 clean:
 	rm -rf build *.egg-info dynenc/_C*.so

@@ -197,6 +197,7 @@ def measure(prepared: Dict[str, Prepared], repeats: int, warmup: int, device: to
             elapsed = (time.perf_counter() - start) / calls[name]
             if round_id >= warmup:
                 timings[name].seconds.append(elapsed)
+                # Training steps (TrainStep) also report their forward / backward split.
                 for phase, seconds in getattr(case.run, "last", {}).items():
                     timings[name].phases.setdefault(phase, []).append(seconds)
             if on_round is not None:
@@ -665,15 +666,12 @@ def exit_cases(config: BenchConfig) -> List[Case]:
 
 
 def exit_ratios(config: BenchConfig) -> List[Ratio]:
-    """Whole model, and the encoder part alone (front-end time subtracted); no targets:
-    compare with the executed fraction (the ``active`` column of the case)."""
-    front, full = "exits/front-end only", "exits/full"
-    ratios = []
-    for case in exit_cases(config)[2:]:
-        ratios.append(Ratio("exits", f"{case.name} / full", case.key, full, note="whole model, front-end included"))
-        ratios.append(Ratio("exits", f"{case.name} / full, encoder only", ((case.key, 1.0), (front, -1.0)),
-                            ((full, 1.0), (front, -1.0)), note="(time - front-end) / (full - front-end)"))
-    return ratios
+    """Whole-model time ratios (no targets: compare with the executed fraction of the
+    encoder, the ``active`` column), and the share of the front-end no budget can skip."""
+    full = "exits/full"
+    ratios = [Ratio("exits", f"{case.name} / full", case.key, full) for case in exit_cases(config)[2:]]
+    return ratios + [Ratio("exits", "front-end only / full", "exits/front-end only", full,
+                           note="the part of an inference that no budget skips")]
 
 
 # ------------------------------------------------------------------ op micro-benchmarks
@@ -858,6 +856,26 @@ def _load_average() -> Optional[float]:
         return None
 
 
+def _cpu_busy(seconds: float = 0.5) -> Optional[float]:
+    """Fraction of all CPUs' time spent busy over ``seconds`` (Linux ``/proc/stat``).
+
+    Sampled while this process is idle, it measures the other processes: unlike the load
+    average it does not lag behind by a minute."""
+
+    def sample() -> Tuple[int, int]:
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = values[3] + values[4]  # idle + iowait
+        return sum(values) - idle, sum(values)
+
+    try:
+        busy0, total0 = sample()
+        time.sleep(seconds)
+        busy1, total1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return round((busy1 - busy0) / max(total1 - total0, 1), 3)
+
+
 def machine_info() -> Dict[str, Any]:
     """CPU model and threads, GPU if any, library versions, dynenc commit."""
     import torchaudio
@@ -869,6 +887,7 @@ def machine_info() -> Dict[str, Any]:
     except ImportError:
         triton_version = None
     return {
+        "cpu_busy_before": _cpu_busy(),
         "load_avg_1m": _load_average(),
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
@@ -1009,8 +1028,10 @@ def format_results(results: Sequence[RatioResult]) -> str:
 
 
 def format_machine(machine: Dict[str, Any]) -> str:
-    return (f"CPU: {machine['cpu']} ({machine['cpu_count']} cores, torch threads {machine['torch_threads']}, "
-            f"load {machine['load_avg_1m']})  GPU: {machine['gpu'] or 'none'}\n"
+    busy = machine["cpu_busy_before"]
+    return (f"CPU: {machine['cpu']} ({machine['cpu_count']} cores, torch threads {machine['torch_threads']}; "
+            f"busy before the run {'?' if busy is None else f'{busy:.0%}'}, load {machine['load_avg_1m']})  "
+            f"GPU: {machine['gpu'] or 'none'}\n"
             f"torch {machine['torch']}  torchaudio {machine['torchaudio']}  triton {machine['triton']}  "
             f"dynenc {machine['dynenc']} ({machine['dynenc_commit']})  python {machine['python']}")
 
@@ -1194,14 +1215,14 @@ def run(args: argparse.Namespace) -> int:
     figures = [f for f in FIGURES if f in args.modes]
     machine = machine_info()
     print(format_machine(machine), flush=True)
-    busy = machine["load_avg_1m"] is not None and machine["load_avg_1m"] > 0.5
-    if busy:  # other processes take cores from the worker threads, which then wait on each other
-        print(f"warning: load average {machine['load_avg_1m']} before the run: other processes are busy, "
-              "timings will be noisy", flush=True)
+    busy = machine["cpu_busy_before"]
+    if busy is not None and busy > 0.2:  # others take cores from the worker threads, which then wait on each other
+        print(f"warning: other processes kept the CPUs {busy:.0%} busy before the run: timings will be noisy",
+              flush=True)
     start = time.perf_counter()
     rows, results = run_benchmarks(config, figures, devices, show_progress=not args.no_progress)
     wall_s = time.perf_counter() - start
-    machine["load_avg_1m_after"] = _load_average()
+    machine["load_avg_1m_after"] = _load_average()  # includes this run's own threads
     paths = write_outputs(args.out, config, machine, rows, results, devices, wall_s)
     print()
     print(f"D={config.dim} L={config.layers} heads={config.heads} ffn={config.ffn_mult * config.dim} "

@@ -65,6 +65,25 @@ def test_depths_for_fraction_hits_the_token_fraction():
     assert (mask.sum(1) == 4).all() and not (mask == mask[0]).all()
 
 
+def test_peers_compute_the_same_function():
+    """The benchmark compares equal work: on equal lengths (no padding to leak) the masked
+    torchaudio peer equals dynenc with the same per-sample depths, and torchaudio equals
+    dynenc at full depth."""
+    import dataclasses
+
+    import torch
+
+    config = dataclasses.replace(bench.QUICK, min_length=1.0)
+    workload = bench.Workload(config, torch.device("cpu"))
+    static, dynamic = workload.models
+    x, lengths = workload.input
+    depth = workload.depth(0.5)
+    with torch.inference_mode():
+        masked = bench.masked_forward(static, x, lengths, bench.depth_mask(depth, config.layers))
+        torch.testing.assert_close(dynamic(x, lengths, depth=depth)[0], masked, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(dynamic(x, lengths)[0], static(x, lengths)[0], atol=1e-5, rtol=1e-5)
+
+
 def test_profile_prints_dynenc_ops_and_writes_trace(tmp_path, capsys):
     trace = tmp_path / "trace.json"
     assert main(["profile", "--dim", "32", "--heads", "2", "--layers", "2", "--batch", "4", "--frames", "16",
