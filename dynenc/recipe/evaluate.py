@@ -120,6 +120,7 @@ def sweep(runs: Path, data_dir: Path, method_names: Sequence[str], beam_size: in
         model, payload = load_checkpoint(checkpoint)
         rows = []
         for label, budget in tqdm(budgets_for(method, model), desc=f"eval {method}", disable=not progress):
+            torch.manual_seed(0)  # the random-subset budgets draw the same masks every run
             row = {"budget": label, **decode_split(model, test, tokenizer, budget, timing_repeats=timing_repeats)}
             if beam is not None and label in ("full", "n=%d" % model.config.num_layers, "exit=%d" % model.config.num_layers):
                 row["wer_beam"] = decode_split(model, test, tokenizer, budget, beam=beam)["wer"]
