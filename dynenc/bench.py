@@ -959,9 +959,10 @@ def run_figure(figure: str, config: BenchConfig, workload: Workload, progress=No
     rounds = config.warmup + config.repeats
 
     def on_round(key: str) -> None:
-        if progress is not None:
+        if progress is not None:  # n counts cases: one timed round of a case is 1 / rounds of it
             progress.set_postfix_str(f"{workload.device.type} {key}", refresh=False)
-            progress.update(1 / rounds)
+            progress.n = (round(progress.n * rounds) + 1) / rounds  # recomputed: float sums would drift
+            progress.refresh()
 
     timings = measure(prepared, config.repeats, config.warmup, workload.device,
                       config.op_min_time if figure == "ops" else 0.0, on_round)
