@@ -143,10 +143,29 @@ def _saved(ctx):
     return [next(tensors) if is_tensor else next(others) for is_tensor in ctx.is_tensor]
 
 
+def _gated_scatter_setup(ctx, inputs, output):
+    x, y, gate, index = inputs
+    ctx.num_active = y.shape[0]
+    if gate is None:
+        # A hard gate needs neither x nor y in backward: keep only the index (saves 2 buffers
+        # per layer of activation memory in layer-dropping training).
+        ctx.save_for_backward(index)
+        ctx.hard = True
+    else:
+        _save_inputs(ctx, inputs, output)
+        ctx.hard = False
+
+
 def _gated_scatter_backward(ctx, grad_out):
+    if ctx.hard:
+        (index,) = ctx.saved_tensors
+        grad_y = grad_out[: ctx.num_active] if index is None else torch.ops.dynenc.gather_rows(grad_out, index)
+        # grad_x = grad_out with the replaced rows zeroed: the same fused op with y = 0.
+        zeros = grad_out.new_zeros(ctx.num_active, grad_out.shape[1])
+        return torch.ops.dynenc.gated_residual_scatter(grad_out, zeros, None, index), grad_y, None, None
     x, y, gate, index = _saved(ctx)
     grad_x, grad_y, grad_gate = torch.ops.dynenc.gated_residual_scatter_backward(grad_out, x, y, gate, index)
-    return grad_x, grad_y, (grad_gate if gate is not None else None), None
+    return grad_x, grad_y, grad_gate, None
 
 
 def _gather_setup(ctx, inputs, output):
@@ -191,7 +210,8 @@ def _attention_backward(ctx, grad_out, _grad_logsumexp):
     return (*grads, None, None, None)
 
 
-torch.library.register_autograd("dynenc::gated_residual_scatter", _gated_scatter_backward, setup_context=_save_inputs)
+torch.library.register_autograd("dynenc::gated_residual_scatter", _gated_scatter_backward,
+                                setup_context=_gated_scatter_setup)
 torch.library.register_autograd("dynenc::gather_rows", _gather_backward, setup_context=_gather_setup)
 torch.library.register_autograd("dynenc::scatter_rows", _scatter_backward, setup_context=_scatter_setup)
 torch.library.register_autograd("dynenc::varlen_dwconv1d", _dwconv_backward, setup_context=_save_inputs)
