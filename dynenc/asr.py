@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .model import DynamicConformer, EncoderOutput
+from .routing import valid_frames
 
 
 class Conv2dSubsampling(nn.Module):
@@ -132,7 +133,7 @@ def ctc_loss(log_probs: Tensor, lengths: Tensor, targets: Tensor, target_lengths
 
 def masked_mean(values: Tensor, lengths: Tensor) -> Tensor:
     """Mean of ``values [B, T]`` over valid frames."""
-    valid = torch.arange(values.shape[1], device=values.device)[None, :] < lengths[:, None]
+    valid = valid_frames(lengths, values.shape[1])
     return (values * valid).sum() / valid.sum().clamp_min(1)
 
 

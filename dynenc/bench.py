@@ -40,7 +40,7 @@ from dynenc import ops, reference
 from dynenc.asr import CTCModel, ModelConfig, ctc_loss, distillation_kl
 from dynenc.methods import Budget, DLDObjective, infer
 from dynenc.model import DynamicConformer, DynamicConformerLayer
-from dynenc.routing import Schedule, pack
+from dynenc.routing import Schedule, pack, valid_frames
 
 FIGURES = ("forward", "train", "dld", "exits", "ops")
 
@@ -251,7 +251,7 @@ def layer_drop_mask(batch: int, num_layers: int, fraction: float, generator: tor
 
 def padding_mask(lengths: Tensor, frames: int) -> Tensor:
     """bool ``[B, T]``, True at pads (torchaudio's ``key_padding_mask``)."""
-    return torch.arange(frames, device=lengths.device)[None, :] >= lengths[:, None]
+    return ~valid_frames(lengths, frames)
 
 
 def masked_forward(conformer: nn.Module, input: Tensor, lengths: Tensor, layer_mask: Tensor) -> Tensor:

@@ -274,19 +274,25 @@ class DynamicConformer(nn.Module):
         if gates is not None and (tuple(gates.shape) != (batch_size, self.num_layers) or not gates.is_floating_point()):
             raise ValueError(f"gates must be a float tensor of shape ({batch_size}, {self.num_layers}), got "
                              f"{gates.dtype} {tuple(gates.shape)}")
-        self._check_range("lengths", lengths, 1, max_frames, "T")
+        ranges = [("lengths", lengths, 1, max_frames, "T")]
         if depth is not None:
-            self._check_range("depth", depth, 0, self.num_layers, "num_layers")
+            ranges.append(("depth", depth, 0, self.num_layers, "num_layers"))
+        self._check_ranges(ranges)
 
     @staticmethod
-    def _check_range(name: str, values: Tensor, low: int, high: int, high_name: str) -> None:
+    def _check_ranges(ranges: List[Tuple[str, Tensor, int, int, str]]) -> None:
+        """``low <= values <= high`` for each ``(name, values, low, high, high_name)``, with one
+        host sync for all of them."""
         if torch.compiler.is_compiling():  # data-dependent: becomes a runtime assertion
-            torch._check(bool((values >= low).all() & (values <= high).all()),
-                         lambda: f"{name} must lie in [{low}, {high_name}={high}]")
+            for name, values, low, high, high_name in ranges:
+                torch._check(bool((values >= low).all() & (values <= high).all()),
+                             lambda message=f"{name} must lie in [{low}, {high_name}={high}]": message)
             return
-        lo, hi = torch.stack([values.min(), values.max()]).tolist()
-        if lo < low or hi > high:
-            raise ValueError(f"{name} must lie in [{low}, {high_name}={high}], got min {lo} max {hi}")
+        found = torch.stack([e.to(torch.int64) for _, values, _, _, _ in ranges
+                             for e in (values.min(), values.max())]).tolist()
+        for (name, _, low, high, high_name), lo, hi in zip(ranges, found[::2], found[1::2]):
+            if lo < low or hi > high:
+                raise ValueError(f"{name} must lie in [{low}, {high_name}={high}], got min {lo} max {hi}")
 
     # ------------------------------------------------------------------ forward
     def forward(self, input: Tensor, lengths: Tensor, *, layer_mask: Optional[Tensor] = None,

@@ -22,6 +22,11 @@ from torch.fx.experimental.symbolic_shapes import guard_or_false
 from . import ops
 
 
+def valid_frames(lengths: Tensor, num_frames: int) -> Tensor:
+    """bool ``[B, T]``: True at the first ``lengths[b]`` frames of each sample (False at pads)."""
+    return torch.arange(num_frames, device=lengths.device)[None, :] < lengths[:, None]
+
+
 @dataclass
 class VarlenBatch:
     """A packed (sub-)batch: rows ``[num_rows, D]`` split by ``cu_seqlens`` (int32 ``[B + 1]``).
@@ -156,17 +161,15 @@ class Schedule:
         full = self.batch
         layers = range(start, self.num_layers)
         if self.depth is None:
-            active_seqs = [full.cu_seqlens.numel() - 1] * len(layers)
+            counts = [(full.cu_seqlens.numel() - 1, full.num_rows)] * len(layers)
         else:
             thresholds = torch.arange(start, self.num_layers, device=self.depth.device)
             active_seqs = (self.depth.unsqueeze(0) > thresholds.unsqueeze(1)).sum(1)
             rows = full.cu_seqlens.long().index_select(0, active_seqs)
-            active_seqs = active_seqs.tolist()
-            row_counts = rows.tolist()
+            counts = torch.stack([active_seqs, rows], 1).tolist()  # one host sync for every layer
         routes = []
-        for i, layer in enumerate(layers):
-            num_rows = full.num_rows if self.depth is None else row_counts[i]
-            sub = VarlenBatch(full.cu_seqlens[: active_seqs[i] + 1], full.max_seqlen, num_rows)
+        for layer, (num_seqs, num_rows) in zip(layers, counts):
+            sub = VarlenBatch(full.cu_seqlens[: num_seqs + 1], full.max_seqlen, num_rows)
             seq_ids = full.seq_ids[:num_rows]
             sub._seq_ids = seq_ids
             routes.append(LayerRoute(None, sub, self._gate(layer, seq_ids)))

@@ -7,6 +7,8 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from ..routing import valid_frames
+
 
 class LayerSelector(nn.Module):
     """``[B, T, D]`` inputs + lengths -> ``[B, L]`` layer logits.
@@ -19,7 +21,7 @@ class LayerSelector(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(2 * dim, hidden), nn.ReLU(), nn.Linear(hidden, num_layers))
 
     def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
-        valid = (torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]).unsqueeze(-1).to(x.dtype)
+        valid = valid_frames(lengths, x.shape[1]).unsqueeze(-1).to(x.dtype)
         count = valid.sum(1).clamp_min(1)
         mean = (x * valid).sum(1) / count
         var = (((x - mean.unsqueeze(1)) ** 2) * valid).sum(1) / count
