@@ -32,14 +32,15 @@ test: install espeak
 bench: install
 	$(PY) -m dynenc bench
 
-# The speech recipe of docs/results.md: corpus, static teacher, the five dynamic methods
-# fine-tuned from it, then the budget sweep.
+# The speech recipe of docs/results.md: corpus, static teacher, every other registered
+# method (`python -m dynenc.methods` lists them) fine-tuned from it, then the budget sweep.
 DATA ?= data/speech
 FINETUNE := --epochs 5 --lr 1e-3 --warmup 0.2 --init runs/static/model.pt --teacher runs/static/model.pt
 recipe: install espeak
 	$(PY) -m dynenc data --out-dir $(DATA)
 	$(PY) -m dynenc train --method static --data $(DATA) --epochs 16
-	for method in layer_drop dld selector early_exit blank_skip; do \
+	methods=$$($(PY) -m dynenc.methods) || exit 1; \
+	for method in $$methods; do [ $$method = static ] && continue; \
 		$(PY) -m dynenc train --method $$method --data $(DATA) $(FINETUNE) || exit 1; done
 	$(PY) -m dynenc eval --data $(DATA) --runs runs --out docs/results
 

@@ -1,13 +1,16 @@
 """Builds dynenc with its C++ CPU backend ``dynenc._C`` (from csrc/) and maps kernels/ to
-``dynenc.kernels``. Install with ``pip install --no-build-isolation -e .`` (torch first)."""
+``dynenc.kernels`` and bench/ to ``dynenc.bench``. Install with
+``pip install --no-build-isolation -e .`` (torch first)."""
 import glob
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 setup(
-    packages=["dynenc", "dynenc.methods", "dynenc.recipe", "dynenc.kernels"],
-    package_dir={"dynenc": "dynenc", "dynenc.kernels": "kernels"},
+    # Every subpackage of dynenc/ is found; kernels/ and bench/ (with its subpackages) are mapped in by hand.
+    packages=find_packages(include=["dynenc", "dynenc.*"]) + ["dynenc.kernels", "dynenc.bench"]
+    + [f"dynenc.bench.{name}" for name in find_packages("bench")],
+    package_dir={"dynenc": "dynenc", "dynenc.kernels": "kernels", "dynenc.bench": "bench"},
     ext_modules=[
         CppExtension(
             "dynenc._C",

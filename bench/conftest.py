@@ -1,5 +1,5 @@
-"""pytest-benchmark suites over the cases of ``dynenc bench`` (defined once, in
-:mod:`dynenc.bench`).
+"""pytest-benchmark suites over the cases of ``dynenc bench`` (defined once, in this
+package's :mod:`.figures`).
 
 Run: ``.venv/bin/python -m pytest bench/ --benchmark-only [--benchmark-json out.json]``.
 Options: ``--bench-quick`` (tiny sizes, a smoke run), ``--bench-device cuda``.
@@ -9,7 +9,8 @@ becomes one benchmark, grouped by figure, with the case's facts in ``extra_info`
 import pytest
 import torch
 
-from dynenc.bench import QUICK, BenchConfig, Workload, all_cases, synchronize
+# Relative: pytest imports this directory as the package ``bench``, which needs no install.
+from . import QUICK, BenchConfig, Workload, all_cases, synchronize
 
 
 def pytest_addoption(parser):
@@ -25,7 +26,7 @@ def _config(pytest_config) -> BenchConfig:
 def pytest_generate_tests(metafunc):
     if "case" in metafunc.fixturenames:
         cases = all_cases(_config(metafunc.config), metafunc.module.FIGURES)
-        metafunc.parametrize("case", cases, ids=[case.key for case in cases])
+        metafunc.parametrize("case", [pytest.param(case, id=case.key) for case in cases])
 
 
 @pytest.fixture(scope="session")

@@ -6,8 +6,9 @@
 #include <ATen/ops/_scaled_dot_product_flash_attention_for_cpu_backward.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
+#include <torch/library.h>
+
 #include "checks.h"
-#include "ops.h"
 
 namespace dynenc {
 namespace {
@@ -74,11 +75,17 @@ std::vector<int32_t> check_qkv(const at::Tensor& q, const at::Tensor& k, const a
   check_like(v, q, op, "v", "q");
   check_shape(k, q.sizes(), op, "k");
   check_shape(v, q.sizes(), op, "v");
-  // max_seqlen sizes the GPU launch grid; the CPU path needs only cu_seqlens.
-  TORCH_CHECK(max_seqlen >= 0, op, ": max_seqlen must be >= 0, got ", max_seqlen);
+  TORCH_CHECK_VALUE(q.size(1) >= 1 && q.size(2) >= 1, op,
+                    ": q must have at least one head and head_dim >= 1, got shape ", q.sizes());
   const at::Tensor cu = check_cu_seqlens(cu_seqlens, q.size(0), q, op);
   const int32_t* p = cu.const_data_ptr<int32_t>();
-  return std::vector<int32_t>(p, p + cu.numel());
+  std::vector<int32_t> bounds(p, p + cu.numel());
+  // max_seqlen sizes the GPU launch grid; it is checked here too so both backends agree.
+  int64_t longest = 0;
+  for (size_t b = 1; b < bounds.size(); ++b) longest = std::max<int64_t>(longest, bounds[b] - bounds[b - 1]);
+  TORCH_CHECK_VALUE(max_seqlen >= longest, op, ": max_seqlen must be >= the longest sequence (", longest,
+                    "), got ", max_seqlen);
+  return bounds;
 }
 
 }  // namespace
@@ -109,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_backward(
   check_shape(grad_out, q.sizes(), op, "grad_out");
   check_like(out, q, op, "out", "q");
   check_shape(out, q.sizes(), op, "out");
-  TORCH_CHECK(logsumexp.scalar_type() == at::kFloat, op, ": logsumexp must be float32, got ",
+  TORCH_CHECK_TYPE(logsumexp.scalar_type() == at::kFloat, op, ": logsumexp must be float32, got ",
               logsumexp.scalar_type());
   check_shape(logsumexp, {q.size(0), q.size(1)}, op, "logsumexp");
   // The float64 kernel reads a float64 logsumexp; widening the stored float32 one would cost
@@ -134,3 +141,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_backward(
 }
 
 }  // namespace dynenc
+
+// Schemas and CPU kernels of the attention ops (the op table: dynenc/ops/registry.py).
+TORCH_LIBRARY_FRAGMENT(dynenc, m) {
+  m.def("varlen_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, int max_seqlen, float scale)"
+        " -> (Tensor, Tensor)");
+  m.def("varlen_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out,"
+        " Tensor logsumexp, Tensor cu_seqlens, int max_seqlen, float scale) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(dynenc, CPU, m) {
+  m.impl("varlen_attention", &dynenc::varlen_attention);
+  m.impl("varlen_attention_backward", &dynenc::varlen_attention_backward);
+}

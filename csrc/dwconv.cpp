@@ -12,9 +12,10 @@
 #include <type_traits>
 #include <vector>
 
+#include <torch/library.h>
+
 #include "checks.h"
 #include "vectorize.h"
-#include "ops.h"
 
 namespace dynenc {
 namespace {
@@ -118,9 +119,9 @@ at::Tensor check_conv_args(const at::Tensor& x, const at::Tensor& cu_seqlens, co
   check_floating(x, op, "x");
   check_rank(weight, 2, op, "weight");
   check_like(weight, x, op, "weight", "x");
-  TORCH_CHECK(weight.size(0) == x.size(1), op, ": weight must be [C, K] with C = ", x.size(1),
+  TORCH_CHECK_VALUE(weight.size(0) == x.size(1), op, ": weight must be [C, K] with C = ", x.size(1),
               " channels of x, got shape ", weight.sizes());
-  TORCH_CHECK(weight.size(1) % 2 == 1, op, ": weight must be [C, K] with an odd kernel size K, got K = ",
+  TORCH_CHECK_VALUE(weight.size(1) % 2 == 1, op, ": weight must be [C, K] with an odd kernel size K, got K = ",
               weight.size(1));
   return check_cu_seqlens(cu_seqlens, x.size(0), x, op);
 }
@@ -214,3 +215,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_dwconv1d_backward(const at
 }
 
 }  // namespace dynenc
+
+// Schemas and CPU kernels of the depthwise conv ops (the op table: dynenc/ops/registry.py).
+TORCH_LIBRARY_FRAGMENT(dynenc, m) {
+  m.def("varlen_dwconv1d(Tensor x, Tensor cu_seqlens, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("varlen_dwconv1d_backward(Tensor grad_out, Tensor x, Tensor cu_seqlens, Tensor weight)"
+        " -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(dynenc, CPU, m) {
+  m.impl("varlen_dwconv1d", &dynenc::varlen_dwconv1d);
+  m.impl("varlen_dwconv1d_backward", &dynenc::varlen_dwconv1d_backward);
+}

@@ -2,14 +2,15 @@
 // from a [L, N] row mask. Layers are independent, so both passes run in parallel over layers
 // with a sequential scan inside each: one to count (per sequence, hence per layer), and after
 // an O(L) prefix sum for the layer offsets, one to write the row numbers.
+#include <torch/library.h>
+
 #include "checks.h"
-#include "ops.h"
 
 namespace dynenc {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> build_plan(const at::Tensor& row_mask, const at::Tensor& cu_seqlens) {
   constexpr const char* op = "build_plan";
-  TORCH_CHECK(row_mask.scalar_type() == at::kBool, op, ": row_mask must be bool, got ", row_mask.scalar_type());
+  TORCH_CHECK_TYPE(row_mask.scalar_type() == at::kBool, op, ": row_mask must be bool, got ", row_mask.scalar_type());
   check_rank(row_mask, 2, op, "row_mask");
   const int64_t L = row_mask.size(0), N = row_mask.size(1);
   const at::Tensor cu = check_cu_seqlens(cu_seqlens, N, row_mask, op);
@@ -55,3 +56,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> build_plan(const at::Tensor& row_
 }
 
 }  // namespace dynenc
+
+// Schema and CPU kernel of the plan op (the op table: dynenc/ops/registry.py).
+TORCH_LIBRARY_FRAGMENT(dynenc, m) {
+  m.def("build_plan(Tensor row_mask, Tensor cu_seqlens) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(dynenc, CPU, m) {
+  m.impl("build_plan", &dynenc::build_plan);
+}

@@ -8,9 +8,10 @@
 
 #include <cstring>
 
+#include <torch/library.h>
+
 #include "checks.h"
 #include "vectorize.h"
-#include "ops.h"
 
 namespace dynenc {
 namespace {
@@ -29,12 +30,12 @@ ActiveRows active_rows(const std::optional<at::Tensor>& index, int64_t num_activ
   rows.num_active = num_active;
   rows.num_rows = num_rows;
   if (!index) {
-    TORCH_CHECK(num_active <= num_rows, op, ": y has ", num_active, " rows but the output only ", num_rows,
+    TORCH_CHECK_VALUE(num_active <= num_rows, op, ": y has ", num_active, " rows but the output only ", num_rows,
                 " (with index=None, y holds rows 0..M-1)");
     return rows;
   }
   const at::Tensor idx = check_index(*index, num_rows, ref, op);
-  TORCH_CHECK(idx.numel() == num_active, op, ": index has ", idx.numel(), " entries but y has ", num_active,
+  TORCH_CHECK_VALUE(idx.numel() == num_active, op, ": index has ", idx.numel(), " entries but y has ", num_active,
               " rows");
   rows.indexed = true;
   rows.slot = index_slots(idx, num_rows, op);
@@ -93,7 +94,7 @@ void check_rows_pair(const at::Tensor& x, const at::Tensor& y, const char* op) {
   check_rank(y, 2, op, "y");
   check_floating(x, op, "x");
   check_like(y, x, op, "y", "x");
-  TORCH_CHECK(y.size(1) == x.size(1), op, ": y must have x's ", x.size(1), " columns, got shape ", y.sizes());
+  TORCH_CHECK_VALUE(y.size(1) == x.size(1), op, ": y must have x's ", x.size(1), " columns, got shape ", y.sizes());
 }
 
 // The gate as a contiguous [M] tensor of x's dtype (the reference casts it to y.dtype before
@@ -102,7 +103,7 @@ at::Tensor prepare_gate(const std::optional<at::Tensor>& gate, int64_t num_activ
                         const char* op) {
   if (!gate) return at::Tensor();
   check_floating(*gate, op, "gate");
-  TORCH_CHECK(gate->device() == x.device(), op, ": gate is on ", gate->device(), " but x is on ", x.device());
+  TORCH_CHECK_VALUE(gate->device() == x.device(), op, ": gate is on ", gate->device(), " but x is on ", x.device());
   check_shape(*gate, {num_active}, op, "gate");
   return gate->to(x.scalar_type()).contiguous();
 }
@@ -253,7 +254,7 @@ at::Tensor gather_rows(const at::Tensor& x, const at::Tensor& index) {
 at::Tensor scatter_rows(const at::Tensor& y, const at::Tensor& index, int64_t num_rows) {
   constexpr const char* op = "scatter_rows";
   check_rank(y, 2, op, "y");
-  TORCH_CHECK(num_rows >= 0, op, ": num_rows must be >= 0, got ", num_rows);
+  TORCH_CHECK_VALUE(num_rows >= 0, op, ": num_rows must be >= 0, got ", num_rows);
   const int64_t D = y.size(1);
   const ActiveRows rows = active_rows(index, y.size(0), num_rows, y, op);
   const at::Tensor yc = y.contiguous();
@@ -269,3 +270,19 @@ at::Tensor scatter_rows(const at::Tensor& y, const at::Tensor& index, int64_t nu
 }
 
 }  // namespace dynenc
+
+// Schemas and CPU kernels of the row ops (the op table: dynenc/ops/registry.py).
+TORCH_LIBRARY_FRAGMENT(dynenc, m) {
+  m.def("gated_residual_scatter(Tensor x, Tensor y, Tensor? gate, Tensor? index) -> Tensor");
+  m.def("gated_residual_scatter_backward(Tensor grad_out, Tensor x, Tensor y, Tensor? gate, Tensor? index)"
+        " -> (Tensor, Tensor, Tensor)");
+  m.def("gather_rows(Tensor x, Tensor index) -> Tensor");
+  m.def("scatter_rows(Tensor y, Tensor index, SymInt num_rows) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(dynenc, CPU, m) {
+  m.impl("gated_residual_scatter", &dynenc::gated_residual_scatter);
+  m.impl("gated_residual_scatter_backward", &dynenc::gated_residual_scatter_backward);
+  m.impl("gather_rows", &dynenc::gather_rows);
+  m.impl("scatter_rows", &dynenc::scatter_rows);
+}

@@ -1,12 +1,12 @@
 """dynenc: a dynamic-depth Conformer encoder with ragged per-sample / per-frame depth.
 
-Layout: ``dynenc.ops`` (the op registry; C++ ``dynenc._C`` on CPU, Triton ``dynenc.kernels``
-on CUDA, ``dynenc.reference`` as the oracle), ``dynenc.routing`` (packing, routing plans),
-``dynenc.model`` (``DynamicConformer``).
+Layout: ``dynenc.ops`` (the op registry: one module per op with its plain-PyTorch reference;
+C++ ``dynenc._C`` on CPU, Triton ``dynenc.kernels`` on CUDA), ``dynenc.routing`` (packing,
+routing plans), ``dynenc.model`` (``DynamicConformer``); docs/architecture.md has the map.
 """
 import torch  # noqa: F401  (the C++ extension needs torch's symbols loaded first)
 
-from . import ops, reference, routing
+from . import ops, routing
 from .model import DynamicConformer, DynamicConformerLayer, EncoderOutput, ExecutedWork
 from .ops import current_backend, use_backend
 from .routing import LayerRoute, PackedBatch, Schedule, VarlenBatch, pack
@@ -25,7 +25,6 @@ __all__ = [
     "current_backend",
     "ops",
     "pack",
-    "reference",
     "routing",
     "use_backend",
 ]

@@ -10,7 +10,7 @@ import sys
 from typing import List, Optional
 
 COMMANDS = {
-    "bench": ("dynenc.bench", "benchmark dynenc against its peers (the README's main job)"),
+    "bench": ("dynenc.bench.cli", "benchmark dynenc against its peers (the README's main job)"),
     "profile": ("dynenc.profiling", "run a forward/backward under torch.profiler and write a Chrome trace"),
     "data": ("dynenc.recipe.data", "synthesise the espeak-ng speech corpus"),
     "train": ("dynenc.recipe.train", "train a CTC model with one of the dynamic-depth methods"),
@@ -28,8 +28,27 @@ def main(argv: Optional[List[str]] = None) -> int:
     args, rest = parser.parse_known_args(argv)
     module = importlib.import_module(args._module)
     sub = argparse.ArgumentParser(prog=f"dynenc {args.command}", description=COMMANDS[args.command][1])
+    sub.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     module.add_arguments(sub)
-    return int(module.run(sub.parse_args(rest)) or 0)
+    command_args = sub.parse_args(rest)
+    try:
+        return int(module.run(command_args) or 0)
+    except USER_ERRORS as error:
+        if command_args.debug:
+            raise
+        # A user error is one line, like argparse's own: what went wrong and how to fix it.
+        sub.exit(2, f"{sub.prog}: error: {_one_line(error)}\n")
+
+
+#: Exceptions that mean bad input (flags, files, configs, data), not a bug: printed as one line.
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def _one_line(error: BaseException) -> str:
+    message = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, OSError) and error.filename is not None and str(error.filename) not in message:
+        message = f"{message}: {error.filename}"
+    return message
 
 
 if __name__ == "__main__":

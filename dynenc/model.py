@@ -8,15 +8,15 @@ dropped frames are never computed.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import List, Optional, Protocol, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Protocol, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 
-from . import ops
+from . import ops, validation
 from .routing import LayerRoute, PackedBatch, Schedule, VarlenBatch, pack, row_depth
 
 
@@ -46,8 +46,7 @@ def varlen_group_norm(x: Tensor, batch: VarlenBatch, norm: nn.GroupNorm) -> Tens
     """
     count = (batch.lengths * x.shape[1]).clamp_min(1).to(x.dtype).unsqueeze(1)
     seq_ids = batch.seq_ids
-    num_seqs = batch.cu_seqlens.numel() - 1
-    sums = x.new_zeros(num_seqs, 2).index_add_(0, seq_ids, torch.stack([x.sum(1), (x * x).sum(1)], 1))
+    sums = x.new_zeros(batch.num_seqs, 2).index_add_(0, seq_ids, torch.stack([x.sum(1), (x * x).sum(1)], 1))
     mean = sums[:, :1] / count
     var = (sums[:, 1:] / count - mean * mean).clamp_min(0)
     inv_std = torch.rsqrt(var + norm.eps)
@@ -60,6 +59,10 @@ def batch_norm_rows(x: Tensor, norm: nn.BatchNorm1d) -> Tensor:
     mode the affine form is written out (``F.batch_norm`` guards on N > 0, which
     torch.compile cannot decide for a data-dependent N)."""
     if norm.training or norm.running_mean is None:
+        if guard_or_false(x.shape[0] == 1) and norm.training:
+            raise ValueError("BatchNorm1d in training needs more than one active frame in a layer, got one (a layer "
+                             "that runs on a single one-frame sample); drop that mask, use use_group_norm=True, "
+                             "or run in eval mode")
         return norm(x)
     scale = torch.rsqrt(norm.running_var + norm.eps) * norm.weight
     return (x - norm.running_mean) * scale + norm.bias
@@ -167,8 +170,10 @@ class ExecutedWork:
 @dataclass
 class EncoderOutput:
     """``output [B, T, D]`` (pads zero), ``lengths [B]``, the executed-work report, the route
-    every layer executed, the packing, and (when asked) the packed rows ``[N, D]`` after each
-    layer (for methods that need per-layer details)."""
+    every layer executed, the packing, (when asked) the packed rows ``[N, D]`` after each
+    layer (for methods that need per-layer details), and the routing policy's decisions:
+    ``decisions[l]`` is what ``policy.decide`` returned after 0-based layer ``l`` (in packed
+    order; ``packed`` maps it back to samples)."""
 
     output: Tensor
     lengths: Tensor
@@ -176,15 +181,25 @@ class EncoderOutput:
     routes: List[Optional[LayerRoute]]
     packed: PackedBatch
     hidden: Optional[List[Tensor]] = None
+    decisions: Dict[int, Any] = field(default_factory=dict)
 
 
 class RoutingPolicy(Protocol):
-    """A decision point inside the forward: after each layer in ``decision_layers``,
-    ``decide`` may return a new schedule (e.g. with frames or samples removed)."""
+    """A decision point inside the forward, without state of its own: after each 0-based
+    layer in ``decision_layers``, ``decide(layer, x [N, D] rows, schedule)`` returns the
+    schedule for the layers after it (e.g. with frames or samples removed) and its decision,
+    which the forward hands back in :attr:`EncoderOutput.decisions`."""
 
     decision_layers: Tuple[int, ...]
 
-    def decide(self, layer: int, x: Tensor, schedule: Schedule) -> Schedule: ...
+    def decide(self, layer: int, x: Tensor, schedule: Schedule) -> Tuple[Schedule, Any]: ...
+
+
+def _structure(layer: nn.Module) -> List[Tuple[str, str]]:
+    """``(name, "Type(settings)")`` of every submodule of a layer, and its ``convolution_first``."""
+    found = [(name, f"{type(module).__name__}({module.extra_repr()})") for name, module in layer.named_modules()]
+    found[0] = ("", f"convolution_first={getattr(layer, 'convolution_first', None)}")
+    return found
 
 
 class DynamicConformer(nn.Module):
@@ -206,6 +221,12 @@ class DynamicConformer(nn.Module):
     def __init__(self, input_dim: int, num_heads: int, ffn_dim: int, num_layers: int, depthwise_conv_kernel_size: int,
                  dropout: float = 0.0, use_group_norm: bool = False, convolution_first: bool = False) -> None:
         super().__init__()
+        for name, value in (("input_dim", input_dim), ("num_heads", num_heads), ("ffn_dim", ffn_dim),
+                            ("depthwise_conv_kernel_size", depthwise_conv_kernel_size)):
+            validation.check_int(name, value, low=1)
+        validation.check_int("num_layers", num_layers, low=0)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
         if input_dim % num_heads != 0:
             raise ValueError(f"input_dim ({input_dim}) must be divisible by num_heads ({num_heads})")
         self.input_dim = input_dim
@@ -220,79 +241,57 @@ class DynamicConformer(nn.Module):
 
     @classmethod
     def from_torchaudio(cls, model: nn.Module) -> "DynamicConformer":
-        """A DynamicConformer with the configuration and weights of a torchaudio Conformer."""
-        layers = model.conformer_layers
+        """A DynamicConformer with the configuration and weights of a ``torchaudio.models.Conformer``.
+
+        Every layer is compared with a freshly built torchaudio ``ConformerLayer`` of the
+        configuration read from layer 0 (submodule names, types and settings such as sizes,
+        eps, dropout and activations, plus ``convolution_first``): a model this class cannot
+        represent raises ``ValueError`` naming the first difference instead of converting
+        silently.
+        """
+        from torchaudio.models.conformer import ConformerLayer
+
+        layers = getattr(model, "conformer_layers", None)
+        if not isinstance(model, nn.Module) or not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+            raise TypeError(f"model must be a torchaudio.models.Conformer (a module with a non-empty "
+                            f"conformer_layers ModuleList), got {type(model).__name__}")
+        extra = sorted(name for name, _ in model.named_children() if name != "conformer_layers")
+        if extra:
+            raise ValueError(f"model has submodules {extra} besides conformer_layers, which a DynamicConformer "
+                             "does not have")
         first = layers[0]
-        depthwise = first.conv_module.sequential[2]
-        dynamic = cls(
-            input_dim=first.self_attn.embed_dim,
-            num_heads=first.self_attn.num_heads,
-            ffn_dim=first.ffn1.sequential[1].out_features,
-            num_layers=len(layers),
-            depthwise_conv_kernel_size=depthwise.kernel_size[0],
-            dropout=first.self_attn.dropout,
-            use_group_norm=isinstance(first.conv_module.sequential[3], nn.GroupNorm),
-            convolution_first=first.convolution_first,
-        )
+        try:
+            config = dict(
+                input_dim=first.self_attn.embed_dim,
+                num_heads=first.self_attn.num_heads,
+                ffn_dim=first.ffn1.sequential[1].out_features,
+                num_layers=len(layers),
+                depthwise_conv_kernel_size=first.conv_module.sequential[2].kernel_size[0],
+                dropout=first.self_attn.dropout,
+                use_group_norm=isinstance(first.conv_module.sequential[3], nn.GroupNorm),
+                convolution_first=first.convolution_first,
+            )
+        except (AttributeError, IndexError, TypeError) as error:
+            raise ValueError(f"model.conformer_layers[0] is not a torchaudio ConformerLayer: {error}") from error
+        layer_config = {k: v for k, v in config.items() if k not in ("num_heads", "num_layers")}
+        expected = _structure(ConformerLayer(num_attention_heads=config["num_heads"], **layer_config))
+        for i, layer in enumerate(layers):
+            found = _structure(layer)
+            for (name, want), (got_name, got) in zip(expected, found):
+                if (name, want) != (got_name, got):
+                    got = got if got_name == name else f"submodule {got_name!r} {got}"
+                    raise ValueError(f"model.conformer_layers[{i}].{name or '(layer)'} differs from what a "
+                                     f"DynamicConformer of layer 0's configuration has: expected {want}, got {got}")
+            if len(found) != len(expected):
+                raise ValueError(f"model.conformer_layers[{i}] has {len(found)} submodules, expected {len(expected)}")
+        dynamic = cls(**config)
         param = next(model.parameters())
         dynamic.to(device=param.device, dtype=param.dtype)
         dynamic.load_state_dict(model.state_dict(), strict=True)
         return dynamic
 
-    # ------------------------------------------------------------------ input checks
-    def _check_inputs(self, input: Tensor, lengths: Tensor, layer_mask: Optional[Tensor], depth: Optional[Tensor],
-                      gates: Optional[Tensor]) -> None:
-        if not isinstance(input, Tensor) or input.dim() != 3 or input.shape[2] != self.input_dim:
-            shape = tuple(input.shape) if isinstance(input, Tensor) else type(input).__name__
-            raise ValueError(f"input must be a [B, T, {self.input_dim}] tensor, got {shape}")
-        if not input.is_floating_point():
-            raise TypeError(f"input must be a floating-point tensor, got {input.dtype}")
-        batch_size, max_frames = input.shape[:2]
-        if batch_size == 0 or max_frames == 0:
-            raise ValueError(f"input must have at least one sample and one frame, got shape {tuple(input.shape)}")
-        if not isinstance(lengths, Tensor) or lengths.dim() != 1 or lengths.shape[0] != batch_size:
-            raise ValueError(f"lengths must be a 1-D tensor of {batch_size} lengths, got "
-                             f"{tuple(lengths.shape) if isinstance(lengths, Tensor) else type(lengths).__name__}")
-        if lengths.is_floating_point() or lengths.dtype == torch.bool or lengths.is_complex():
-            raise TypeError(f"lengths must be an integer tensor, got {lengths.dtype}")
-        if lengths.device != input.device:
-            raise ValueError(f"lengths must be on the input's device {input.device}, got {lengths.device}")
-        if layer_mask is not None and depth is not None:
-            raise ValueError("pass at most one of layer_mask and depth")
-        if layer_mask is not None:
-            if layer_mask.dtype != torch.bool or tuple(layer_mask.shape) != (batch_size, self.num_layers):
-                raise ValueError(f"layer_mask must be a bool tensor of shape ({batch_size}, {self.num_layers}), "
-                                 f"got {layer_mask.dtype} {tuple(layer_mask.shape)}")
-            if layer_mask.device != input.device:
-                raise ValueError(f"layer_mask must be on {input.device}, got {layer_mask.device}")
-        if depth is not None:
-            if depth.is_floating_point() or depth.dtype == torch.bool or tuple(depth.shape) != (batch_size,):
-                raise ValueError(f"depth must be an integer tensor of shape ({batch_size},), got {depth.dtype} "
-                                 f"{tuple(depth.shape)}")
-            if depth.device != input.device:
-                raise ValueError(f"depth must be on {input.device}, got {depth.device}")
-        if gates is not None and (tuple(gates.shape) != (batch_size, self.num_layers) or not gates.is_floating_point()):
-            raise ValueError(f"gates must be a float tensor of shape ({batch_size}, {self.num_layers}), got "
-                             f"{gates.dtype} {tuple(gates.shape)}")
-        ranges = [("lengths", lengths, 1, max_frames, "T")]
-        if depth is not None:
-            ranges.append(("depth", depth, 0, self.num_layers, "num_layers"))
-        self._check_ranges(ranges)
-
-    @staticmethod
-    def _check_ranges(ranges: List[Tuple[str, Tensor, int, int, str]]) -> None:
-        """``low <= values <= high`` for each ``(name, values, low, high, high_name)``, with one
-        host sync for all of them."""
-        if torch.compiler.is_compiling():  # data-dependent: becomes a runtime assertion
-            for name, values, low, high, high_name in ranges:
-                torch._check(bool((values >= low).all() & (values <= high).all()),
-                             lambda message=f"{name} must lie in [{low}, {high_name}={high}]": message)
-            return
-        found = torch.stack([e.to(torch.int64) for _, values, _, _, _ in ranges
-                             for e in (values.min(), values.max())]).tolist()
-        for (name, _, low, high, high_name), lo, hi in zip(ranges, found[::2], found[1::2]):
-            if lo < low or hi > high:
-                raise ValueError(f"{name} must lie in [{low}, {high_name}={high}], got min {lo} max {hi}")
+    def _weight_dtype(self) -> torch.dtype:
+        return self.conformer_layers[0].final_layer_norm.weight.dtype if self.num_layers else torch.get_default_dtype()
 
     # ------------------------------------------------------------------ forward
     def forward(self, input: Tensor, lengths: Tensor, *, layer_mask: Optional[Tensor] = None,
@@ -302,7 +301,9 @@ class DynamicConformer(nn.Module):
 
         Args:
             input: ``[B, T, D]`` float.
-            lengths: int ``[B]``, valid frames per sample, in ``[1, T]``.
+            lengths: ``[B]`` valid frames per sample in ``[0, T]``, integer or floating (as in
+                torchaudio, frame t is valid iff ``t < lengths[b]``); a zero-length sample gives
+                zero output rows and leaves the others untouched.
             layer_mask: bool ``[B, L]``: sample b runs layer l iff ``layer_mask[b, l]``.
             depth: int ``[B]``: sample b runs layers ``0..depth[b]-1`` (samples are sorted by
                 depth inside so every layer's active set is a prefix: no gather at all).
@@ -315,10 +316,11 @@ class DynamicConformer(nn.Module):
             ``(output [B, T, D], lengths [B])`` like torchaudio (pad positions zero), or an
             :class:`EncoderOutput` when ``return_report``.
         """
-        self._check_inputs(input, lengths, layer_mask, depth, gates)
+        validation.check_encoder_inputs(input, lengths, self.input_dim, self.num_layers, self._weight_dtype(),
+                                        layer_mask, depth, gates, policy)
         with torch.profiler.record_function("dynenc.pack"):
             order = None if depth is None else torch.sort(depth, descending=True, stable=True).indices
-            packed = pack(input, lengths, order)
+            packed = pack(input, validation.integer_lengths(lengths), order)
         schedule = Schedule(
             packed.batch,
             self.num_layers,
@@ -327,29 +329,31 @@ class DynamicConformer(nn.Module):
             gates=None if gates is None else packed.to_packed_order(gates),
         )
         hidden: Optional[List[Tensor]] = [] if return_hidden else None
-        x, routes = self.forward_packed(packed.x, schedule, policy, hidden)
+        x, routes, decisions = self.forward_packed(packed.x, schedule, policy, hidden)
         with torch.profiler.record_function("dynenc.unpack"):
             output = packed.unpack(x)
         if not (return_report or return_hidden):
             return output, lengths
-        return EncoderOutput(output, lengths, self.executed_work(packed, routes), routes, packed, hidden)
+        return EncoderOutput(output, lengths, self.executed_work(packed, routes), routes, packed, hidden, decisions)
 
     def forward_packed(self, x: Tensor, schedule: Schedule, policy: Optional[RoutingPolicy] = None,
                        hidden: Optional[List[Tensor]] = None):
         """Run the layers on packed rows ``x [N, D]`` under ``schedule``; returns
-        ``(x [N, D], routes)`` where ``routes[l]`` is the route layer l executed. When
-        ``hidden`` is a list, the rows after each layer are appended to it."""
+        ``(x [N, D], routes, decisions)`` where ``routes[l]`` is the route layer l executed
+        and ``decisions[l]`` the policy's decision after layer l. When ``hidden`` is a list,
+        the rows after each layer are appended to it."""
         routes = schedule.routes(0)
-        decisions = set(policy.decision_layers) if policy is not None else set()
+        decision_layers = set(policy.decision_layers) if policy is not None else set()
+        decisions: Dict[int, Any] = {}
         for layer_id, layer in enumerate(self.conformer_layers):
             with torch.profiler.record_function(f"dynenc.layer{layer_id}"):
                 x = self._run_layer(layer, x, routes[layer_id])
             if hidden is not None:
                 hidden.append(x)
-            if layer_id in decisions and layer_id + 1 < self.num_layers:
-                schedule = policy.decide(layer_id, x, schedule)
+            if layer_id in decision_layers and layer_id + 1 < self.num_layers:
+                schedule, decisions[layer_id] = policy.decide(layer_id, x, schedule)
                 routes[layer_id + 1:] = schedule.routes(layer_id + 1)[layer_id + 1:]
-        return x, routes
+        return x, routes, decisions
 
     def _run_layer(self, layer: DynamicConformerLayer, x: Tensor, route: LayerRoute) -> Tensor:
         if guard_or_false(route.num_rows == 0):

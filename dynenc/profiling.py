@@ -8,7 +8,6 @@ Chrome trace (open it in ``chrome://tracing`` or https://ui.perfetto.dev).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 from typing import Sequence
 
@@ -16,14 +15,17 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import dynenc
-from dynenc.bench import BenchConfig, build_conformer, layer_drop_mask, make_input, valid_mean_square
+
+from .bench.cli import MODEL_SIZES, add_size_arguments, size_of, with_sizes
+from .bench.workload import BenchConfig, build_conformer, layer_drop_mask, make_input, valid_mean_square
+
+#: The bench workload's sizes this command takes (same flags as ``dynenc bench``).
+SIZES = MODEL_SIZES + ("batch", "frames")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = BenchConfig()
-    for name in ("dim", "layers", "heads", "ffn_mult", "kernel", "batch", "frames"):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name),
-                            help=f"default {getattr(defaults, name)}")
+    add_size_arguments(parser, SIZES, lambda name: f"default {size_of(defaults, name)}")
     parser.add_argument("--keep", type=float, default=0.5,
                         help="fraction of layers each sample keeps (its own random subset); default 0.5")
     parser.add_argument("--backward", action="store_true", help="profile forward + backward (training mode)")
@@ -60,13 +62,11 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device!r} requested but CUDA is not available")
-    config = dataclasses.replace(BenchConfig(), dim=args.dim, layers=args.layers, heads=args.heads,
-                                 ffn_mult=args.ffn_mult, kernel=args.kernel, batch=args.batch, frames=args.frames,
-                                 seed=args.seed)
+    config = with_sizes(BenchConfig(seed=args.seed), args, SIZES)
     _, model = build_conformer(config, device)
     x, lengths = make_input(config, device)
     generator = torch.Generator().manual_seed(args.seed)
-    mask = layer_drop_mask(config.batch, config.layers, args.keep, generator).to(device)
+    mask = layer_drop_mask(config.batch, config.model.num_layers, args.keep, generator).to(device)
     model.train(args.backward)
 
     def step() -> None:
@@ -89,9 +89,10 @@ def run(args: argparse.Namespace) -> int:
     sort_key = "device_time_total" if on_device else "self_cpu_time_total"
     events = prof.key_averages()
     mode = "forward + backward" if args.backward else "forward"
-    print(f"dynenc profile: {mode}, backend {args.backend}, {device}; D={config.dim} L={config.layers} "
-          f"B={config.batch} T={config.frames}, each sample keeps {args.keep:.0%} of the layers "
-          f"({int(mask.sum())} of {mask.numel()} (sample, layer) pairs)")
+    model_config = config.model
+    print(f"dynenc profile: {mode}, backend {args.backend}, {device}; D={model_config.dim} "
+          f"L={model_config.num_layers} B={config.batch} T={config.frames}, each sample keeps {args.keep:.0%} of the "
+          f"layers ({int(mask.sum())} of {mask.numel()} (sample, layer) pairs)")
     print(events.table(sort_by=sort_key, row_limit=args.row_limit))
     print("dynenc ops and ranges:")
     print(format_entries(dynenc_entries(events, "device_time_total" if on_device else "cpu_time_total"), on_device))

@@ -11,6 +11,7 @@ sizes of the active sets).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
@@ -40,6 +41,10 @@ class VarlenBatch:
     _seq_ids: Optional[Tensor] = field(default=None, repr=False)
 
     @property
+    def num_seqs(self) -> int:
+        return self.cu_seqlens.numel() - 1
+
+    @property
     def lengths(self) -> Tensor:
         return (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).long()
 
@@ -47,7 +52,7 @@ class VarlenBatch:
     def seq_ids(self) -> Tensor:
         """int64 ``[num_rows]``: the sequence each row belongs to."""
         if self._seq_ids is None:
-            num_seqs = self.cu_seqlens.numel() - 1
+            num_seqs = self.num_seqs
             self._seq_ids = torch.repeat_interleave(
                 torch.arange(num_seqs, device=self.cu_seqlens.device), self.lengths, output_size=self.num_rows
             )
@@ -67,7 +72,7 @@ class PackedBatch:
 
     def unpack(self, rows: Tensor) -> Tensor:
         """``[N, *F]`` packed rows -> ``[B, T, *F]`` in the original sample order, pads zero."""
-        flat = rows.reshape(rows.shape[0], -1)
+        flat = rows.reshape(rows.shape[0], math.prod(rows.shape[1:]))
         if self.positions is not None:
             flat = ops.scatter_rows(flat, self.positions, self.batch_size * self.max_frames)
         return flat.reshape(self.batch_size, self.max_frames, *rows.shape[1:])
@@ -161,7 +166,7 @@ class Schedule:
         full = self.batch
         layers = range(start, self.num_layers)
         if self.depth is None:
-            counts = [(full.cu_seqlens.numel() - 1, full.num_rows)] * len(layers)
+            counts = [(full.num_seqs, full.num_rows)] * len(layers)
         else:
             thresholds = torch.arange(start, self.num_layers, device=self.depth.device)
             active_seqs = (self.depth.unsqueeze(0) > thresholds.unsqueeze(1)).sum(1)

@@ -1,16 +1,27 @@
 """Triton GPU kernels of the dynenc ops (importable as ``dynenc.kernels``).
 
-Each launcher takes and returns torch tensors exactly like the ``dynenc::`` op of the same name
-(schemas: csrc/registration.cpp, semantics: dynenc/reference.py). Traffic models: README.md.
+``kernels/<module>.py`` holds the launcher of every op that :data:`dynenc.ops.OPS` maps to
+``<module>``, named like the op; it takes and returns torch tensors exactly like the
+``dynenc::`` op (schemas: ``csrc/<module>.cpp``, semantics and references:
+``dynenc/ops/<module>.py``). Launchers trust their arguments: the op's CUDA registration
+validates them first. Traffic models: README.md.
 """
-from . import _utils, attention, dwconv, gated_scatter, plan, rows
-from .attention import varlen_attention, varlen_attention_backward
-from .dwconv import varlen_dwconv1d, varlen_dwconv1d_backward
-from .gated_scatter import gated_residual_scatter, gated_residual_scatter_backward
-from .plan import build_plan
-from .rows import gather_rows, scatter_rows
+import importlib
 
-_MODULES = (_utils, gated_scatter, rows, dwconv, attention, plan)
+from dynenc.ops.registry import OPS
+
+from . import _utils
+
+MODULES = {name: importlib.import_module(f"{__name__}.{name}") for name in dict.fromkeys(OPS.values())}
+
+
+def launcher(name: str):
+    """The Triton launcher of op ``name``."""
+    return getattr(MODULES[OPS[name]], name)
+
+
+# Every launcher under its op's name (``dynenc.kernels.gather_rows``, ...).
+globals().update({name: launcher(name) for name in OPS})
 
 
 def aot_specs(backend=None):
@@ -19,18 +30,7 @@ def aot_specs(backend=None):
 
     ``backend`` ('cuda' / 'hip') picks the variants the launchers use there (fp32 attention
     dots: 3xTF32 on CUDA); ``None`` gives variants that compile for every target."""
-    return [spec for module in _MODULES for spec in module.aot_specs(backend)]
+    return [spec for module in (_utils, *MODULES.values()) for spec in module.aot_specs(backend)]
 
 
-__all__ = [
-    "aot_specs",
-    "build_plan",
-    "gated_residual_scatter",
-    "gated_residual_scatter_backward",
-    "gather_rows",
-    "scatter_rows",
-    "varlen_attention",
-    "varlen_attention_backward",
-    "varlen_dwconv1d",
-    "varlen_dwconv1d_backward",
-]
+__all__ = ["MODULES", "aot_specs", "launcher", *OPS]

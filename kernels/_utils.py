@@ -39,25 +39,6 @@ def on_device_of_first_arg(fn):
     return wrapper
 
 
-def check(cond: bool, message: str) -> None:
-    """Shape/dtype validation; RuntimeError like the C++ ops' TORCH_CHECK. Values on the device
-    (index range, cu_seqlens order) are trusted: checking them would need a host sync."""
-    if not cond:
-        raise RuntimeError(message)
-
-
-def check_same_device(*tensors: Optional[torch.Tensor]) -> None:
-    devices = {t.device for t in tensors if t is not None}
-    check(len(devices) <= 1, f"all tensors must be on one device, got {sorted(map(str, devices))}")
-
-
-FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
-def check_floating(t: torch.Tensor, name: str) -> None:
-    check(t.dtype in FLOAT_DTYPES, f"{name} must be float32, float64, bfloat16 or float16, got {t.dtype}")
-
-
 def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
     """Host-side twin of :func:`opmath` (for buffers of partial sums)."""
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import (aot_spec, check, check_floating, check_same_device, find_segment, on_device_of_first_arg, opmath,
+from ._utils import (aot_spec, find_segment, on_device_of_first_arg, opmath,
                      opmath_dtype, search_steps)
 
 BLOCK_T = 32  # rows per tile
@@ -118,17 +118,6 @@ def _dwconv_bwd_kernel(
     tl.store(partial_b + group + cols, acc_b, mask=col_ok)
 
 
-def _check_args(x: torch.Tensor, cu_seqlens: torch.Tensor, weight: torch.Tensor,
-                *others: Optional[torch.Tensor]) -> None:
-    check(x.dim() == 2 and weight.dim() == 2 and weight.shape[0] == x.shape[1], "x must be [N, C], weight [C, K]")
-    check_floating(x, "x")
-    check_floating(weight, "weight")
-    check(weight.shape[1] % 2 == 1, "kernel size must be odd")
-    check(cu_seqlens.dim() == 1 and cu_seqlens.numel() >= 1 and cu_seqlens.dtype == torch.int32,
-          "cu_seqlens must be int32 [B + 1]")
-    check_same_device(x, cu_seqlens, weight, *others)
-
-
 def _block_c(channels: int) -> int:
     return min(triton.next_power_of_2(channels), MAX_BLOCK_C)
 
@@ -137,7 +126,6 @@ def _block_c(channels: int) -> int:
 def varlen_dwconv1d(x: torch.Tensor, cu_seqlens: torch.Tensor, weight: torch.Tensor,
                     bias: Optional[torch.Tensor]) -> torch.Tensor:
     """Depthwise 'same' conv1d over packed sequences: ``[N, C]`` -> ``[N, C]``."""
-    _check_args(x, cu_seqlens, weight, bias)
     num_rows, channels = x.shape
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     if out.numel():
@@ -155,8 +143,6 @@ def varlen_dwconv1d(x: torch.Tensor, cu_seqlens: torch.Tensor, weight: torch.Ten
 def varlen_dwconv1d_backward(grad_out: torch.Tensor, x: torch.Tensor, cu_seqlens: torch.Tensor,
                              weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> ``(grad_x [N, C], grad_weight [C, K] (weight's dtype), grad_bias [C] (x's dtype))``."""
-    _check_args(x, cu_seqlens, weight, grad_out)
-    check(grad_out.shape == x.shape, "grad_out must match x")
     (num_rows, channels), kernel_size = x.shape, weight.shape[1]
     grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
     if grad_x.numel() == 0:

@@ -1,17 +1,23 @@
-"""The dynamic-depth methods, each a small policy on the one routing mechanism:
-random layer dropping, DLD, input-conditioned layer selection, CTC-blank frame skipping,
-early exits; and the one budget API for inference."""
-from .blank_skip import BlankHead, BlankSkipPolicy
-from .budget import METHODS, Budget, InferenceResult, infer
-from .early_exit import EarlyExitPolicy, frame_confidence
-from .layer_drop import RandomLayerDrop, fixed_layers_mask, linear_drop_schedule
-from .objectives import (BlankSkipObjective, DLDObjective, EarlyExitObjective, LayerDropCTC, SelectorObjective,
-                         StaticCTC)
-from .selector import LayerSelector, budget_regulariser, straight_through_topk, threshold_mask, topk_mask
+"""The dynamic-depth methods, one module each (static, layer_drop, dld, selector,
+early_exit, blank_skip), each a small policy on the one routing mechanism with its own
+training objective, typed budget and inference function; :mod:`.registry` holds the table
+of them and :func:`infer`, the one inference entry point."""
+from .base import Budget, Decisions, InferenceResult, Method
+from .blank_skip import BlankSkipBudget, BlankSkipObjective, BlankSkipPolicy, dilate_within_sequences
+from .dld import DLDObjective
+from .early_exit import CRITERIA, EarlyExitBudget, EarlyExitObjective, EarlyExitPolicy, ExitDecision, frame_confidence
+from .layer_drop import (LayerDropBudget, LayerDropCTC, RandomLayerDrop, fixed_layers_mask,
+                         linear_drop_schedule)
+from .registry import METHODS, get_method, infer, method_names
+from .selector import (SelectorBudget, SelectorObjective, budget_regulariser, straight_through_topk, threshold_mask,
+                       topk_mask)
+from .static import FullBudget, StaticCTC
 
 __all__ = [
-    "BlankHead", "BlankSkipObjective", "BlankSkipPolicy", "Budget", "DLDObjective", "EarlyExitObjective",
-    "EarlyExitPolicy", "InferenceResult", "LayerDropCTC", "LayerSelector", "METHODS", "RandomLayerDrop",
-    "SelectorObjective", "StaticCTC", "budget_regulariser", "fixed_layers_mask", "frame_confidence", "infer",
-    "linear_drop_schedule", "straight_through_topk", "threshold_mask", "topk_mask",
+    "BlankSkipBudget", "BlankSkipObjective", "BlankSkipPolicy", "Budget", "CRITERIA", "DLDObjective", "Decisions",
+    "EarlyExitBudget", "EarlyExitObjective", "EarlyExitPolicy", "ExitDecision", "FullBudget", "InferenceResult",
+    "LayerDropBudget", "LayerDropCTC", "METHODS", "Method", "RandomLayerDrop", "SelectorBudget", "SelectorObjective",
+    "StaticCTC", "budget_regulariser", "dilate_within_sequences", "fixed_layers_mask", "frame_confidence",
+    "get_method", "infer", "linear_drop_schedule", "method_names", "straight_through_topk", "threshold_mask",
+    "topk_mask",
 ]

@@ -1,46 +1,23 @@
-"""CTC-blank frame skipping: an intermediate CTC head at layer K scores p(blank) per frame;
-frames with p(blank) > tau leave the sequence for layers K+1..L unless they lie within w
-frames of a non-blank frame (spike extension)."""
+"""CTC-blank frame skipping (arXiv 2401.02046): the model's intermediate
+:class:`~dynenc.asr.heads.BlankHead` at layer K scores p(blank) per frame; frames with
+p(blank) > tau leave the sequence for layers K+1..L unless they lie within w frames of a
+non-blank frame (spike extension). Skipped frames emit blank (*choice*)."""
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from .. import ops
+from ..asr import BlankHead, CTCModel, ctc_loss, distillation_kl, masked_mean
+from ..config import ModelConfig
 from ..routing import Schedule, VarlenBatch
-
-
-class BlankHead(nn.Module):
-    """Intermediate CTC head ``[*, D] -> [*, V]`` log-probabilities (blank = 0).
-
-    Factorized (*choice*): a 1-unit blank logit b and token logits z give
-    ``p(blank) = sigmoid(b)`` and ``p(v) = sigmoid(-b) * softmax(z)_v``, so the skip decision
-    needs only the blank projection (no softmax over the vocabulary).
-    """
-
-    def __init__(self, dim: int, vocab_size: int, factorized: bool = False) -> None:
-        super().__init__()
-        self.factorized = factorized
-        if factorized:
-            self.blank = nn.Linear(dim, 1)
-            self.tokens = nn.Linear(dim, vocab_size - 1)
-        else:
-            self.proj = nn.Linear(dim, vocab_size)
-
-    def forward(self, h: Tensor) -> Tensor:
-        if not self.factorized:
-            return F.log_softmax(self.proj(h), dim=-1)
-        blank = self.blank(h)
-        return torch.cat([F.logsigmoid(blank), F.logsigmoid(-blank) + F.log_softmax(self.tokens(h), dim=-1)], dim=-1)
-
-    def blank_log_prob(self, h: Tensor) -> Tensor:
-        """``log p(blank)`` ``[*]``."""
-        if self.factorized:
-            return F.logsigmoid(self.blank(h)).squeeze(-1)
-        return self.forward(h)[..., 0]
+from .base import (Batch, Budget, Decisions, InferenceResult, Logs, Method, ObjectiveSettings, require_finite,
+                   require_int)
+from .static import FullBudget
 
 
 def dilate_within_sequences(mask: Tensor, batch: VarlenBatch, window: int) -> Tensor:
@@ -51,28 +28,95 @@ def dilate_within_sequences(mask: Tensor, batch: VarlenBatch, window: int) -> Te
     return ops.varlen_dwconv1d(mask.float().unsqueeze(1), batch.cu_seqlens, weight)[:, 0] > 0.5
 
 
+@dataclass(frozen=True)
+class BlankSkipBudget(Budget):
+    """Frames with p(blank) > ``threshold`` (tau in (0, 1]) at layer K skip the upper layers,
+    except those within ``spike_window`` (w >= 0) frames of a non-blank frame."""
+
+    threshold: float
+    spike_window: int = 1
+
+    def __post_init__(self) -> None:
+        require_finite("BlankSkipBudget.threshold", self.threshold)
+        if not 0 < self.threshold <= 1:
+            raise ValueError(f"BlankSkipBudget.threshold must lie in (0, 1], got {self.threshold}")
+        require_int("BlankSkipBudget.spike_window", self.spike_window, 0)
+
+    def check(self, model: CTCModel) -> None:
+        if model.blank_head is None:
+            raise ValueError("a BlankSkipBudget needs a model with an intermediate blank head "
+                             "(ModelConfig.blank_skip_layer > 0)")
+
+
+@dataclass(frozen=True, eq=False)
 class BlankSkipPolicy:
-    """Routing policy: after layer K (1-based), keep only non-blank frames (+ spike extension).
+    """Routing policy: after 1-based layer ``layer`` (K), keep only the non-blank frames
+    (+ spike extension). Its decision is the bool ``[N]`` packed-row mask of skipped frames."""
 
-    After the forward, ``skipped`` is the bool ``[N]`` packed-row mask of frames that left.
-    """
+    head: BlankHead
+    layer: int
+    budget: BlankSkipBudget
 
-    def __init__(self, head: BlankHead, layer: int, threshold: float, spike_window: int = 1) -> None:
-        if not 0 < threshold <= 1:
-            raise ValueError(f"blank threshold must lie in (0, 1], got {threshold}")
-        if spike_window < 0:
-            raise ValueError(f"spike_window must be >= 0, got {spike_window}")
-        self.head = head
-        self.decision_layers = (layer - 1,)
-        self.threshold = threshold
-        self.spike_window = spike_window
-        self.skipped: Optional[Tensor] = None
+    @property
+    def decision_layers(self) -> Tuple[int, ...]:
+        return (self.layer - 1,)
 
-    def decide(self, layer: int, x: Tensor, schedule: Schedule) -> Schedule:
+    def decide(self, layer: int, x: Tensor, schedule: Schedule) -> Tuple[Schedule, Tensor]:
         with torch.profiler.record_function("dynenc.blank_skip"):
-            nonblank = self.head.blank_log_prob(x).exp() <= self.threshold
-            keep = dilate_within_sequences(nonblank, schedule.batch, self.spike_window)
+            nonblank = self.head.blank_log_prob(x).exp() <= self.budget.threshold
+            keep = dilate_within_sequences(nonblank, schedule.batch, self.budget.spike_window)
             if schedule.row_alive is not None:
                 keep = keep & schedule.row_alive
-            self.skipped = ~keep
-        return schedule.replace(row_alive=keep)
+        return schedule.replace(row_alive=keep), ~keep
+
+
+def run(model: CTCModel, x: Tensor, lengths: Tensor, budget: BlankSkipBudget) -> InferenceResult:
+    policy = BlankSkipPolicy(model.blank_head, model.config.blank_skip_layer, budget)
+    log_probs, _, out = model.encode(x, lengths, policy=policy)
+    skipped_rows = out.decisions[policy.layer - 1]
+    skipped = out.packed.unpack(skipped_rows.unsqueeze(1).to(x.dtype)).squeeze(2) > 0.5
+    blank = F.one_hot(torch.zeros_like(lengths), log_probs.shape[-1]).to(log_probs.dtype).log()[:, None, :]
+    return InferenceResult(torch.where(skipped.unsqueeze(-1), blank, log_probs), lengths, out.report,
+                           Decisions(skipped_frames=skipped))
+
+
+class BlankSkipObjective:
+    """CTC at the final head and at the intermediate head of layer K, plus KD from the final
+    posteriors to the intermediate head."""
+
+    def __init__(self, intermediate_weight: float = 0.5, kd_weight: float = 0.5, temperature: float = 1.0) -> None:
+        self.intermediate_weight, self.kd_weight, self.temperature = intermediate_weight, kd_weight, temperature
+
+    def __call__(self, model: CTCModel, batch: Batch) -> Tuple[Tensor, Logs]:
+        if model.blank_head is None:
+            raise ValueError("BlankSkipObjective needs a model with an intermediate blank head "
+                             "(ModelConfig.blank_skip_layer > 0)")
+        features, lengths, targets, target_lengths = batch
+        x, x_lengths = model.embed(features, lengths)
+        out = model.encoder(x, x_lengths, return_hidden=True)
+        final_lp = F.log_softmax(model.ctc_head(out.output), dim=-1)
+        inter_lp = model.blank_head(out.packed.unpack(out.hidden[model.config.blank_skip_layer - 1]))
+        final = ctc_loss(final_lp, x_lengths, targets, target_lengths)
+        inter = ctc_loss(inter_lp, x_lengths, targets, target_lengths)
+        kd = distillation_kl(final_lp, inter_lp, x_lengths, self.temperature)
+        loss = final + self.intermediate_weight * inter + self.kd_weight * kd
+        blank_rate = masked_mean(inter_lp[..., 0].exp(), x_lengths)
+        return loss, {"ctc": final.item(), "ctc_inter": inter.item(), "kd": kd.item(), "p_blank": blank_rate.item()}
+
+
+def budgets(model: CTCModel) -> List[Tuple[str, Budget]]:
+    return [("full", FullBudget())] + [(f"tau={t}", BlankSkipBudget(t, spike_window=1))
+                                       for t in (0.999, 0.99, 0.95, 0.9, 0.8, 0.6)]
+
+
+def objective(settings: ObjectiveSettings, model: CTCModel) -> BlankSkipObjective:
+    return BlankSkipObjective(kd_weight=settings.kd_weight, temperature=settings.temperature)
+
+
+def model_fields(config: ModelConfig) -> Dict[str, Any]:
+    """The blank head at layer L/2, factorized, unless the config places it."""
+    return {} if config.blank_skip_layer else {"blank_skip_layer": config.num_layers // 2, "factorized_ctc": True}
+
+
+METHOD = Method("blank_skip", "CTC-blank frame skipping after an intermediate blank head", BlankSkipBudget, run,
+                objective, budgets, model_fields)

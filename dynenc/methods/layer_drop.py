@@ -1,11 +1,17 @@
-"""Random layer dropping (LD): Bernoulli keep masks drawn with torch's RNG on the device,
-and the fixed-n-layers inference strategies."""
+"""Random layer dropping (LD): Bernoulli keep masks drawn with torch's RNG on the device for
+training; a fixed number n of layers at inference (evenly spaced, the first n, or random)."""
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
+
+from ..asr import CTCModel, ctc_loss
+from .base import Batch, Budget, InferenceResult, Logs, Method, ObjectiveSettings, require_int, run_masked
+
+STRATEGIES = ("every_other", "first", "random")
 
 
 def linear_drop_schedule(num_layers: int, p_max: float) -> Tensor:
@@ -64,3 +70,54 @@ def fixed_layers_mask(num_layers: int, n: int, batch_size: int, strategy: str = 
     else:
         raise ValueError(f"strategy must be 'every_other', 'first' or 'random', got {strategy!r}")
     return mask.expand(batch_size, -1)
+
+
+class LayerDropCTC:
+    """CTC with random layer dropping (per-sample Bernoulli keep masks, torch RNG)."""
+
+    def __init__(self, num_layers: int, drop_prob: Union[float, Tensor] = 0.5, per_sample: bool = True) -> None:
+        self.dropper = RandomLayerDrop(num_layers, drop_prob, per_sample)
+
+    def __call__(self, model: CTCModel, batch: Batch) -> Tuple[Tensor, Logs]:
+        features, lengths, targets, target_lengths = batch
+        mask = self.dropper.sample(features.shape[0], features.device)
+        log_probs, out_lengths, _ = model(features, lengths, layer_mask=mask)
+        loss = ctc_loss(log_probs, out_lengths, targets, target_lengths)
+        return loss, {"ctc": loss.item(), "kept": mask.float().mean().item()}
+
+
+@dataclass(frozen=True)
+class LayerDropBudget(Budget):
+    """Run ``layers`` (n in ``[0, L]``) layers per sample, chosen by ``strategy``
+    (``every_other`` / ``first`` / ``random``; see :func:`fixed_layers_mask`)."""
+
+    layers: int
+    strategy: str = "every_other"
+
+    def __post_init__(self) -> None:
+        require_int("LayerDropBudget.layers", self.layers, 0)
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"LayerDropBudget.strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+
+    def check(self, model: CTCModel) -> None:
+        require_int("LayerDropBudget.layers", self.layers, 0, model.config.num_layers)
+
+
+def run(model: CTCModel, x: Tensor, lengths: Tensor, budget: LayerDropBudget) -> InferenceResult:
+    mask = fixed_layers_mask(model.config.num_layers, budget.layers, x.shape[0], budget.strategy, x.device)
+    return run_masked(model, x, lengths, mask)
+
+
+def budgets(model: CTCModel) -> List[Tuple[str, Budget]]:
+    """n = L..1 evenly spaced, then n = L-1..1 random subsets."""
+    num_layers = model.config.num_layers
+    every_other = [(f"n={n}", LayerDropBudget(n)) for n in range(num_layers, 0, -1)]
+    return every_other + [(f"n={n} random", LayerDropBudget(n, "random")) for n in range(num_layers - 1, 0, -1)]
+
+
+def objective(settings: ObjectiveSettings, model: CTCModel) -> LayerDropCTC:
+    return LayerDropCTC(model.config.num_layers, settings.drop_prob)
+
+
+METHOD = Method("layer_drop", "random layer dropping (per-sample Bernoulli gates)", LayerDropBudget, run, objective,
+                budgets)

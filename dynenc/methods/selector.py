@@ -1,31 +1,20 @@
-"""Input-conditioned layer selection: a light network reads the encoder's input features
-(after the front-end), pools over valid frames and scores every layer."""
+"""Input-conditioned layer selection (arXiv 2507.07954): the model's
+:class:`~dynenc.asr.heads.LayerSelector` scores every layer from the encoder's input; top-k
+(or a threshold) picks each sample's layers."""
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..routing import valid_frames
+from ..asr import CTCModel, ctc_loss
+from ..config import ModelConfig
+from .base import (Batch, Budget, InferenceResult, Logs, Method, ObjectiveSettings, require_finite, require_int,
+                   require_one_of, run_masked)
 
-
-class LayerSelector(nn.Module):
-    """``[B, T, D]`` inputs + lengths -> ``[B, L]`` layer logits.
-
-    Pooling (*choice*): mean and standard deviation over valid frames, then a 2-layer MLP.
-    """
-
-    def __init__(self, dim: int, num_layers: int, hidden: int = 64) -> None:
-        super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(2 * dim, hidden), nn.ReLU(), nn.Linear(hidden, num_layers))
-
-    def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
-        valid = valid_frames(lengths, x.shape[1]).unsqueeze(-1).to(x.dtype)
-        count = valid.sum(1).clamp_min(1)
-        mean = (x * valid).sum(1) / count
-        var = (((x - mean.unsqueeze(1)) ** 2) * valid).sum(1) / count
-        return self.mlp(torch.cat([mean, var.clamp_min(1e-6).sqrt()], dim=-1))
+SELECTOR_HIDDEN = 64  # the recipe's selector width when the config names none
 
 
 def topk_mask(logits: Tensor, k: Union[int, Tensor]) -> Tensor:
@@ -63,3 +52,76 @@ def budget_regulariser(logits: Tensor, k: Union[int, Tensor]) -> Tensor:
     """Squared gap between the expected number of selected layers and the budget k."""
     k = torch.as_tensor(k, device=logits.device, dtype=logits.dtype)
     return ((torch.sigmoid(logits).sum(1) - k) ** 2).mean()
+
+
+def _require_selector(model: CTCModel, what: str) -> None:
+    if model.selector is None:
+        raise ValueError(f"{what} needs a model with a layer selector (ModelConfig.selector_hidden > 0)")
+
+
+class SelectorObjective:
+    """Training (*choice*): a budget k drawn per batch from ``[min_layers, L]``; Gumbel top-k
+    with straight-through gates so the hard mask runs ragged while gradients reach the
+    selector; plus a budget regulariser."""
+
+    def __init__(self, min_layers: int = 1, regulariser_weight: float = 0.01, temperature: float = 1.0) -> None:
+        self.min_layers = min_layers
+        self.regulariser_weight = regulariser_weight
+        self.temperature = temperature
+
+    def __call__(self, model: CTCModel, batch: Batch) -> Tuple[Tensor, Logs]:
+        _require_selector(model, "SelectorObjective")
+        features, lengths, targets, target_lengths = batch
+        k = int(torch.randint(self.min_layers, model.config.num_layers + 1, ()))  # torch RNG: resumable
+        x, x_lengths = model.embed(features, lengths)
+        logits = model.selector(x, x_lengths)
+        mask, gates = straight_through_topk(logits, k, self.temperature)
+        log_probs, _, _ = model.encode(x, x_lengths, layer_mask=mask, gates=gates)
+        ctc = ctc_loss(log_probs, x_lengths, targets, target_lengths)
+        reg = budget_regulariser(logits, k)
+        return ctc + self.regulariser_weight * reg, {"ctc": ctc.item(), "budget_reg": reg.item(), "k": float(k)}
+
+
+@dataclass(frozen=True)
+class SelectorBudget(Budget):
+    """Exactly one of: ``k`` (the k top-scoring layers per sample, k in ``[0, L]``) or
+    ``threshold`` (the layers with ``sigmoid(logit) > threshold``, threshold in (0, 1))."""
+
+    k: Optional[int] = None
+    threshold: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        require_one_of("SelectorBudget", k=self.k, threshold=self.threshold)
+        if self.k is not None:
+            require_int("SelectorBudget.k", self.k, 0)
+        else:
+            require_finite("SelectorBudget.threshold", self.threshold)
+            if not 0 < self.threshold < 1:
+                raise ValueError(f"SelectorBudget.threshold must lie in (0, 1), got {self.threshold}")
+
+    def check(self, model: CTCModel) -> None:
+        _require_selector(model, "a SelectorBudget")
+        if self.k is not None:
+            require_int("SelectorBudget.k", self.k, 0, model.config.num_layers)
+
+
+def run(model: CTCModel, x: Tensor, lengths: Tensor, budget: SelectorBudget) -> InferenceResult:
+    logits = model.selector(x, lengths)
+    mask = topk_mask(logits, budget.k) if budget.k is not None else threshold_mask(logits, budget.threshold)
+    return run_masked(model, x, lengths, mask)
+
+
+def budgets(model: CTCModel) -> List[Tuple[str, Budget]]:
+    return [(f"k={k}", SelectorBudget(k=k)) for k in range(model.config.num_layers, 0, -1)]
+
+
+def objective(settings: ObjectiveSettings, model: CTCModel) -> SelectorObjective:
+    return SelectorObjective(min_layers=1)
+
+
+def model_fields(config: ModelConfig) -> Dict[str, Any]:
+    return {} if config.selector_hidden else {"selector_hidden": SELECTOR_HIDDEN}
+
+
+METHOD = Method("selector", "input-conditioned layer selection (top-k of a learned selector)", SelectorBudget, run,
+                objective, budgets, model_fields)

@@ -7,17 +7,17 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence
 
 import jiwer
 import torch
 from tqdm import tqdm
 
-from .. import methods
 from ..asr import CTCModel, load_checkpoint
-from .data import CharTokenizer, SpeechBatches, collate_batch, load_split
-
-EVAL_METHODS = ("static", "layer_drop", "dld", "selector", "early_exit", "blank_skip")
+from ..methods import Budget, FullBudget, get_method, infer, method_names
+from .batching import SpeechBatches, collate_batch
+from .features import load_split
+from .tokenizer import CharTokenizer
 
 
 def beam_decoder(tokenizer: CharTokenizer, beam_size: int):
@@ -30,36 +30,38 @@ def beam_decoder(tokenizer: CharTokenizer, beam_size: int):
 
 @torch.no_grad()
 def decode_split(model: CTCModel, data: Sequence, tokenizer: CharTokenizer,
-                 budget: Optional[methods.Budget] = None, max_frames: int = 20000, beam=None,
+                 budget: Optional[Budget] = None, max_frames: int = 20000, beam=None,
                  timing_repeats: int = 1) -> Dict:
     """Decode ``data`` (``[(features, text)]``) under ``budget`` (default full depth).
 
     Returns WER (greedy, or beam when ``beam`` is a torchaudio decoder), executed fraction of
     full-depth token x layers, inference seconds (encoder + heads, no decoding), mean exit
-    layer (early exit) and the fraction of frames that skipped the upper layers (blank skip).
-    Each batch is timed ``timing_repeats`` times and the fastest run counts (this machine is
-    shared and noisy; the minimum is the most repeatable statistic).
+    layer (methods that decide exits) and the fraction of frames that skipped the upper
+    layers (methods that skip frames). Each batch is timed ``timing_repeats`` times and the
+    fastest run counts (this machine is shared and noisy; the minimum is the most repeatable
+    statistic). The model's training mode is left as it is (:func:`infer` runs in eval mode).
     """
-    model.eval()
-    budget = budget or methods.Budget()
+    budget = budget or FullBudget()
     hypotheses, references = [], []
     executed = full = 0
     seconds = 0.0
-    exit_layers, skipped, frames = [], 0, 0
+    exit_layers, skipped, frames, skips_frames = [], 0, 0, False
     for idx in SpeechBatches(data, tokenizer, max_frames=max_frames, shuffle=False).batch_indices():
         features, lengths, _, _ = collate_batch([data[i] for i in idx], tokenizer)
         fastest = float("inf")
         for _ in range(max(timing_repeats, 1)):
             tic = time.perf_counter()
-            result = methods.infer(model, features, lengths, budget)
+            result = infer(model, features, lengths, budget)
             fastest = min(fastest, time.perf_counter() - tic)
         seconds += fastest
         executed += result.report.executed_token_layers
         full += result.report.total_tokens * result.report.num_layers
-        if result.exit_layer is not None:
-            exit_layers += result.exit_layer.tolist()
-        if result.skipped_frames is not None:
-            skipped += int(result.skipped_frames.sum())
+        decisions = result.decisions
+        if decisions.exit_layer is not None:
+            exit_layers += decisions.exit_layer.tolist()
+        if decisions.skipped_frames is not None:
+            skips_frames = True
+            skipped += int(decisions.skipped_frames.sum())
         frames += int(result.lengths.sum())
         if beam is None:
             best = result.log_probs.argmax(-1)
@@ -74,33 +76,8 @@ def decode_split(model: CTCModel, data: Sequence, tokenizer: CharTokenizer,
         "executed_fraction": executed / max(full, 1),
         "seconds": seconds,
         "mean_exit_layer": sum(exit_layers) / len(exit_layers) if exit_layers else None,
-        "skipped_frame_fraction": skipped / max(frames, 1) if budget.method == "blank_skip" else None,
+        "skipped_frame_fraction": skipped / max(frames, 1) if skips_frames else None,
     }
-
-
-def budgets_for(method: str, model: CTCModel) -> List[Tuple[str, methods.Budget]]:
-    """The budget sweep of one trained method."""
-    L = model.config.num_layers
-    if method == "static":
-        return [("full", methods.Budget())]
-    if method in ("layer_drop", "dld"):
-        every_other = [(f"n={n}", methods.Budget("layer_drop", layers=n)) for n in range(L, 0, -1)]
-        return every_other + [(f"n={n} random", methods.Budget("layer_drop", layers=n, strategy="random"))
-                              for n in range(L - 1, 0, -1)]
-    if method == "selector":
-        return [(f"k={k}", methods.Budget("selector", layers=k)) for k in range(L, 0, -1)]
-    if method == "early_exit":
-        exits = sorted(set(model.config.exit_layers) | {L})
-        fixed = [(f"exit={e}", methods.Budget("early_exit", fixed_exit=e)) for e in exits]
-        return fixed + [(f"{criterion} thr={t}", methods.Budget("early_exit", exit_threshold=t, criterion=criterion))
-                        for criterion, values in (("max_prob", (0.99, 0.97, 0.95, 0.9, 0.8)),
-                                                  ("entropy", (-0.05, -0.1, -0.2, -0.4)))
-                        for t in values]
-    if method == "blank_skip":
-        return [("full", methods.Budget())] + [
-            (f"tau={t}", methods.Budget("blank_skip", blank_threshold=t, spike_window=1))
-            for t in (0.999, 0.99, 0.95, 0.9, 0.8, 0.6)]
-    raise ValueError(f"method must be one of {EVAL_METHODS}, got {method!r}")
 
 
 def sweep(runs: Path, data_dir: Path, method_names: Sequence[str], beam_size: int = 0, limit: Optional[int] = None,
@@ -119,7 +96,7 @@ def sweep(runs: Path, data_dir: Path, method_names: Sequence[str], beam_size: in
             continue
         model, payload = load_checkpoint(checkpoint)
         rows = []
-        for label, budget in tqdm(budgets_for(method, model), desc=f"eval {method}", disable=not progress):
+        for label, budget in tqdm(get_method(method).budgets(model), desc=f"eval {method}", disable=not progress):
             torch.manual_seed(0)  # the random-subset budgets draw the same masks every run
             row = {"budget": label, **decode_split(model, test, tokenizer, budget, timing_repeats=timing_repeats)}
             if beam is not None and label in ("full", "n=%d" % model.config.num_layers, "exit=%d" % model.config.num_layers):
@@ -173,7 +150,7 @@ def markdown(results: Dict) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default="data/speech", help="corpus directory made by `dynenc data`")
     parser.add_argument("--runs", default="runs", help="directory holding runs/<method>/model.pt")
-    parser.add_argument("--methods", default=",".join(EVAL_METHODS), help="comma-separated methods to evaluate")
+    parser.add_argument("--methods", default=",".join(method_names()), help="comma-separated methods to evaluate")
     parser.add_argument("--out", default="out/eval", help="where results.json, results.md and the PNG go")
     parser.add_argument("--beam", type=int, default=10, help="beam size for the full-depth rows (0 = greedy only)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N test utterances")
@@ -185,9 +162,9 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = set(names) - set(EVAL_METHODS)
+    unknown = set(names) - set(method_names())
     if unknown:
-        raise SystemExit(f"--methods: unknown {sorted(unknown)}; choose from {EVAL_METHODS}")
+        raise ValueError(f"--methods: unknown {sorted(unknown)}; choose from {method_names()}")
     results = sweep(Path(args.runs), Path(args.data), names, args.beam, args.limit, not args.quiet, args.timing_repeats)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     plot(results, out / "wer_vs_compute.png")

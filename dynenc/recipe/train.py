@@ -12,101 +12,100 @@ import dataclasses
 import json
 import os
 import time
+import typing
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from .. import methods
-from ..asr import CTCModel, ModelConfig, load_checkpoint, save_checkpoint
-from .data import CharTokenizer, SpeechBatches, collate_batch, load_split
+from ..asr import CTCModel, load_checkpoint, save_checkpoint
+from ..asr.checkpoint import read_payload, restore_state
+from ..config import ModelConfig, load_config, save_config
+from ..validation import check_int, check_real
+from ..methods import get_method, method_names
+from ..methods.base import Objective
+from .batching import SpeechBatches, collate_batch
 from .evaluate import decode_split
+from .features import load_split
+from .tokenizer import CharTokenizer
 
-METHODS = ("static", "layer_drop", "dld", "selector", "early_exit", "blank_skip")
+# What ``last.pt`` holds beyond the model for a bit-exact resume.
+RESUME_KEYS = ("optimizer", "scheduler", "rng", "augment_rng", "epoch", "best_wer", "train_seconds")
+
+
+def recipe_model() -> ModelConfig:
+    """The recipe's model: :class:`ModelConfig`'s defaults at 6 layers (the vocabulary size
+    comes from the tokenizer, the method's own fields from the method)."""
+    return ModelConfig(num_layers=6)
 
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Training hyper-parameters (a JSON file via ``--config``; flags override it)."""
+    """Training hyper-parameters and the model to train (a JSON file via ``--config``;
+    flags override it).
+
+    Attributes:
+        method: a registered method (``python -m dynenc.methods`` lists them).
+        max_frames: padded feature frames per batch.
+        warmup: fraction of the steps spent warming the learning rate up.
+        drop_prob: layer_drop / dld drop probability.
+        kd_weight: dld lambda / blank_skip KD weight.
+        hidden_weight: dld per-layer hidden-state alignment weight.
+        teacher: dld teacher: a static model's checkpoint path, or ``"self"``.
+        init: optional checkpoint whose matching parameters initialise the model.
+        model: the model; :meth:`model_config` fills in the vocabulary and the method's fields.
+    """
 
     method: str = "static"
     epochs: int = 20
-    max_frames: int = 5000  # padded feature frames per batch
+    max_frames: int = 5000
     lr: float = 2e-3
     weight_decay: float = 1e-2
-    warmup: float = 0.1  # fraction of steps
+    warmup: float = 0.1
     clip: float = 5.0
     seed: int = 0
-    drop_prob: float = 0.5  # layer_drop / dld
-    kd_weight: float = 1.0  # dld lambda / blank_skip KD weight
+    drop_prob: float = 0.5
+    kd_weight: float = 1.0
     temperature: float = 1.0
-    hidden_weight: float = 0.0  # dld per-layer alignment
-    teacher: str = "self"  # dld: checkpoint path of the static model, or "self"
-    init: str = ""  # optional checkpoint whose matching parameters initialise the model
+    hidden_weight: float = 0.0
+    teacher: str = "self"
+    init: str = ""
     spec_augment: bool = True
-    dim: int = 144
-    num_layers: int = 6
-    num_heads: int = 4
-    ffn_dim: int = 576
-    kernel_size: int = 15
-    dropout: float = 0.1
+    model: ModelConfig = dataclasses.field(default_factory=recipe_model)
 
-    @classmethod
-    def load(cls, path: Path) -> "TrainConfig":
-        try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as error:
-            raise ValueError(f"cannot read training config {path}: {error}") from error
-        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"training config {path} has unknown keys {sorted(unknown)}")
-        return cls(**data)
+    def __post_init__(self) -> None:
+        get_method(self.method)
+        check_int("TrainConfig.epochs", self.epochs, low=1)
+        check_int("TrainConfig.max_frames", self.max_frames, low=1)
+        check_int("TrainConfig.seed", self.seed, low=0)
+        for name, low, high in (("lr", 0.0, None), ("weight_decay", 0.0, None), ("warmup", 0.0, 1.0),
+                                ("clip", 0.0, None), ("drop_prob", 0.0, 1.0), ("kd_weight", 0.0, None),
+                                ("temperature", 0.0, None), ("hidden_weight", 0.0, None)):
+            check_real(f"TrainConfig.{name}", getattr(self, name), low, high)
+        if self.lr == 0 or self.temperature == 0:
+            raise ValueError(f"TrainConfig.lr and temperature must be > 0, got lr={self.lr}, "
+                             f"temperature={self.temperature}")
 
     def model_config(self, vocab_size: int) -> ModelConfig:
-        L = self.num_layers
-        return ModelConfig(
-            vocab_size=vocab_size, dim=self.dim, num_heads=self.num_heads, ffn_dim=self.ffn_dim, num_layers=L,
-            kernel_size=self.kernel_size, dropout=self.dropout,
-            exit_layers=tuple(range(2, L + 1, 2)) if self.method == "early_exit" else (),
-            blank_skip_layer=L // 2 if self.method == "blank_skip" else 0,
-            factorized_ctc=self.method == "blank_skip",
-            selector_hidden=64 if self.method == "selector" else 0,
-        )
+        """``model`` with ``vocab_size`` and the fields the method needs where ``model`` leaves them unset."""
+        method_fields = get_method(self.method).model_fields(self.model)
+        return dataclasses.replace(self.model, vocab_size=vocab_size, **method_fields)
 
 
 class ObjectiveModule(nn.Module):
     """``forward(batch) -> (loss, logs)``: the model and its objective as one module, so DDP
     sees the whole training forward (the objectives call several model entry points)."""
 
-    def __init__(self, model: CTCModel, objective) -> None:
+    def __init__(self, model: CTCModel, objective: Objective) -> None:
         super().__init__()
         self.model = model
         self.objective = objective
 
     def forward(self, batch: Tuple[Tensor, ...]):
         return self.objective(self.model, batch)
-
-
-def make_objective(config: TrainConfig, model: CTCModel):
-    L = config.num_layers
-    if config.method == "static":
-        return methods.StaticCTC()
-    if config.method == "layer_drop":
-        return methods.LayerDropCTC(L, config.drop_prob)
-    if config.method == "dld":
-        teacher = "self" if config.teacher == "self" else load_checkpoint(Path(config.teacher))[0]
-        return methods.DLDObjective(teacher, config.kd_weight, config.temperature, config.drop_prob,
-                                    config.hidden_weight)
-    if config.method == "selector":
-        return methods.SelectorObjective(min_layers=1)
-    if config.method == "early_exit":
-        return methods.EarlyExitObjective()
-    if config.method == "blank_skip":
-        return methods.BlankSkipObjective(kd_weight=config.kd_weight, temperature=config.temperature)
-    raise ValueError(f"method must be one of {METHODS}, got {config.method!r}")
 
 
 def spec_augment(features: Tensor, lengths: Tensor, generator: torch.Generator) -> Tensor:
@@ -135,7 +134,11 @@ def train(config: TrainConfig, data_dir: Path, out_dir: Path, resume: bool = Fal
           limit_train: Optional[int] = None, limit_dev: Optional[int] = None,
           stop_after: Optional[int] = None) -> Dict:
     """Train and return the final log record. ``limit_*`` truncate the splits and ``stop_after``
-    ends after that many epochs as if interrupted (smoke tests)."""
+    ends after that many epochs as if interrupted (smoke tests). ``resume`` without
+    ``out_dir/last.pt`` is an error."""
+    last = out_dir / "last.pt"
+    if resume and not last.is_file():
+        raise ValueError(f"cannot resume: no checkpoint {last} (train without --resume to start afresh)")
     rank, world = _distributed()
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = CharTokenizer()
@@ -147,7 +150,7 @@ def train(config: TrainConfig, data_dir: Path, out_dir: Path, resume: bool = Fal
         source, _ = load_checkpoint(Path(config.init))
         missing = model.load_state_dict(source.state_dict(), strict=False)
         print(f"initialised from {config.init} (new parameters: {len(missing.missing_keys)})")
-    module: nn.Module = ObjectiveModule(model, make_objective(config, model))
+    module: nn.Module = ObjectiveModule(model, get_method(config.method).objective(config, model))
     if world > 1:
         module = nn.parallel.DistributedDataParallel(module)
     batches = SpeechBatches(train_data, tokenizer, max_frames=config.max_frames, shuffle=True, seed=config.seed)
@@ -157,10 +160,12 @@ def train(config: TrainConfig, data_dir: Path, out_dir: Path, resume: bool = Fal
                                                     pct_start=config.warmup)
     start_epoch, best_wer, train_seconds = 0, float("inf"), 0.0
     augment_rng = torch.Generator().manual_seed(config.seed)
-    last = out_dir / "last.pt"
-    if resume and last.exists():
-        payload = torch.load(last, weights_only=True)
-        model.load_state_dict(payload["model"])
+    if resume:
+        payload = read_payload(last)
+        missing = [key for key in RESUME_KEYS if key not in payload]
+        if missing:
+            raise ValueError(f"cannot resume from {last}: it lacks {missing} (not a last.pt written by dynenc train)")
+        restore_state(model, payload["model"], last)
         optimizer.load_state_dict(payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
         torch.set_rng_state(payload["rng"])
@@ -204,33 +209,61 @@ def train(config: TrainConfig, data_dir: Path, out_dir: Path, resume: bool = Fal
                             augment_rng=augment_rng.get_state(), epoch=epoch, best_wer=best_wer,
                             train_seconds=train_seconds)
     if rank == 0:
-        (out_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+        save_config(config, out_dir / "train_config.json")
     return record
 
 
-_FLAG_TYPES = {"int": int, "float": float, "str": str, "bool": lambda s: s.lower() in ("1", "true", "yes")}
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _add_field_flags(parser: argparse.ArgumentParser, cls: type, dest_prefix: str, skip: Tuple[str, ...]) -> None:
+    """One ``--field-name`` flag per scalar (or tuple-of-int) field of dataclass ``cls``."""
+    group = parser.add_argument_group(f"{cls.__name__} fields (default: the --config file, else the recipe's)")
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        kind = hints[field.name]
+        if field.name in skip or kind not in (bool, int, float, str, Tuple[int, ...]):
+            continue
+        options: Dict[str, Any] = {"type": _parse_bool if kind is bool else kind}
+        if kind == Tuple[int, ...]:
+            options = {"type": int, "nargs": "*"}
+        group.add_argument(f"--{field.name.replace('_', '-')}", dest=dest_prefix + field.name, default=None,
+                           metavar=field.name.upper(), **options)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", choices=METHODS, help="dynamic-depth method (default static)")
+    parser.add_argument("--method", choices=method_names(), help="dynamic-depth method (default static)")
     parser.add_argument("--data", default="data/speech", help="corpus directory made by `dynenc data`")
     parser.add_argument("--out", help="run directory (default runs/<method>)")
-    parser.add_argument("--config", help="JSON file of TrainConfig fields; flags override it")
-    parser.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
+    parser.add_argument("--config", help="JSON file of TrainConfig fields (the model's under \"model\"); "
+                        "flags override it")
+    parser.add_argument("--resume", action="store_true", help="continue from <out>/last.pt (an error if there is none)")
     parser.add_argument("--quiet", action="store_true")
-    for field in dataclasses.fields(TrainConfig):
-        if field.name != "method":
-            kind = _FLAG_TYPES[str(field.type)]
-            parser.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=None)
+    _add_field_flags(parser, TrainConfig, "", skip=("method",))
+    # The vocabulary comes from the tokenizer.
+    _add_field_flags(parser, ModelConfig, "model.", skip=("vocab_size",))
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """``--config`` (or the defaults) with the flags given on the command line on top."""
+    config = load_config(TrainConfig, Path(args.config)) if args.config else TrainConfig()
+    given = {name: value for name, value in vars(args).items() if value is not None}
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    model = dataclasses.replace(config.model, **{name: given[f"model.{name}"] for name in model_fields
+                                                 if f"model.{name}" in given})
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"model"}
+    return dataclasses.replace(config, model=model, **{name: given[name] for name in train_fields if name in given})
 
 
 def run(args: argparse.Namespace) -> int:
-    config = TrainConfig.load(Path(args.config)) if args.config else TrainConfig()
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                 if getattr(args, f.name, None) is not None}
-    config = dataclasses.replace(config, **overrides)
+    config = config_from_args(args)
     if not Path(args.data, "train.jsonl").exists():
-        raise SystemExit(f"no corpus at {args.data}: run `dynenc data --out-dir {args.data}` first")
+        raise ValueError(f"no corpus at {args.data}: run `dynenc data --out-dir {args.data}` first")
     out = Path(args.out or f"runs/{config.method}")
     train(config, Path(args.data), out, resume=args.resume, progress=not args.quiet)
     return 0

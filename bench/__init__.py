@@ -1,0 +1,35 @@
+"""``dynenc bench``: dynenc against its peers, same weights, one run, ratios (installed as
+``dynenc.bench``; the command line is :mod:`.cli`).
+
+Peers (all built from one set of weights):
+
+* ``torchaudio`` — ``torchaudio.models.Conformer`` on the padded batch (static depth);
+* ``masked`` — today's per-sample layer dropping: every layer runs on every (padded) sample and
+  the result is discarded by mask, ``x = torch.where(keep_b, layer(x), x)``;
+* ``dynenc-reference`` — :class:`dynenc.DynamicConformer` on the plain-PyTorch reference ops;
+* ``dynenc`` — the same module on the native ops (C++ on CPU, Triton on CUDA).
+
+Every benchmark is a :class:`Case` of a :class:`Figure` (``forward``, ``train``, ``dld``,
+``exits``, ``ops``; one module each under :mod:`.figures`, registered in :data:`FIGURES`).
+The cases are defined once; ``dynenc bench`` times them and the pytest-benchmark suites in
+this directory (``test_*.py``) run the same cases. Within a figure the cases are timed
+round-robin (warm-up rounds first, then ``repeats`` rounds) so that drift of a shared
+machine hits all peers alike; each case reports the median. A figure's :class:`Ratio` rows
+turn medians into the ratios the README quotes, each with its target (or none).
+
+Modules: :mod:`.workload` (sizes, inputs, models), :mod:`.harness` (timing, machine header),
+:mod:`.figures`, :mod:`.runner` (figures -> rows and ratios), :mod:`.report` (tables, JSON,
+PNG), :mod:`.cli`.
+"""
+from .figures import FIGURES, Case, Figure, Ratio, all_cases
+from .harness import Prepared, TrainStep, machine_info, measure, synchronize
+from .runner import RatioResult, Row, run_benchmarks
+from .workload import (QUICK, BenchConfig, Workload, build_conformer, depth_mask, depths_for_fraction,
+                       layer_drop_mask, make_input, masked_forward, spread_lengths, valid_mean_square)
+
+__all__ = [
+    "FIGURES", "QUICK", "BenchConfig", "Case", "Figure", "Prepared", "Ratio", "RatioResult", "Row", "TrainStep",
+    "Workload", "all_cases", "build_conformer", "depth_mask", "depths_for_fraction", "layer_drop_mask",
+    "machine_info", "make_input", "masked_forward", "measure", "run_benchmarks", "spread_lengths", "synchronize",
+    "valid_mean_square",
+]

@@ -1,0 +1,102 @@
+"""``dynenc bench``: the command line (``add_arguments(parser)``, ``run(args)``).
+
+Model sizes are :class:`dynenc.config.ModelConfig` fields under their own names
+(``--dim --num-heads --ffn-dim --num-layers --kernel-size``); the flags' names from before
+(``--heads --layers --kernel``) remain as aliases. ``dynenc profile`` takes the same flags.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+from .figures import FIGURES
+from .harness import load_average, machine_info
+from .report import format_machine, format_results, format_rows, format_sizes, write_outputs
+from .runner import run_benchmarks
+from .workload import QUICK, BenchConfig
+
+MODEL_SIZES = ("dim", "num_heads", "ffn_dim", "num_layers", "kernel_size")
+RUN_SIZES = ("batch", "frames", "op_dim", "repeats", "warmup")
+_ALIASES = {"num_heads": ("--heads",), "num_layers": ("--layers",), "kernel_size": ("--kernel",)}
+
+
+def size_of(config: BenchConfig, name: str) -> int:
+    """The size ``name`` (a ModelConfig field in MODEL_SIZES, else a BenchConfig field)."""
+    return getattr(config.model if name in MODEL_SIZES else config, name)
+
+
+def add_size_arguments(group, names: Sequence[str], describe: Callable[[str], str]) -> None:
+    """One int flag per size in ``names``; ``None`` (the default) keeps the base config's."""
+    for name in names:
+        group.add_argument(f"--{name.replace('_', '-')}", *_ALIASES.get(name, ()), dest=name, type=int,
+                           default=None, help=describe(name))
+
+
+def with_sizes(base: BenchConfig, args: argparse.Namespace, names: Sequence[str]) -> BenchConfig:
+    """``base`` with the sizes in ``names`` that ``args`` sets (ModelConfig validates the model's)."""
+    given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    model = dataclasses.replace(base.model, **{k: v for k, v in given.items() if k in MODEL_SIZES})
+    return dataclasses.replace(base, model=model, **{k: v for k, v in given.items() if k not in MODEL_SIZES})
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = BenchConfig()
+    sizes = parser.add_argument_group("sizes (defaults: the embedded ~2-3 minute run; --quick: tiny)")
+    add_size_arguments(sizes, MODEL_SIZES + RUN_SIZES,
+                       lambda name: f"default {size_of(defaults, name)} (quick {size_of(QUICK, name)})")
+    sizes.add_argument("--fractions", type=float, nargs="+", default=None,
+                       help=f"active fractions for proportionality (default {' '.join(map(str, defaults.fractions))})")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every case in seconds")
+    parser.add_argument("--modes", nargs="+", choices=list(FIGURES), default=list(FIGURES), metavar="MODE",
+                        help=f"figures to run (default all: {' '.join(FIGURES)})")
+    parser.add_argument("--devices", nargs="+", default=None,
+                        help="devices (default: cpu, plus cuda when available)")
+    parser.add_argument("--out", type=Path, default=Path("out/bench"), help="output directory (default out/bench)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    config = with_sizes(QUICK if args.quick else BenchConfig(), args, MODEL_SIZES + RUN_SIZES)
+    if args.fractions is not None:
+        config = dataclasses.replace(config, fractions=tuple(sorted(set(args.fractions) | {1.0}, reverse=True)))
+    return config
+
+
+def _devices(requested: Optional[Sequence[str]]) -> List[str]:
+    if requested is None:
+        return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in requested:
+        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--devices: {device!r} requested but CUDA is not available")
+        if torch.device(device).type not in ("cpu", "cuda"):
+            raise ValueError(f"--devices must be cpu or cuda devices, got {device!r}")
+    return list(requested)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    devices = _devices(args.devices)
+    figures = [f for f in FIGURES if f in args.modes]
+    machine = machine_info()
+    print(format_machine(machine), flush=True)
+    busy = machine["cpu_busy_before"]
+    if busy is not None and busy > 0.2:  # others take cores from the worker threads, which then wait on each other
+        print(f"warning: other processes kept the CPUs {busy:.0%} busy before the run: timings will be noisy",
+              flush=True)
+    start = time.perf_counter()
+    rows, results = run_benchmarks(config, figures, devices, show_progress=not args.no_progress)
+    wall_s = time.perf_counter() - start
+    machine["load_avg_1m_after"] = load_average()  # includes this run's own threads
+    paths = write_outputs(args.out, config, machine, rows, results, devices, wall_s)
+    print()
+    print(format_sizes(config))
+    print(format_rows(rows))
+    print()
+    print(format_results(results))
+    print(f"\nwall time {wall_s:.1f} s; wrote {', '.join(str(p) for p in paths.values())}")
+    return 0

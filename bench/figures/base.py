@@ -1,0 +1,97 @@
+"""What a figure is made of: :class:`Case` (one thing to time), :class:`Ratio` (medians ->
+the ratios the README quotes, against targets) and :class:`Figure` (a named set of both),
+plus the wrappers the figures share."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, List, Tuple, Union
+
+import torch
+from torch import nn
+
+import dynenc
+
+from ..harness import Prepared
+from ..workload import BenchConfig, Workload
+
+Builder = Callable[[Workload], Prepared]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark: ``build(workload)`` returns the :class:`Prepared` callable to time."""
+
+    figure: str
+    name: str
+    peer: str
+    build: Builder = field(compare=False)
+
+    @property
+    def key(self) -> str:
+        return f"{self.figure}/{self.name}"
+
+
+#: A case key, or weighted case keys ``((key, weight), ...)`` summed.
+Terms = Union[str, Tuple[Tuple[str, float], ...]]
+
+
+def weighted_terms(terms: Terms) -> Tuple[Tuple[str, float], ...]:
+    return ((terms, 1.0),) if isinstance(terms, str) else terms
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """``numerator / denominator`` of case medians (each a weighted sum of cases), against
+    a target.
+
+    ``figure`` is the label of the ratio's group in the tables (a figure may group its
+    ratios under several labels). ``target`` is a number, a function of the prepared infos
+    (for targets that depend on a measured fraction), or None (reported, no target).
+    ``metric`` ``"time"`` compares medians, ``"saved"`` compares saved-activation bytes.
+    """
+
+    figure: str
+    name: str
+    numerator: Terms
+    denominator: Terms
+    target: Any = None
+    metric: str = "time"
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Figure:
+    """A figure of ``dynenc bench``: its cases and ratios for a config. ``per_token``:
+    its rows report valid input frames per second (model figures, not micro-benchmarks)."""
+
+    name: str
+    cases: Callable[[BenchConfig], List[Case]]
+    ratios: Callable[[BenchConfig], List[Ratio]]
+    per_token: bool = True
+
+
+def fraction_label(fraction: float) -> str:
+    return f"f={fraction:.2f}"
+
+
+def under_inference(fn: Callable[[], Any], *modules: nn.Module) -> Callable[[], Any]:
+    """``fn`` under ``torch.inference_mode`` with ``modules`` in eval mode (the training
+    figure leaves them in training mode; setting the mode costs microseconds)."""
+
+    def run() -> Any:
+        for module in modules:
+            module.eval()
+        with torch.inference_mode():
+            return fn()
+
+    return run
+
+
+def under_backend(backend: str, fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` with dynenc's ops on ``backend`` (``"native"`` or ``"reference"``)."""
+
+    def run() -> Any:
+        with dynenc.use_backend(backend):
+            return fn()
+
+    return run

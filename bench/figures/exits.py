@@ -1,0 +1,76 @@
+"""``exits``: CTC-model inference under budgets — early exit at each fixed exit and
+CTC-blank frame skipping — against the full model, front-end included."""
+from __future__ import annotations
+
+from typing import Callable, List
+
+import torch
+
+from dynenc.methods import BlankSkipBudget, Budget, EarlyExitBudget, FullBudget, infer
+
+from ..harness import Prepared
+from ..workload import BenchConfig, Workload, exit_layers
+from .base import Builder, Case, Figure, Ratio, under_inference
+
+
+def _blank_threshold(w: Workload, skip: float) -> float:
+    """tau such that a fraction ``skip`` of the frames has p(blank) > tau at layer K.
+
+    With random weights the blank head's scores have no meaning, so budgets are set by the
+    quantiles of its scores (the work skipped is what matters here)."""
+    model = w.ctc_model
+    features, lengths = w.speech_batch[:2]
+    with torch.inference_mode():
+        model.eval()
+        x, x_lengths = model.embed(features, lengths)
+        out = model.encoder(x, x_lengths, return_hidden=True)
+        p_blank = model.blank_head.blank_log_prob(out.hidden[model.config.blank_skip_layer - 1]).exp()
+    return float(torch.quantile(p_blank.float().cpu(), 1 - skip))
+
+
+def _under_budget(make_budget: Callable[[Workload], Budget]) -> Builder:
+    def build(w: Workload) -> Prepared:
+        model, budget = w.ctc_model, make_budget(w)
+        features, lengths = w.speech_batch[:2]
+        run = under_inference(lambda: infer(model, features, lengths, budget), model)
+        report = run().report
+        return Prepared(run, dict(active=report.executed_fraction, computed=report.executed_fraction))
+
+    return build
+
+
+def _front_end(w: Workload) -> Prepared:
+    """The CTC model's convolutional front-end alone: the part no budget can skip."""
+    model = w.ctc_model
+    features, lengths = w.speech_batch[:2]
+    return Prepared(under_inference(lambda: model.embed(features, lengths), model))
+
+
+def cases(config: BenchConfig) -> List[Case]:
+    """Early exit at each fixed exit, CTC-blank frame skipping after layer L/2 with 60 % and
+    80 % of the frames judged blank (spike window 0: with random weights the blank frames
+    are scattered at random, so spike extension would keep nearly every frame). The
+    front-end alone is timed too: budgets skip encoder work only."""
+    layers = config.model.num_layers
+    result = [Case("exits", "front-end only", "dynenc", _front_end),
+              Case("exits", "full", "dynenc", _under_budget(lambda w: FullBudget()))]
+    for exit_layer in exit_layers(layers):
+        result.append(Case("exits", f"early exit @{exit_layer}", "dynenc",
+                           _under_budget(lambda w, e=exit_layer: EarlyExitBudget(fixed_exit=e))))
+    if layers > 1:
+        for skip in (0.6, 0.8):
+            result.append(Case("exits", f"blank skip {int(skip * 100)}%", "dynenc", _under_budget(
+                lambda w, s=skip: BlankSkipBudget(threshold=_blank_threshold(w, s), spike_window=0))))
+    return result
+
+
+def ratios(config: BenchConfig) -> List[Ratio]:
+    """Whole-model time ratios (no targets: compare with the executed fraction of the
+    encoder, the ``active`` column), and the share of the front-end no budget can skip."""
+    full = "exits/full"
+    budgets = [Ratio("exits", f"{case.name} / full", case.key, full) for case in cases(config)[2:]]
+    return budgets + [Ratio("exits", "front-end only / full", "exits/front-end only", full,
+                            note="the part of an inference that no budget skips")]
+
+
+FIGURE = Figure("exits", cases, ratios)

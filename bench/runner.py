@@ -1,0 +1,109 @@
+"""Running figures: prepare a figure's cases, time them together, turn medians into
+:class:`Row` s and its ratios into :class:`RatioResult` s."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .figures import FIGURES, Ratio, all_cases, weighted_terms
+from .harness import measure, median
+from .workload import BenchConfig, Workload
+
+
+@dataclass
+class Row:
+    device: str
+    figure: str
+    case: str
+    peer: str
+    median_ms: float
+    times_ms: List[float]
+    tokens_per_s: Optional[float]
+    phases_ms: Dict[str, float]
+    info: Dict[str, Any]
+
+
+@dataclass
+class RatioResult:
+    device: str
+    figure: str
+    name: str
+    measured: float
+    target: Optional[float]
+    met: Optional[bool]
+    note: str
+
+
+def evaluate(ratios: Sequence[Ratio], rows: Dict[str, Row], device: str) -> List[RatioResult]:
+    """Medians (or saved bytes) -> ratios against their targets; ratios over cases that
+    were not run are left out."""
+    results = []
+    infos = {key: row.info for key, row in rows.items()}
+    for ratio in ratios:
+        numerator, denominator = weighted_terms(ratio.numerator), weighted_terms(ratio.denominator)
+        if not all(key in rows for key, _ in numerator + denominator):
+            continue
+
+        def value(terms: Tuple[Tuple[str, float], ...]) -> float:
+            metric = (lambda r: r.info["saved_mb"]) if ratio.metric == "saved" else (lambda r: r.median_ms)
+            return sum(weight * metric(rows[key]) for key, weight in terms)
+
+        measured = value(numerator) / value(denominator)
+        target = ratio.target(infos) if callable(ratio.target) else ratio.target
+        met = None if target is None else bool(measured <= target)
+        results.append(RatioResult(device, ratio.figure, ratio.name, measured, target, met, ratio.note))
+    return results
+
+
+def run_figure(figure: str, config: BenchConfig, workload: Workload, progress=None) -> Dict[str, Row]:
+    """Prepare and time every case of ``figure``; rows keyed by case key. ``progress``: a
+    tqdm bar counting cases, advanced by fractions of a case per timed round."""
+    spec = FIGURES[figure]
+    cases = spec.cases(config)
+    prepared = {}
+    for case in cases:
+        if progress is not None:
+            progress.set_postfix_str(f"{workload.device.type} {case.key} (setup)")
+        prepared[case.key] = case.build(workload)
+    rounds = config.warmup + config.repeats
+
+    def on_round(key: str) -> None:
+        if progress is not None:  # n counts cases: one timed round of a case is 1 / rounds of it
+            progress.set_postfix_str(f"{workload.device.type} {key}", refresh=False)
+            progress.n = (round(progress.n * rounds) + 1) / rounds  # recomputed: float sums would drift
+            progress.refresh()
+
+    # op_min_time only lengthens the micro-benchmarks (cases that repeat inside a measurement).
+    timings = measure(prepared, config.repeats, config.warmup, workload.device, config.op_min_time, on_round)
+    rows = {}
+    for case in cases:
+        timing = timings[case.key]
+        seconds = timing.median
+        rows[case.key] = Row(
+            device=workload.device.type, figure=figure, case=case.name, peer=case.peer, median_ms=seconds * 1e3,
+            times_ms=[t * 1e3 for t in timing.seconds],
+            tokens_per_s=workload.valid_tokens / seconds if spec.per_token and seconds > 0 else None,
+            phases_ms={phase: median(values) * 1e3 for phase, values in timing.phases.items()},
+            info=prepared[case.key].info)
+    return rows
+
+
+def run_benchmarks(config: BenchConfig, figures: Sequence[str], devices: Sequence[str],
+                   show_progress: bool = True) -> Tuple[List[Row], List[RatioResult]]:
+    """Every figure on every device; returns ``(rows, ratio results)``."""
+    from tqdm.auto import tqdm
+
+    total = len(devices) * len(all_cases(config, figures))
+    rows: List[Row] = []
+    results: List[RatioResult] = []
+    with tqdm(total=total, desc="dynenc bench", unit="case", disable=not show_progress,
+              bar_format="{l_bar}{bar}| {n:.1f}/{total} cases [{elapsed}<{remaining}{postfix}]") as progress:
+        for device in devices:
+            workload = Workload(config, torch.device(device))
+            for figure in figures:
+                figure_rows = run_figure(figure, config, workload, progress)
+                rows.extend(figure_rows.values())
+                results.extend(evaluate(FIGURES[figure].ratios(config), figure_rows, device))
+    return rows, results

@@ -1,0 +1,58 @@
+"""``CTCModel``: front-end + ``DynamicConformer`` + CTC head, plus the optional modules
+the methods read (exit heads, the intermediate blank head, the layer selector)."""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import ModelConfig
+from ..model import DynamicConformer, EncoderOutput
+from .frontend import Conv2dSubsampling
+from .heads import BlankHead, LayerSelector
+
+
+class CTCModel(nn.Module):
+    """A CTC speech model built from a validated :class:`~dynenc.config.ModelConfig`.
+
+    ``forward(features [B, T, F], lengths [B], **routing)`` returns
+    ``(log_probs [B, T', V], lengths [B], EncoderOutput)``; ``routing`` goes to
+    :meth:`DynamicConformer.forward` (``layer_mask``, ``depth``, ``gates``, ``policy``,
+    ``return_hidden``).
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.frontend = Conv2dSubsampling(config.num_features, config.dim)
+        self.encoder = DynamicConformer(config.dim, config.num_heads, config.ffn_dim, config.num_layers,
+                                        config.kernel_size, dropout=config.dropout)
+        self.ctc_head = nn.Linear(config.dim, config.vocab_size)
+        self.exit_heads = nn.ModuleDict({str(l): nn.Linear(config.dim, config.vocab_size) for l in config.exit_layers
+                                         if l != config.num_layers})
+        self.blank_head = (BlankHead(config.dim, config.vocab_size, config.factorized_ctc)
+                           if config.blank_skip_layer else None)
+        self.selector = (LayerSelector(config.dim, config.num_layers, config.selector_hidden)
+                         if config.selector_hidden else None)
+
+    def exit_head(self, layer: int) -> nn.Linear:
+        """The CTC head read after 1-based ``layer`` (the final head for the last layer)."""
+        return self.ctc_head if layer == self.config.num_layers else self.exit_heads[str(layer)]
+
+    def embed(self, features: Tensor, lengths: Tensor) -> Tuple[Tensor, Tensor]:
+        """Front-end: ``[B, T, F]`` -> ``([B, T', D], lengths')`` (the encoder's input)."""
+        if features.dim() != 3 or features.shape[2] != self.config.num_features:
+            raise ValueError(f"features must be [B, T, {self.config.num_features}], got {tuple(features.shape)}")
+        if features.shape[1] < 7:
+            raise ValueError(f"features need at least 7 frames for 4x subsampling, got {features.shape[1]}")
+        return self.frontend(features, lengths)
+
+    def forward(self, features: Tensor, lengths: Tensor, **routing) -> Tuple[Tensor, Tensor, EncoderOutput]:
+        x, x_lengths = self.embed(features, lengths)
+        return self.encode(x, x_lengths, **routing)
+
+    def encode(self, x: Tensor, lengths: Tensor, **routing) -> Tuple[Tensor, Tensor, EncoderOutput]:
+        """Encoder + final CTC head on already embedded ``x [B, T', D]``."""
+        out = self.encoder(x, lengths, return_report=True, **routing)
+        return F.log_softmax(self.ctc_head(out.output), dim=-1), lengths, out

@@ -1,0 +1,129 @@
+"""What every method module provides (a :class:`Method` spec) and the pieces they share:
+the budget base class and its field checks, the inference result, the objective protocol."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple, Type
+
+from torch import Tensor
+
+from ..asr import CTCModel
+from ..config import ModelConfig
+from ..model import ExecutedWork
+
+Batch = Tuple[Tensor, Tensor, Tensor, Tensor]  # features [B, T, F], lengths [B], targets [sum U], target_lengths [B]
+Logs = Dict[str, float]
+
+
+class Objective(Protocol):
+    """A training objective: ``(model, batch) -> (loss, logs)``."""
+
+    def __call__(self, model: CTCModel, batch: Batch) -> Tuple[Tensor, Logs]: ...
+
+
+class ObjectiveSettings(Protocol):
+    """The training hyper-parameters the methods' objective factories read
+    (:class:`dynenc.recipe.train.TrainConfig` has them)."""
+
+    drop_prob: float
+    kd_weight: float
+    temperature: float
+    hidden_weight: float
+    teacher: str
+
+
+class Budget:
+    """Base of the typed budgets. Each method's budget is a frozen dataclass that checks its
+    own fields in ``__post_init__``; :meth:`check` checks it against a model."""
+
+    def check(self, model: CTCModel) -> None:
+        """Raise ``ValueError`` when ``model`` cannot run this budget (e.g. lacks a head)."""
+
+
+def require_int(where: str, value: Any, low: int, high: Optional[int] = None) -> None:
+    """``value`` is an int (not a bool) in ``[low, high]`` (``high`` None = unbounded)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{where} must be an int, got {value!r}")
+    if value < low or (high is not None and value > high):
+        expected = f"lie in [{low}, {high}]" if high is not None else f"be >= {low}"
+        raise ValueError(f"{where} must {expected}, got {value}")
+
+
+def require_finite(where: str, value: Any) -> None:
+    """``value`` is a finite real number (int or float, not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{where} must be a float, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{where} must be finite, got {value}")
+
+
+def require_one_of(where: str, **options: Any) -> None:
+    """Exactly one of ``options`` is not None."""
+    given = [name for name, value in options.items() if value is not None]
+    if len(given) != 1:
+        raise ValueError(f"{where} needs exactly one of {' and '.join(options)}, got "
+                         f"{', '.join(given) if given else 'neither'}")
+
+
+@dataclass
+class Decisions:
+    """What a method decided, in sample order (None where the method decides nothing of the kind).
+
+    Attributes:
+        layer_mask: bool ``[B, L]`` the layers each sample ran (layer dropping, selector).
+        exit_layer: int64 ``[B]`` the 1-based layer each sample exited after (early exit).
+        skipped_frames: bool ``[B, T']`` frames that skipped the upper layers (blank skip).
+    """
+
+    layer_mask: Optional[Tensor] = None
+    exit_layer: Optional[Tensor] = None
+    skipped_frames: Optional[Tensor] = None
+
+
+@dataclass
+class InferenceResult:
+    """``log_probs [B, T', V]``, ``lengths [B]``, the executed-work report and the decisions."""
+
+    log_probs: Tensor
+    lengths: Tensor
+    report: ExecutedWork
+    decisions: Decisions = field(default_factory=Decisions)
+
+
+Runner = Callable[[CTCModel, Tensor, Tensor, Any], InferenceResult]
+
+
+def no_model_fields(config: ModelConfig) -> Dict[str, Any]:
+    return {}
+
+
+@dataclass(frozen=True)
+class Method:
+    """One dynamic-depth method, as the registry holds it.
+
+    Attributes:
+        name: the ``--method`` name (and ``runs/<name>``).
+        summary: one line for listings.
+        budget_type: its :class:`Budget` dataclass.
+        run: inference ``(model, x [B, T', D] after the front-end, lengths [B], budget) ->
+            InferenceResult``; called by :func:`dynenc.methods.infer` in eval mode, no grad.
+        objective: ``(settings, model) -> Objective`` for training.
+        budgets: the evaluation sweep of a trained model: ``model -> [(label, budget)]``.
+        model_fields: the :class:`ModelConfig` fields the method needs, filled in where the
+            given config leaves them unset (e.g. early exit: exit heads after every second layer).
+    """
+
+    name: str
+    summary: str
+    budget_type: Type[Budget]
+    run: Runner
+    objective: Callable[[ObjectiveSettings, CTCModel], Objective]
+    budgets: Callable[[CTCModel], List[Tuple[str, Budget]]]
+    model_fields: Callable[[ModelConfig], Dict[str, Any]] = no_model_fields
+
+
+def run_masked(model: CTCModel, x: Tensor, lengths: Tensor, layer_mask: Optional[Tensor]) -> InferenceResult:
+    """Inference with a bool ``[B, L]`` layer mask (None = every layer)."""
+    log_probs, _, out = model.encode(x, lengths, layer_mask=layer_mask)
+    return InferenceResult(log_probs, lengths, out.report, Decisions(layer_mask=layer_mask))

@@ -1,0 +1,39 @@
+"""The one op registry: every ``dynenc::`` op, its backends and its public function.
+
+Each op module (``dynenc/ops/<module>.py``, named in :data:`OPS`) holds, top to bottom: the
+plain-PyTorch reference (``reference_<op>``, the test oracle), the argument validation, the
+CUDA (Triton) registration, the fake impl (``torch.compile`` / ``torch.export``), the autograd
+formula (backward passes are ops too, with their own kernels) and the public function.
+Schemas and CPU kernels come from the C++ extension (``csrc/<module>.cpp``, loaded as
+``dynenc._C``); Triton launchers from ``kernels/<module>.py`` (``dynenc.kernels``).
+
+Modules call the public functions, never a backend. The backend is chosen per thread /
+context with :func:`use_backend`: ``"native"`` (C++ on CPU, Triton on CUDA; no silent
+fallback) or ``"reference"``.
+
+Dtypes: float32/float64 everywhere; bfloat16/float16 on CPU (C++, fp32 accumulation) and on
+CUDA (Triton, fp32 accumulation).
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+from .. import _C  # noqa: F401  (registers the dynenc:: schemas and CPU kernels)
+from .registry import BACKENDS, OPS, current_backend, use_backend
+
+MODULES = {name: importlib.import_module(f"{__name__}.{name}") for name in dict.fromkeys(OPS.values())}
+
+# The public functions of every op module, so adding an op touches only its module and OPS.
+__all__ = ["BACKENDS", "MODULES", "OPS", "current_backend", "reference", "use_backend"]
+for _module in MODULES.values():
+    globals().update({name: getattr(_module, name) for name in _module.__all__})
+    __all__ += _module.__all__
+
+
+def reference(name: str) -> Callable:
+    """The plain-PyTorch reference of the forward op ``name`` (e.g. ``"gather_rows"``)."""
+    if name not in OPS or name.endswith("_backward"):
+        forward = sorted(n for n in OPS if not n.endswith("_backward"))
+        raise ValueError(f"name must be a forward op, one of {forward}, got {name!r}")
+    return getattr(MODULES[OPS[name]], f"reference_{name}")

@@ -1,0 +1,108 @@
+"""`dynenc bench` and `dynenc profile` end to end at tiny sizes (the timings mean nothing
+here; the outputs' structure does)."""
+import json
+import re
+
+import pytest
+
+from dynenc import bench
+from dynenc.cli import main
+from dynenc.config import config_from_dict
+
+
+def test_bench_quick_writes_json_and_png(tmp_path, capsys):
+    assert main(["bench", "--quick", "--no-progress", "--out", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "bench.json").read_text())
+    assert {"machine", "config", "devices", "wall_s", "notes", "rows", "ratios"} <= set(payload)
+    assert {"cpu", "torch_threads", "torch", "torchaudio", "triton", "dynenc_commit"} <= set(payload["machine"])
+    assert payload["config"]["model"]["dim"] == bench.QUICK.model.dim
+    assert config_from_dict(bench.BenchConfig, payload["config"], "bench.json") == bench.QUICK
+
+    rows = {(r["figure"], r["case"]): r for r in payload["rows"]}
+    expected = {(case.figure, case.name) for case in bench.all_cases(bench.QUICK)}
+    assert set(rows) == expected
+    assert {r["peer"] for r in payload["rows"]} >= {"torchaudio", "masked", "dynenc", "dynenc-reference", "eager"}
+    for row in payload["rows"]:
+        assert row["median_ms"] > 0 and len(row["times_ms"]) == bench.QUICK.repeats
+    train = rows[("train", "dynenc LD f=0.50")]
+    assert set(train["phases_ms"]) == {"fwd", "bwd"} and train["info"]["saved_mb"] > 0
+    assert rows[("forward", "dynenc f=0.50")]["info"]["active"] == pytest.approx(0.5, abs=0.15)
+
+    ratios = {r["name"]: r for r in payload["ratios"]}
+    for name in ("dynenc f=0.50 / dynenc full", "dynenc full / torchaudio", "dynenc f=0.50 / torchaudio",
+                 "dynenc LD f=0.50 step / dynenc full step", "dynenc LD f=0.50 saved activations / full",
+                 "DLD step / (teacher fwd + full student step)", f"routing overhead / layer (D={bench.QUICK.op_dim})"):
+        assert ratios[name]["measured"] > 0 and ratios[name]["met"] in (True, False)
+    assert (tmp_path / "bench_cpu.png").stat().st_size > 10_000
+
+    out = capsys.readouterr().out
+    assert "torch " in out and "dynenc f=0.50 / dynenc full" in out
+
+
+@pytest.mark.parametrize("layers_flag", [pytest.param("--num-layers", id="model-config-name"),
+                                         pytest.param("--layers", id="old-alias")])
+def test_bench_modes_and_sizes(tmp_path, layers_flag):
+    assert main(["bench", "--quick", "--no-progress", "--modes", "forward", "--fractions", "0.5",
+                 layers_flag, "2", "--out", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "bench.json").read_text())
+    assert payload["config"]["model"]["num_layers"] == 2 and payload["config"]["fractions"] == [1.0, 0.5]
+    assert {r["figure"] for r in payload["rows"]} == {"forward"}
+
+
+@pytest.mark.parametrize("flags, message", [
+    pytest.param(["--dim", "33"], r"dim \(33\) must be divisible by num_heads \(2\)", id="dim-not-divisible"),
+    pytest.param(["--repeats", "0"], "--repeats must be >= 1", id="zero-repeats"),
+])
+def test_bench_rejects_bad_sizes(tmp_path, capsys, flags, message):
+    """Bad sizes (checked by ModelConfig and BenchConfig) end the command with status 2 and
+    a one-line error."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--quick", *flags, "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert re.search(f"dynenc bench: error: .*{message}", capsys.readouterr().err)
+
+
+def test_depths_for_fraction_hits_the_token_fraction():
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    lengths = bench.spread_lengths(16, 200, 0.3, generator)
+    for fraction in (0.75, 0.5, 0.25):
+        depth = bench.depths_for_fraction(lengths, 8, fraction, generator)
+        assert depth.min() >= 1 and depth.max() <= 8 and len(set(depth.tolist())) > 1  # per-sample depths
+        executed = float((depth * lengths).sum()) / (8 * float(lengths.sum()))
+        assert executed == pytest.approx(fraction, abs=0.02)
+    mask = bench.layer_drop_mask(16, 8, 0.5, generator)
+    assert (mask.sum(1) == 4).all() and not (mask == mask[0]).all()
+
+
+def test_peers_compute_the_same_function():
+    """The benchmark compares equal work: on equal lengths (no padding to leak) the masked
+    torchaudio peer equals dynenc with the same per-sample depths, and torchaudio equals
+    dynenc at full depth."""
+    import dataclasses
+
+    import torch
+
+    config = dataclasses.replace(bench.QUICK, min_length=1.0)
+    workload = bench.Workload(config, torch.device("cpu"))
+    static, dynamic = workload.models
+    x, lengths = workload.input
+    depth = workload.depth(0.5)
+    with torch.inference_mode():
+        masked = bench.masked_forward(static, x, lengths, bench.depth_mask(depth, config.model.num_layers))
+        torch.testing.assert_close(dynamic(x, lengths, depth=depth)[0], masked, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(dynamic(x, lengths)[0], static(x, lengths)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_profile_prints_dynenc_ops_and_writes_trace(tmp_path, capsys):
+    trace = tmp_path / "trace.json"
+    assert main(["profile", "--dim", "32", "--heads", "2", "--layers", "2", "--batch", "4", "--frames", "16",
+                 "--kernel", "5", "--keep", "0.5", "--backward", "--out", str(trace)]) == 0
+    out = capsys.readouterr().out
+    for name in ("dynenc::gated_residual_scatter", "dynenc::gather_rows", "dynenc.layer0", "dynenc.plan"):
+        assert name in out
+    assert "dynenc::varlen_attention_backward" in out
+    text = trace.read_text()
+    assert "dynenc::gated_residual_scatter" in text and "dynenc.layer0" in text
+    json.loads(text)  # a valid Chrome trace

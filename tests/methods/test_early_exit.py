@@ -1,0 +1,78 @@
+"""Early exits: decisions equal per-sample decisions, posteriors come from the exit head,
+and the decisions come back in the output objects (the policy keeps no state)."""
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dynenc import methods
+from dynenc.methods import EarlyExitBudget, EarlyExitPolicy, infer
+from toy_ctc import run_layer_alone, tiny_model, toy_batch
+
+
+@pytest.mark.parametrize("criterion", [pytest.param(c, id=c) for c in ("max_prob", "entropy")])
+@torch.no_grad()
+def test_early_exit_matches_per_sample_decisions(criterion):
+    model = tiny_model(exit_layers=(1, 2, 3)).eval()
+    features, lengths, _, _ = toy_batch(2)
+    x, x_lengths = model.embed(features, lengths)
+    # Per-sample confidences at each exit (the oracle runs every layer; fine for the check).
+    confidences = []
+    for b, length in enumerate(x_lengths.tolist()):
+        h = x[b:b + 1, :length]
+        row = []
+        for layer_id in range(3):
+            h = run_layer_alone(model, layer_id, h)
+            row.append(methods.frame_confidence(F.log_softmax(model.exit_head(layer_id + 1)(h), -1), criterion).mean())
+        confidences.append(torch.stack(row))
+    confidences = torch.stack(confidences)
+    ordered = confidences.flatten().sort().values
+    middle = ordered.numel() // 2
+    threshold = ((ordered[middle - 1] + ordered[middle]) / 2).item()  # away from ties
+    passes = confidences >= threshold
+    expected_exit = torch.where(passes.any(1), passes.float().argmax(1) + 1, torch.tensor(4))
+    result = infer(model, features, lengths, EarlyExitBudget(threshold=threshold, criterion=criterion))
+    assert torch.equal(result.decisions.exit_layer, expected_exit)
+    assert torch.equal(result.report.sample_depth, expected_exit)
+    assert result.report.tokens_per_layer == [int((x_lengths * (expected_exit > l)).sum()) for l in range(4)]
+    for b, length in enumerate(x_lengths.tolist()):
+        exit_at = int(expected_exit[b])
+        h = x[b:b + 1, :length]
+        for layer_id in range(exit_at):
+            h = run_layer_alone(model, layer_id, h)
+        torch.testing.assert_close(result.log_probs[b, :length], F.log_softmax(model.exit_head(exit_at)(h[0]), -1),
+                                   atol=1e-5, rtol=1e-5)
+    fixed = infer(model, features, lengths, EarlyExitBudget(fixed_exit=2))
+    assert (fixed.decisions.exit_layer == 2).all() and fixed.report.tokens_per_layer[2:] == [0, 0]
+
+
+@torch.no_grad()
+def test_exit_decisions_come_back_in_the_encoder_output():
+    model = tiny_model(exit_layers=(1, 2, 3)).eval()
+    features, lengths, _, _ = toy_batch(2)
+    x, x_lengths = model.embed(features, lengths)
+    policy = EarlyExitPolicy(model, EarlyExitBudget(fixed_exit=2))
+    everything = torch.ones(x.shape[0], 4, dtype=torch.bool)
+    runs = [model.encode(x, x_lengths, layer_mask=everything, policy=policy)[2] for _ in range(2)]
+    for out in runs:  # the same policy twice: no state carried between forwards
+        assert list(out.decisions) == [1]
+        decision = out.decisions[1]
+        assert decision.exits.all() and decision.log_probs.shape == (int(x_lengths.sum()), model.config.vocab_size)
+        assert out.report.tokens_per_layer[2:] == [0, 0]
+    torch.testing.assert_close(runs[0].decisions[1].log_probs, runs[1].decisions[1].log_probs)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        policy.budget = EarlyExitBudget(fixed_exit=3)
+    assert policy.decision_layers == (1,)
+    assert EarlyExitPolicy(model, EarlyExitBudget(threshold=0.5)).decision_layers == (0, 1, 2)
+
+
+@torch.no_grad()
+def test_exit_at_the_last_layer_is_the_full_model():
+    model = tiny_model(exit_layers=(2,)).eval()
+    features, lengths, _, _ = toy_batch(2)
+    full = infer(model, features, lengths, methods.FullBudget())
+    last = infer(model, features, lengths, EarlyExitBudget(fixed_exit=4))
+    assert (last.decisions.exit_layer == 4).all()
+    torch.testing.assert_close(last.log_probs, full.log_probs)
+    assert last.report.executed_fraction == 1.0

@@ -1,0 +1,94 @@
+"""``dynenc train`` configuration: one ModelConfig nested in TrainConfig, flags generated
+from both, JSON via the one config loader, the method's model fields, --resume checks."""
+import argparse
+import dataclasses
+
+import pytest
+
+from dynenc import cli
+from dynenc.config import ModelConfig, save_config
+from dynenc.recipe import train as train_module
+from dynenc.recipe.train import TrainConfig, train
+
+
+def parse(*argv):
+    parser = argparse.ArgumentParser(prog="dynenc train")
+    train_module.add_arguments(parser)
+    return train_module.config_from_args(parser.parse_args(list(argv)))
+
+
+def test_train_config_holds_no_model_fields_of_its_own():
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert not train_fields & {f.name for f in dataclasses.fields(ModelConfig)}
+    assert TrainConfig().model == ModelConfig(num_layers=6), "the recipe's model: ModelConfig's defaults, 6 layers"
+
+
+def test_flags_reach_the_nested_model_config():
+    config = parse("--method", "early_exit", "--num-layers", "4", "--dim", "96", "--exit-layers", "1", "3",
+                   "--spec-augment", "false", "--lr", "1e-3")
+    assert config.method == "early_exit" and config.lr == 1e-3 and config.spec_augment is False
+    assert (config.model.num_layers, config.model.dim, config.model.exit_layers) == (4, 96, (1, 3))
+    assert config.model.ffn_dim == TrainConfig().model.ffn_dim
+
+
+@pytest.mark.parametrize("argv, message", [
+    pytest.param(("--num-layers", "0"), r"ModelConfig.num_layers must be a positive int, got 0", id="zero-layers"),
+    pytest.param(("--dim", "30", "--num-heads", "4"), r"ModelConfig.dim \(30\) must be divisible by num_heads \(4\)",
+                 id="dim-not-divisible"),
+])
+def test_bad_model_flags_are_refused(argv, message):
+    with pytest.raises(ValueError, match=message):
+        parse(*argv)
+
+
+def test_bad_bool_flag_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        parse("--spec-augment", "maybe")
+    assert "expected true or false, got 'maybe'" in capsys.readouterr().err
+
+
+def test_json_config_round_trips_and_flags_override_it(tmp_path):
+    saved = TrainConfig(method="selector", epochs=3, model=ModelConfig(dim=64, num_layers=4, selector_hidden=8))
+    save_config(saved, tmp_path / "train.json")
+    assert parse("--config", str(tmp_path / "train.json")) == saved
+    overridden = parse("--config", str(tmp_path / "train.json"), "--epochs", "5", "--num-layers", "2")
+    assert overridden.epochs == 5 and overridden.model.num_layers == 2 and overridden.model.dim == 64
+
+
+def test_bad_json_config_names_the_field(tmp_path):
+    (tmp_path / "train.json").write_text('{"epochs": 3, "model": {"num_layers": null}}')
+    with pytest.raises(TypeError, match=r"'num_layers' must be int, got None"):
+        parse("--config", str(tmp_path / "train.json"))
+
+
+def test_unknown_method_is_refused():
+    with pytest.raises(ValueError, match=r"method must be one of .*got 'magic'"):
+        TrainConfig(method="magic")
+
+
+@pytest.mark.parametrize("method, fields", [
+    pytest.param("static", dict(exit_layers=(), blank_skip_layer=0, factorized_ctc=False, selector_hidden=0),
+                 id="static"),
+    pytest.param("dld", dict(exit_layers=(), blank_skip_layer=0, selector_hidden=0), id="dld"),
+    pytest.param("early_exit", dict(exit_layers=(2, 4, 6)), id="early_exit"),
+    pytest.param("blank_skip", dict(blank_skip_layer=3, factorized_ctc=True), id="blank_skip"),
+    pytest.param("selector", dict(selector_hidden=64), id="selector"),
+])
+def test_model_config_takes_the_vocabulary_and_the_methods_fields(method, fields):
+    model = TrainConfig(method=method).model_config(vocab_size=29)
+    assert model.vocab_size == 29 and model.num_layers == 6
+    assert {name: getattr(model, name) for name in fields} == fields
+
+
+def test_resume_without_a_checkpoint_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match=r"cannot resume: no checkpoint .*last\.pt"):
+        train(TrainConfig(), tmp_path / "no-corpus", tmp_path / "run", resume=True, progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_resume_without_a_checkpoint_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "train.jsonl").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--resume", "--data", str(tmp_path), "--out", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith("dynenc train: error: cannot resume: no checkpoint")
