@@ -94,23 +94,27 @@ def check_cu_seqlens_values(cu_seqlens: Tensor, num_rows: int, max_seqlen: Optio
 def check_real(name: str, value: Any, low: Optional[float] = None, high: Optional[float] = None) -> float:
     """``value`` is a finite real number (int or float, not bool) in ``[low, high]``; returns it."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+        raise TypeError(f"{name} must be a float, got {value!r}")
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     if (low is not None and value < low) or (high is not None and value > high):
-        raise ValueError(f"{name} must lie in [{'-inf' if low is None else low}, {'inf' if high is None else high}], "
-                         f"got {value}")
+        raise ValueError(f"{name} must {_bounds(low, high)}, got {value}")
     return value
 
 
 def check_int(name: str, value: Any, low: Optional[int] = None, high: Optional[int] = None) -> int:
     """``value`` is an int (not bool; a SymInt while tracing) in ``[low, high]``; returns it."""
     if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+        raise TypeError(f"{name} must be an int, got {value!r}")
     if guard_or_false((low is not None and value < low) or (high is not None and value > high)):
-        bounds = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
-        raise ValueError(f"{name} must lie in {bounds}, got {value}")
+        raise ValueError(f"{name} must {_bounds(low, high)}, got {value}")
     return value
+
+
+def _bounds(low: Optional[float], high: Optional[float]) -> str:
+    if high is None:
+        return f"be >= {low}"
+    return f"be <= {high}" if low is None else f"lie in [{low}, {high}]"
 
 
 def check_range(ranges: Sequence[tuple]) -> None:

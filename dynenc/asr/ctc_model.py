@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Tuple
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import validation
 from ..config import ModelConfig
 from ..model import DynamicConformer, EncoderOutput
 from .frontend import Conv2dSubsampling
@@ -42,10 +44,17 @@ class CTCModel(nn.Module):
 
     def embed(self, features: Tensor, lengths: Tensor) -> Tuple[Tensor, Tensor]:
         """Front-end: ``[B, T, F]`` -> ``([B, T', D], lengths')`` (the encoder's input)."""
-        if features.dim() != 3 or features.shape[2] != self.config.num_features:
+        validation.check_tensor("features", features, dim=3, layout=f"[B, T, {self.config.num_features}]")
+        if features.shape[2] != self.config.num_features:
             raise ValueError(f"features must be [B, T, {self.config.num_features}], got {tuple(features.shape)}")
         if features.shape[1] < 7:
             raise ValueError(f"features need at least 7 frames for 4x subsampling, got {features.shape[1]}")
+        validation.check_tensor("lengths", lengths, dim=1, layout="[B]", device=features.device)
+        if lengths.shape[0] != features.shape[0] or lengths.is_floating_point() or lengths.dtype == torch.bool:
+            raise ValueError(f"lengths must be an integer tensor of shape ({features.shape[0]},), got "
+                             f"{lengths.dtype} {tuple(lengths.shape)}")
+        # Checked in the caller's units: the subsampled numbers would not say what was wrong.
+        validation.check_range([("lengths", lengths, 0, features.shape[1], "T")])
         return self.frontend(features, lengths)
 
     def forward(self, features: Tensor, lengths: Tensor, **routing) -> Tuple[Tensor, Tensor, EncoderOutput]:

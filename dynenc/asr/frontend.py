@@ -27,4 +27,5 @@ class Conv2dSubsampling(nn.Module):
     def forward(self, features: Tensor, lengths: Tensor) -> Tuple[Tensor, Tensor]:
         h = self.conv(features.unsqueeze(1))  # [B, C, T', F']
         h = self.proj(h.permute(0, 2, 1, 3).flatten(2))
-        return h, self.output_lengths(lengths).clamp_min(1)
+        # An utterance shorter than the front-end's receptive field (7 frames) has no output frame.
+        return h, self.output_lengths(lengths).clamp_min(0)

@@ -2,7 +2,6 @@
 the budget base class and its field checks, the inference result, the objective protocol."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple, Type
 
@@ -39,23 +38,6 @@ class Budget:
 
     def check(self, model: CTCModel) -> None:
         """Raise ``ValueError`` when ``model`` cannot run this budget (e.g. lacks a head)."""
-
-
-def require_int(where: str, value: Any, low: int, high: Optional[int] = None) -> None:
-    """``value`` is an int (not a bool) in ``[low, high]`` (``high`` None = unbounded)."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{where} must be an int, got {value!r}")
-    if value < low or (high is not None and value > high):
-        expected = f"lie in [{low}, {high}]" if high is not None else f"be >= {low}"
-        raise ValueError(f"{where} must {expected}, got {value}")
-
-
-def require_finite(where: str, value: Any) -> None:
-    """``value`` is a finite real number (int or float, not a bool)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{where} must be a float, got {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{where} must be finite, got {value}")
 
 
 def require_one_of(where: str, **options: Any) -> None:

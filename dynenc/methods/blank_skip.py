@@ -15,8 +15,8 @@ from .. import ops
 from ..asr import BlankHead, CTCModel, ctc_loss, distillation_kl, masked_mean
 from ..config import ModelConfig
 from ..routing import Schedule, VarlenBatch
-from .base import (Batch, Budget, Decisions, InferenceResult, Logs, Method, ObjectiveSettings, require_finite,
-                   require_int)
+from ..validation import check_int, check_real
+from .base import Batch, Budget, Decisions, InferenceResult, Logs, Method, ObjectiveSettings
 from .static import FullBudget
 
 
@@ -37,10 +37,10 @@ class BlankSkipBudget(Budget):
     spike_window: int = 1
 
     def __post_init__(self) -> None:
-        require_finite("BlankSkipBudget.threshold", self.threshold)
+        check_real("BlankSkipBudget.threshold", self.threshold)
         if not 0 < self.threshold <= 1:
             raise ValueError(f"BlankSkipBudget.threshold must lie in (0, 1], got {self.threshold}")
-        require_int("BlankSkipBudget.spike_window", self.spike_window, 0)
+        check_int("BlankSkipBudget.spike_window", self.spike_window, low=0)
 
     def check(self, model: CTCModel) -> None:
         if model.blank_head is None:

@@ -12,8 +12,8 @@ from torch import Tensor
 from ..asr import CTCModel, ctc_loss
 from ..config import ModelConfig
 from ..routing import Schedule
-from .base import (Batch, Budget, Decisions, InferenceResult, Logs, Method, ObjectiveSettings, require_finite,
-                   require_int, require_one_of)
+from ..validation import check_int, check_real
+from .base import Batch, Budget, Decisions, InferenceResult, Logs, Method, ObjectiveSettings, require_one_of
 
 CRITERIA = ("max_prob", "entropy")
 
@@ -43,9 +43,9 @@ class EarlyExitBudget(Budget):
         if self.criterion not in CRITERIA:
             raise ValueError(f"EarlyExitBudget.criterion must be one of {CRITERIA}, got {self.criterion!r}")
         if self.fixed_exit is not None:
-            require_int("EarlyExitBudget.fixed_exit", self.fixed_exit, 1)
+            check_int("EarlyExitBudget.fixed_exit", self.fixed_exit, low=1)
             return
-        require_finite("EarlyExitBudget.threshold", self.threshold)
+        check_real("EarlyExitBudget.threshold", self.threshold)
         in_range = 0 <= self.threshold <= 1 if self.criterion == "max_prob" else self.threshold <= 0
         if not in_range:
             expected = "[0, 1]" if self.criterion == "max_prob" else "(-inf, 0] (a negative entropy)"

@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 
 from ..asr import CTCModel, ctc_loss
-from .base import Batch, Budget, InferenceResult, Logs, Method, ObjectiveSettings, require_int, run_masked
+from ..validation import check_int
+from .base import Batch, Budget, InferenceResult, Logs, Method, ObjectiveSettings, run_masked
 
 STRATEGIES = ("every_other", "first", "random")
 
@@ -95,12 +96,12 @@ class LayerDropBudget(Budget):
     strategy: str = "every_other"
 
     def __post_init__(self) -> None:
-        require_int("LayerDropBudget.layers", self.layers, 0)
+        check_int("LayerDropBudget.layers", self.layers, low=0)
         if self.strategy not in STRATEGIES:
             raise ValueError(f"LayerDropBudget.strategy must be one of {STRATEGIES}, got {self.strategy!r}")
 
     def check(self, model: CTCModel) -> None:
-        require_int("LayerDropBudget.layers", self.layers, 0, model.config.num_layers)
+        check_int("LayerDropBudget.layers", self.layers, low=0, high=model.config.num_layers)
 
 
 def run(model: CTCModel, x: Tensor, lengths: Tensor, budget: LayerDropBudget) -> InferenceResult:

@@ -11,8 +11,8 @@ from torch import Tensor
 
 from ..asr import CTCModel, ctc_loss
 from ..config import ModelConfig
-from .base import (Batch, Budget, InferenceResult, Logs, Method, ObjectiveSettings, require_finite, require_int,
-                   require_one_of, run_masked)
+from ..validation import check_int, check_real
+from .base import Batch, Budget, InferenceResult, Logs, Method, ObjectiveSettings, require_one_of, run_masked
 
 SELECTOR_HIDDEN = 64  # the recipe's selector width when the config names none
 
@@ -93,16 +93,16 @@ class SelectorBudget(Budget):
     def __post_init__(self) -> None:
         require_one_of("SelectorBudget", k=self.k, threshold=self.threshold)
         if self.k is not None:
-            require_int("SelectorBudget.k", self.k, 0)
+            check_int("SelectorBudget.k", self.k, low=0)
         else:
-            require_finite("SelectorBudget.threshold", self.threshold)
+            check_real("SelectorBudget.threshold", self.threshold)
             if not 0 < self.threshold < 1:
                 raise ValueError(f"SelectorBudget.threshold must lie in (0, 1), got {self.threshold}")
 
     def check(self, model: CTCModel) -> None:
         _require_selector(model, "a SelectorBudget")
         if self.k is not None:
-            require_int("SelectorBudget.k", self.k, 0, model.config.num_layers)
+            check_int("SelectorBudget.k", self.k, low=0, high=model.config.num_layers)
 
 
 def run(model: CTCModel, x: Tensor, lengths: Tensor, budget: SelectorBudget) -> InferenceResult:

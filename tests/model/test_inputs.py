@@ -58,8 +58,8 @@ def test_even_kernel_size_rejected():
 
 
 @pytest.mark.parametrize("kwargs,error,match", [
-    pytest.param(dict(num_heads=0), ValueError, r"num_heads must lie in \[1, inf\], got 0", id="zero_heads"),
-    pytest.param(dict(depthwise_conv_kernel_size=-3), ValueError, "depthwise_conv_kernel_size must lie", id="negative_kernel"),
+    pytest.param(dict(num_heads=0), ValueError, r"num_heads must be >= 1, got 0", id="zero_heads"),
+    pytest.param(dict(depthwise_conv_kernel_size=-3), ValueError, "depthwise_conv_kernel_size must be >= 1", id="negative_kernel"),
     pytest.param(dict(num_layers=2.0), TypeError, "num_layers must be an int", id="float_layers"),
     pytest.param(dict(dropout=1.5), ValueError, r"dropout must lie in \[0, 1\)", id="dropout"),
 ])
