@@ -9,7 +9,7 @@ dropped frames are never computed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Protocol, Tuple
+from typing import Any, Dict, List, Optional, Protocol, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from . import ops, validation
-from .routing import LayerRoute, PackedBatch, Schedule, VarlenBatch, pack, row_depth
+from .routing import LayerRoute, PackedBatch, Schedule, VarlenBatch, pack, row_depth, valid_frames
 
 
 class _FeedForwardModule(nn.Module):
@@ -98,12 +98,36 @@ class _ConvolutionModule(nn.Module):
         return dropout(h)
 
 
-class DynamicConformerLayer(nn.Module):
-    """One Conformer block on packed rows: ``[M, D]`` + its sub-batch -> ``[M, D]``.
+SKIP_MODES = ("identity", "final_norm")
 
-    Same submodules as ``torchaudio.models.conformer.ConformerLayer``. Attention dropout on
-    the probabilities is not applied (the varlen attention op has none); the output
-    dropouts are.
+
+def _attention_is_plain(attn: nn.Module) -> bool:
+    """True when ``attn`` is an ``nn.MultiheadAttention`` (parametrized or not) whose own
+    forward would compute exactly what the fused varlen path computes, and nobody listens to
+    its calls (no forward hooks): then the fast path may skip calling it."""
+    return (isinstance(attn, nn.MultiheadAttention) and type(attn).forward is nn.MultiheadAttention.forward
+            and attn._qkv_same_embed_dim and attn.bias_k is None and not attn.add_zero_attn
+            and not (attn._forward_hooks or attn._forward_pre_hooks or nn.modules.module._global_forward_hooks
+                     or nn.modules.module._global_forward_pre_hooks))
+
+
+class DynamicConformerLayer(nn.Module):
+    """One Conformer block with the submodules of ``torchaudio.models.conformer.ConformerLayer``.
+
+    Two ways to call it:
+
+    * torchaudio's: ``layer(input [T, B, D], key_padding_mask [B, T] or None) -> [T, B, D]``
+      (True marks padding; equal, per utterance, to torchaudio's layer; pad positions of the
+      output are zero), so layer loops and taps between layers work unchanged;
+    * the encoder's packed path: ``layer(rows [M, D], batch: VarlenBatch) -> [M, D]``, the
+      active rows of a sub-batch (what forward hooks on a layer see inside ``DynamicConformer``).
+
+    ``self_attn`` is honoured as a module: the fused varlen path reads its weights only when it
+    is a plain ``nn.MultiheadAttention`` (``torch.nn.utils.parametrize`` included) without
+    forward hooks; a replaced or wrapped attention (LoRA, adapters) or one with hooks is called
+    as torchaudio calls it, on a padded ``[T, B, D]`` view of the sub-batch. Attention dropout
+    on the probabilities is not applied on the fused path (the varlen attention op has none);
+    the output dropouts are.
     """
 
     def __init__(self, input_dim: int, ffn_dim: int, num_attention_heads: int, depthwise_conv_kernel_size: int,
@@ -120,13 +144,49 @@ class DynamicConformerLayer(nn.Module):
 
     def _attention(self, x: Tensor, batch: VarlenBatch) -> Tensor:
         attn = self.self_attn
+        if not _attention_is_plain(attn):
+            return self._attention_as_module(x, batch)
         num_rows, dim = x.shape
         qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).view(num_rows, 3, attn.num_heads, attn.head_dim)
         q, k, v = (t.contiguous() for t in qkv.unbind(1))
         out = ops.varlen_attention(q, k, v, batch.cu_seqlens, batch.max_seqlen)
         return F.linear(out.reshape(num_rows, dim), attn.out_proj.weight, attn.out_proj.bias)
 
-    def forward(self, x: Tensor, batch: VarlenBatch) -> Tensor:
+    def _attention_as_module(self, x: Tensor, batch: VarlenBatch) -> Tensor:
+        """``self_attn`` called like torchaudio calls it, on a padded view of the sub-batch."""
+        frames, num_seqs, dim = batch.max_seqlen, batch.num_seqs, x.shape[1]
+        positions = batch.padded_positions()
+        padded = ops.scatter_rows(x, positions, num_seqs * frames).view(num_seqs, frames, dim).transpose(0, 1)
+        # An empty sequence keeps one (zero) key so no softmax row is fully masked (NaN); its
+        # output is never read back.
+        key_padding_mask = ~valid_frames(batch.lengths.clamp_min(1), frames)
+        out = self.self_attn(query=padded, key=padded, value=padded, key_padding_mask=key_padding_mask,
+                             need_weights=False)[0]
+        return ops.gather_rows(out.transpose(0, 1).reshape(num_seqs * frames, dim), positions)
+
+    def forward(self, input: Tensor, key_padding_mask: Union[Optional[Tensor], VarlenBatch]) -> Tensor:
+        """``input [T, B, D]`` + ``key_padding_mask [B, T]`` (True = pad) or None -> ``[T, B, D]``;
+        or packed rows ``[M, D]`` + their :class:`VarlenBatch` -> ``[M, D]`` (see the class)."""
+        if isinstance(key_padding_mask, VarlenBatch):
+            return self._forward_packed(input, key_padding_mask)
+        validation.check_tensor("input", input, dim=3, layout="[T, B, D]")
+        frames, batch_size, _ = input.shape
+        if key_padding_mask is None:
+            lengths = torch.full((batch_size,), frames, dtype=torch.int64, device=input.device)
+        else:
+            validation.check_tensor("key_padding_mask", key_padding_mask, dim=2, layout="[B, T]",
+                                    dtypes=(torch.bool,), device=input.device)
+            if tuple(key_padding_mask.shape) != (batch_size, frames):
+                raise ValueError(f"key_padding_mask must have shape ({batch_size}, {frames}), got "
+                                 f"{tuple(key_padding_mask.shape)}")
+            lengths = frames - key_padding_mask.sum(1)
+            if not torch.equal(key_padding_mask, ~valid_frames(lengths, frames)):
+                raise ValueError("key_padding_mask must mark padding at the end of each sequence (True from its "
+                                 "length on), as torchaudio's Conformer builds it")
+        packed = pack(input.transpose(0, 1), lengths)
+        return packed.unpack(self._forward_packed(packed.x, packed.batch)).transpose(0, 1)
+
+    def _forward_packed(self, x: Tensor, batch: VarlenBatch) -> Tensor:
         x = self.ffn1(x) * 0.5 + x
         if self.convolution_first:
             x = x + self.conv_module(x, batch)
@@ -216,11 +276,19 @@ class DynamicConformer(nn.Module):
         dropout: dropout probability.
         use_group_norm: GroupNorm (per sequence) instead of BatchNorm1d in the conv module.
         convolution_first: convolution module before self-attention.
+        skip_mode: what a skipped (sample, layer) does: ``"identity"`` (default, our choice:
+            nothing, it costs nothing) or ``"final_norm"`` (it still applies that layer's final
+            LayerNorm, as the seed authors' layer-dropping code does; one extra LayerNorm per
+            partially run layer). With a soft gate g, rows become ``base + g * (F(x) - base)``
+            with ``base`` = x or ``final_layer_norm(x)``.
     """
 
     def __init__(self, input_dim: int, num_heads: int, ffn_dim: int, num_layers: int, depthwise_conv_kernel_size: int,
-                 dropout: float = 0.0, use_group_norm: bool = False, convolution_first: bool = False) -> None:
+                 dropout: float = 0.0, use_group_norm: bool = False, convolution_first: bool = False,
+                 skip_mode: str = "identity") -> None:
         super().__init__()
+        if skip_mode not in SKIP_MODES:
+            raise ValueError(f"skip_mode must be one of {SKIP_MODES}, got {skip_mode!r}")
         for name, value in (("input_dim", input_dim), ("num_heads", num_heads), ("ffn_dim", ffn_dim),
                             ("depthwise_conv_kernel_size", depthwise_conv_kernel_size)):
             validation.check_int(name, value, low=1)
@@ -233,6 +301,7 @@ class DynamicConformer(nn.Module):
         self.num_layers = num_layers
         self.ffn_dim = ffn_dim
         self.kernel_size = depthwise_conv_kernel_size
+        self.skip_mode = skip_mode
         self.conformer_layers = nn.ModuleList(
             DynamicConformerLayer(input_dim, ffn_dim, num_heads, depthwise_conv_kernel_size, dropout=dropout,
                                   use_group_norm=use_group_norm, convolution_first=convolution_first)
@@ -356,16 +425,19 @@ class DynamicConformer(nn.Module):
         return x, routes, decisions
 
     def _run_layer(self, layer: DynamicConformerLayer, x: Tensor, route: LayerRoute) -> Tensor:
+        runs_everything = route.index is None and guard_or_false(route.num_rows == x.shape[0])
+        if runs_everything and route.gate is None:
+            return layer(x, route.batch)
+        # What a skipped row becomes, and what a gate interpolates from (see skip_mode).
+        base = layer.final_layer_norm(x) if self.skip_mode == "final_norm" else x
         if guard_or_false(route.num_rows == 0):
             if self.training and torch.is_grad_enabled():
                 # Keep every parameter in the autograd graph (zero gradient) so DDP's
                 # reduction needs no find_unused_parameters.
-                x = x + sum(p.reshape(-1)[:1].sum() for p in layer.parameters()) * 0
-            return x
-        if route.index is None and route.gate is None and guard_or_false(route.num_rows == x.shape[0]):
-            return layer(x, route.batch)
+                base = base + sum(p.reshape(-1)[:1].sum() for p in layer.parameters()) * 0
+            return base
         active = x[: route.num_rows] if route.index is None else ops.gather_rows(x, route.index)
-        return ops.gated_residual_scatter(x, layer(active, route.batch), route.gate, route.index)
+        return ops.gated_residual_scatter(base, layer(active, route.batch), route.gate, route.index)
 
     # ------------------------------------------------------------------ accounting
     def layer_flops(self, tokens: int, sum_sq_lengths: float) -> float:

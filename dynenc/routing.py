@@ -48,6 +48,14 @@ class VarlenBatch:
     def lengths(self) -> Tensor:
         return (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).long()
 
+    def padded_positions(self, order: Optional[Tensor] = None) -> Tensor:
+        """int64 ``[num_rows]``: each row's flat position ``b * max_seqlen + t`` in a padded
+        ``[B, max_seqlen]`` view, ``b`` its sequence (or ``order[sequence]`` when given)."""
+        seq = self.seq_ids
+        offset_in_seq = torch.arange(self.num_rows, device=seq.device) - self.cu_seqlens.long().index_select(0, seq)
+        sample = seq if order is None else order.index_select(0, seq)
+        return sample * self.max_seqlen + offset_in_seq
+
     @property
     def seq_ids(self) -> Tensor:
         """int64 ``[num_rows]``: the sequence each row belongs to."""
@@ -104,10 +112,7 @@ def pack(input: Tensor, lengths: Tensor, order: Optional[Tensor] = None) -> Pack
     # guard_or_false: under torch.compile N is data-dependent; the general path is always correct.
     if order is None and guard_or_false(num_rows == batch_size * max_frames):
         return PackedBatch(input.reshape(num_rows, -1), batch, None, None, batch_size, max_frames)
-    seq = batch.seq_ids
-    offset_in_seq = torch.arange(num_rows, device=input.device) - cu_seqlens.long().index_select(0, seq)
-    sample = seq if order is None else order.index_select(0, seq)
-    positions = sample * max_frames + offset_in_seq
+    positions = batch.padded_positions(order)
     x = ops.gather_rows(input.reshape(batch_size * max_frames, -1), positions)
     return PackedBatch(x, batch, order, positions, batch_size, max_frames)
 

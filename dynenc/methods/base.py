@@ -1,11 +1,14 @@
 """What every method module provides (a :class:`Method` spec) and the pieces they share:
-the budget base class and its field checks, the inference result, the objective protocol."""
+the budget base class and its field checks, the inference result, the objective protocol,
+the frozen (eval-mode, no-grad) pass."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple, Type
+from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Tuple, Type
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 from ..asr import CTCModel
 from ..config import ModelConfig
@@ -30,6 +33,7 @@ class ObjectiveSettings(Protocol):
     temperature: float
     hidden_weight: float
     teacher: str
+    gating: str
 
 
 class Budget:
@@ -38,6 +42,21 @@ class Budget:
 
     def check(self, model: CTCModel) -> None:
         """Raise ``ValueError`` when ``model`` cannot run this budget (e.g. lacks a head)."""
+
+
+@contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """Run the block with ``module`` in eval mode and without grad, then give every submodule
+    its own training flag back (mixed modes included). An eval-mode pass leaves BatchNorm's
+    running statistics untouched and draws no dropout masks."""
+    modes = [(submodule, submodule.training) for submodule in module.modules()]
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for submodule, training in modes:
+            submodule.training = training
 
 
 def require_one_of(where: str, **options: Any) -> None:

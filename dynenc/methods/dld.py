@@ -11,44 +11,45 @@ from torch import Tensor
 
 from ..asr import CTCModel, ctc_loss, distillation_kl, load_checkpoint
 from . import layer_drop
-from .base import Batch, Logs, Method, ObjectiveSettings
+from .base import Batch, Logs, Method, ObjectiveSettings, frozen
 
 
 class DLDObjective:
     """``loss = CTC(student) + weight * T^2 * KL(teacher || student)`` over valid frames
     (+ ``hidden_weight`` * mean squared distance of the hidden states at every layer).
 
-    The student runs with per-sample Bernoulli(``drop_prob``) gates. The teacher is a frozen
-    full-depth model of the same front-end shape, or ``"self"`` (*choice*): the student's
-    own full-depth pass without gradient.
+    The student runs with Bernoulli(``drop_prob``) gates (default 0.5: the paper's), drawn
+    per ``gating`` as in :class:`~dynenc.methods.layer_drop.RandomLayerDrop` (default
+    ``"per_sample"``: our choice; the authors' LD code draws ``"per_batch"``). The teacher is
+    a full-depth model of the same front-end shape, or ``"self"`` (*choice*): the student's
+    own full-depth pass. Either teacher runs in eval mode without grad and leaves the
+    teacher's state as it found it (training flags, BatchNorm statistics), so with nothing
+    dropped and no dropout or BatchNorm batch statistics in the student the KL term is 0.
     """
 
     def __init__(self, teacher: Union[CTCModel, str] = "self", weight: float = 1.0, temperature: float = 1.0,
-                 drop_prob: float = 0.5, hidden_weight: float = 0.0) -> None:
+                 drop_prob: float = 0.5, hidden_weight: float = 0.0, gating: str = "per_sample") -> None:
         if isinstance(teacher, str) and teacher != "self":
             raise ValueError(f"teacher must be a CTCModel or 'self', got {teacher!r}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        layer_drop.check_gating("DLDObjective.gating", gating)
         self.teacher = teacher
-        if not isinstance(teacher, str):
-            teacher.eval().requires_grad_(False)
         self.weight, self.temperature, self.hidden_weight = weight, temperature, hidden_weight
-        self.drop_prob = drop_prob
+        self.drop_prob, self.gating = drop_prob, gating
 
     def __call__(self, model: CTCModel, batch: Batch) -> Tuple[Tensor, Logs]:
         features, lengths, targets, target_lengths = batch
         keep_hidden = self.hidden_weight > 0
-        x, x_lengths = model.embed(features, lengths)
-        with torch.no_grad():
-            if self.teacher == "self":
-                teacher_lp, _, teacher_out = model.encode(x, x_lengths, return_hidden=keep_hidden)
-            else:
-                teacher_lp, _, teacher_out = self.teacher(features, lengths, return_hidden=keep_hidden)
-        mask = layer_drop.RandomLayerDrop(model.config.num_layers, self.drop_prob).sample(features.shape[0],
-                                                                                          features.device)
-        student_lp, _, student_out = model.encode(x, x_lengths, layer_mask=mask, return_hidden=keep_hidden)
-        ctc = ctc_loss(student_lp, x_lengths, targets, target_lengths)
-        kd = distillation_kl(teacher_lp, student_lp, x_lengths, self.temperature)
+        teacher = model if self.teacher == "self" else self.teacher
+        with frozen(teacher):
+            teacher_lp, _, teacher_out = teacher(features, lengths, return_hidden=keep_hidden)
+        mask = layer_drop.RandomLayerDrop(model.config.num_layers, self.drop_prob, self.gating).sample(
+            features.shape[0], features.device)
+        student_lp, student_lengths, student_out = model(features, lengths, layer_mask=mask,
+                                                         return_hidden=keep_hidden)
+        ctc = ctc_loss(student_lp, student_lengths, targets, target_lengths)
+        kd = distillation_kl(teacher_lp, student_lp, student_lengths, self.temperature)
         loss = ctc + self.weight * kd
         logs = {"ctc": ctc.item(), "kd": kd.item()}
         if keep_hidden:
@@ -61,7 +62,8 @@ class DLDObjective:
 def objective(settings: ObjectiveSettings, model: CTCModel) -> DLDObjective:
     """Teacher: ``settings.teacher`` is ``"self"`` or the path of a static model's checkpoint."""
     teacher = "self" if settings.teacher == "self" else load_checkpoint(Path(settings.teacher))[0]
-    return DLDObjective(teacher, settings.kd_weight, settings.temperature, settings.drop_prob, settings.hidden_weight)
+    return DLDObjective(teacher, settings.kd_weight, settings.temperature, settings.drop_prob, settings.hidden_weight,
+                        settings.gating)
 
 
 METHOD = Method("dld", "layer dropping + distillation from a full-depth teacher", layer_drop.LayerDropBudget,

@@ -13,6 +13,7 @@ from ..validation import check_int
 from .base import Batch, Budget, InferenceResult, Logs, Method, ObjectiveSettings, run_masked
 
 STRATEGIES = ("every_other", "first", "random")
+GATINGS = ("per_sample", "per_batch")
 
 
 def linear_drop_schedule(num_layers: int, p_max: float) -> Tensor:
@@ -20,16 +21,26 @@ def linear_drop_schedule(num_layers: int, p_max: float) -> Tensor:
     return p_max * torch.arange(1, num_layers + 1, dtype=torch.float32) / num_layers
 
 
+def check_gating(name: str, gating: str) -> None:
+    """``gating`` is one of :data:`GATINGS` (the ValueError names the field ``name``)."""
+    if gating not in GATINGS:
+        raise ValueError(f"{name} must be one of {GATINGS}, got {gating!r}")
+
+
 class RandomLayerDrop:
-    """Per-sample (default) or per-batch Bernoulli layer gates.
+    """Bernoulli layer gates, one draw per (sample, layer) or per layer for the whole batch.
 
     Args:
         num_layers: L.
         p: drop probability: a scalar, or one per layer (e.g. :func:`linear_drop_schedule`).
-        per_sample: one draw per (sample, layer); otherwise one per layer for the whole batch.
+        gating: ``"per_sample"`` (default, our choice: a sample's dropped layers are compute
+            saved for that sample) or ``"per_batch"`` (one mask for the whole batch, the
+            default of the authors' LD code).
     """
 
-    def __init__(self, num_layers: int, p: Union[float, Sequence[float], Tensor] = 0.5, per_sample: bool = True):
+    def __init__(self, num_layers: int, p: Union[float, Sequence[float], Tensor] = 0.5,
+                 gating: str = "per_sample") -> None:
+        check_gating("RandomLayerDrop.gating", gating)
         probs = torch.as_tensor(p, dtype=torch.float32).flatten()
         if probs.numel() == 1:
             probs = probs.expand(num_layers)
@@ -39,11 +50,11 @@ class RandomLayerDrop:
             raise ValueError(f"p must lie in [0, 1], got {probs.tolist()}")
         self.num_layers = num_layers
         self.drop_prob = probs.clone()
-        self.per_sample = per_sample
+        self.gating = gating
 
     def sample(self, batch_size: int, device: torch.device, generator: Optional[torch.Generator] = None) -> Tensor:
         """bool ``[B, L]`` keep mask (True = the layer runs for that sample)."""
-        rows = batch_size if self.per_sample else 1
+        rows = batch_size if self.gating == "per_sample" else 1
         uniform = torch.rand(rows, self.num_layers, device=device, generator=generator)
         return (uniform >= self.drop_prob.to(device)).expand(batch_size, -1)
 
@@ -74,10 +85,13 @@ def fixed_layers_mask(num_layers: int, n: int, batch_size: int, strategy: str = 
 
 
 class LayerDropCTC:
-    """CTC with random layer dropping (per-sample Bernoulli keep masks, torch RNG)."""
+    """CTC with random layer dropping: Bernoulli keep masks from torch's RNG on the device,
+    drop probability ``drop_prob`` (default 0.5: the authors'), ``gating`` as in
+    :class:`RandomLayerDrop` (default ``"per_sample"``: our choice; the authors' code
+    draws ``"per_batch"``)."""
 
-    def __init__(self, num_layers: int, drop_prob: Union[float, Tensor] = 0.5, per_sample: bool = True) -> None:
-        self.dropper = RandomLayerDrop(num_layers, drop_prob, per_sample)
+    def __init__(self, num_layers: int, drop_prob: Union[float, Tensor] = 0.5, gating: str = "per_sample") -> None:
+        self.dropper = RandomLayerDrop(num_layers, drop_prob, gating)
 
     def __call__(self, model: CTCModel, batch: Batch) -> Tuple[Tensor, Logs]:
         features, lengths, targets, target_lengths = batch
@@ -117,8 +131,8 @@ def budgets(model: CTCModel) -> List[Tuple[str, Budget]]:
 
 
 def objective(settings: ObjectiveSettings, model: CTCModel) -> LayerDropCTC:
-    return LayerDropCTC(model.config.num_layers, settings.drop_prob)
+    return LayerDropCTC(model.config.num_layers, settings.drop_prob, settings.gating)
 
 
-METHOD = Method("layer_drop", "random layer dropping (per-sample Bernoulli gates)", LayerDropBudget, run, objective,
-                budgets)
+METHOD = Method("layer_drop", "random layer dropping (per-sample or per-batch Bernoulli gates)", LayerDropBudget, run,
+                objective, budgets)

@@ -27,6 +27,7 @@ from ..config import ModelConfig, load_config, save_config
 from ..validation import check_int, check_real
 from ..methods import get_method, method_names
 from ..methods.base import Objective
+from ..methods.layer_drop import check_gating
 from .batching import SpeechBatches, collate_batch
 from .evaluate import decode_split
 from .features import load_split
@@ -52,6 +53,8 @@ class TrainConfig:
         max_frames: padded feature frames per batch.
         warmup: fraction of the steps spent warming the learning rate up.
         drop_prob: layer_drop / dld drop probability.
+        gating: layer_drop / dld gate granularity, ``"per_sample"`` (our choice) or
+            ``"per_batch"`` (the authors' LD code); see :class:`~dynenc.methods.RandomLayerDrop`.
         kd_weight: dld lambda / blank_skip KD weight.
         hidden_weight: dld per-layer hidden-state alignment weight.
         teacher: dld teacher: a static model's checkpoint path, or ``"self"``.
@@ -68,6 +71,7 @@ class TrainConfig:
     clip: float = 5.0
     seed: int = 0
     drop_prob: float = 0.5
+    gating: str = "per_sample"
     kd_weight: float = 1.0
     temperature: float = 1.0
     hidden_weight: float = 0.0
@@ -81,6 +85,7 @@ class TrainConfig:
         check_int("TrainConfig.epochs", self.epochs, low=1)
         check_int("TrainConfig.max_frames", self.max_frames, low=1)
         check_int("TrainConfig.seed", self.seed, low=0)
+        check_gating("TrainConfig.gating", self.gating)
         for name, low, high in (("lr", 0.0, None), ("weight_decay", 0.0, None), ("warmup", 0.0, 1.0),
                                 ("clip", 0.0, None), ("drop_prob", 0.0, 1.0), ("kd_weight", 0.0, None),
                                 ("temperature", 0.0, None), ("hidden_weight", 0.0, None)):
