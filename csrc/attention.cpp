@@ -144,10 +144,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_backward(
 
 // Schemas and CPU kernels of the attention ops (the op table: dynenc/ops/registry.py).
 TORCH_LIBRARY_FRAGMENT(dynenc, m) {
-  m.def("varlen_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, int max_seqlen, float scale)"
+  m.def("varlen_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, SymInt max_seqlen, float scale)"
         " -> (Tensor, Tensor)");
   m.def("varlen_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out,"
-        " Tensor logsumexp, Tensor cu_seqlens, int max_seqlen, float scale) -> (Tensor, Tensor, Tensor)");
+        " Tensor logsumexp, Tensor cu_seqlens, SymInt max_seqlen, float scale) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(dynenc, CPU, m) {

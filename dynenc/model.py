@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from . import ops, validation
+from .padded import PaddedConformer
 from .routing import LayerRoute, PackedBatch, Schedule, VarlenBatch, pack, row_depth, valid_frames
 
 
@@ -385,6 +386,8 @@ class DynamicConformer(nn.Module):
             ``(output [B, T, D], lengths [B])`` like torchaudio (pad positions zero), or an
             :class:`EncoderOutput` when ``return_report``.
         """
+        if torch.jit.is_tracing():
+            return self._traced_forward(input, lengths, layer_mask, depth, gates, policy, return_report or return_hidden)
         validation.check_encoder_inputs(input, lengths, self.input_dim, self.num_layers, self._weight_dtype(),
                                         layer_mask, depth, gates, policy)
         with torch.profiler.record_function("dynenc.pack"):
@@ -404,6 +407,19 @@ class DynamicConformer(nn.Module):
         if not (return_report or return_hidden):
             return output, lengths
         return EncoderOutput(output, lengths, self.executed_work(packed, routes), routes, packed, hidden, decisions)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """``torch.jit.script`` scripts the padded twin (full depth, inference; shares these
+        parameters): TorchScript cannot express data-dependent packing."""
+        return PaddedConformer(self).train(self.training)
+
+    def _traced_forward(self, input: Tensor, lengths: Tensor, *routing_and_report) -> Tuple[Tensor, Tensor]:
+        """Under ``torch.jit.trace``: the padded twin, whose trace holds for other lengths and
+        batch sizes (the packed path's sizes are data-dependent and would be frozen)."""
+        if any(arg is not None and arg is not False for arg in routing_and_report):
+            raise ValueError("torch.jit.trace supports forward(input, lengths) at full depth only; for a fixed budget "
+                             "trace dynenc.padded.PaddedConformer(model, layers=...), for routing use torch.export")
+        return PaddedConformer(self).eval()(input, lengths)
 
     def forward_packed(self, x: Tensor, schedule: Schedule, policy: Optional[RoutingPolicy] = None,
                        hidden: Optional[List[Tensor]] = None):

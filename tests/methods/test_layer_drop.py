@@ -1,11 +1,14 @@
 """Random layer dropping: training masks, fixed-n inference masks, the budget against a
-per-sample oracle, determinism and gradients of skipped layers."""
+per-sample oracle, determinism, gradients of skipped layers and the gating option."""
+import argparse
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from dynenc import methods
-from dynenc.methods import LayerDropBudget, infer
+from dynenc.methods import LayerDropBudget, get_method, infer
+from dynenc.recipe import train as train_module
 from toy_ctc import per_sample_oracle, run_layer_alone, tiny_model, toy_batch
 
 
@@ -16,7 +19,7 @@ def test_random_layer_drop_masks():
     assert mask.shape == (1000, 8) and mask.dtype == torch.bool
     assert abs(mask.float().mean().item() - 0.5) < 0.03
     assert torch.equal(mask, drop.sample(1000, torch.device("cpu"), torch.Generator().manual_seed(0)))
-    batch_mask = methods.RandomLayerDrop(8, p=0.5, per_sample=False).sample(5, torch.device("cpu"), gen)
+    batch_mask = methods.RandomLayerDrop(8, p=0.5, gating="per_batch").sample(5, torch.device("cpu"), gen)
     assert (batch_mask == batch_mask[0]).all()
     assert methods.RandomLayerDrop(3, p=0.0).sample(4, torch.device("cpu")).all()
     assert not methods.RandomLayerDrop(3, p=1.0).sample(4, torch.device("cpu")).any()
@@ -83,3 +86,44 @@ def test_layer_drop_gradients_zero_exactly_where_skipped():
         assert all(g is not None and torch.isfinite(g).all() for g in grads), "every parameter stays in the graph"
         norm = sum(g.abs().sum() for g in grads)
         assert (norm == 0) if layer_id == 2 else (norm > 0)
+
+
+def parse_train_flags(*argv):
+    parser = argparse.ArgumentParser(prog="dynenc train")
+    train_module.add_arguments(parser)
+    return train_module.config_from_args(parser.parse_args(list(argv)))
+
+
+def training_masks(method, gating):
+    """The layer masks one training step of ``method`` (``dynenc train --gating``) runs."""
+    config = parse_train_flags("--method", method, "--gating", gating, "--drop-prob", "0.5")
+    model = tiny_model().train()
+    masks = []
+    model.encoder.register_forward_pre_hook(
+        lambda module, args, kwargs: masks.append(kwargs.get("layer_mask")), with_kwargs=True)
+    torch.manual_seed(3)
+    get_method(method).objective(config, model)(model, toy_batch(0))
+    return [mask for mask in masks if mask is not None]  # DLD's teacher pass runs every layer
+
+
+@pytest.mark.parametrize("method", [pytest.param(m, id=m) for m in ("layer_drop", "dld")])
+def test_per_batch_gating_gives_every_sample_the_same_layers(method):
+    [mask] = training_masks(method, "per_batch")
+    assert (mask == mask[0]).all()
+
+
+@pytest.mark.parametrize("method", [pytest.param(m, id=m) for m in ("layer_drop", "dld")])
+def test_per_sample_gating_draws_each_sample_its_own_layers(method):
+    [mask] = training_masks(method, "per_sample")
+    assert not (mask == mask[0]).all()
+
+
+@pytest.mark.parametrize("make, field", [
+    pytest.param(lambda: train_module.TrainConfig(gating="per_frame"), "TrainConfig.gating", id="train-config"),
+    pytest.param(lambda: parse_train_flags("--gating", "per_frame"), "TrainConfig.gating", id="train-flag"),
+    pytest.param(lambda: methods.LayerDropCTC(4, gating="per_frame"), "RandomLayerDrop.gating", id="layer-drop"),
+    pytest.param(lambda: methods.DLDObjective(gating="per_frame"), "DLDObjective.gating", id="dld"),
+])
+def test_bad_gating_is_refused(make, field):
+    with pytest.raises(ValueError, match=rf"{field} must be one of \('per_sample', 'per_batch'\), got 'per_frame'"):
+        make()
