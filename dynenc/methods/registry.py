@@ -9,11 +9,10 @@ from __future__ import annotations
 import importlib
 from typing import Dict, Tuple, Type
 
-import torch
 from torch import Tensor
 
 from ..asr import CTCModel
-from .base import Budget, InferenceResult, Method, Runner
+from .base import Budget, InferenceResult, Method, Runner, frozen
 
 _MODULES = ("static", "layer_drop", "dld", "selector", "early_exit", "blank_skip")
 
@@ -58,12 +57,6 @@ def infer(model: CTCModel, features: Tensor, lengths: Tensor, budget: Budget) ->
         names = ", ".join(sorted(t.__name__ for t in _RUNNERS))
         raise TypeError(f"budget must be one of {names}, got {type(budget).__name__}")
     budget.check(model)
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            x, x_lengths = model.embed(features, lengths)
-            return runner(model, x, x_lengths, budget)
-    finally:
-        for module, training in modes:
-            module.training = training
+    with frozen(model):
+        x, x_lengths = model.embed(features, lengths)
+        return runner(model, x, x_lengths, budget)

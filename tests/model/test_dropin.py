@@ -2,7 +2,6 @@
 parametrized attention, and ``skip_mode="final_norm"`` — each checked against torchaudio itself."""
 import pytest
 import torch
-import torchaudio
 from torch import nn
 from torch.nn.utils import parametrize
 
