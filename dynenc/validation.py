@@ -11,14 +11,35 @@ they are run where the kernel itself would not catch a bad value.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 FLOATING = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+# Set while DynamicConformer runs ops on tensors it built itself (indices, cu_seqlens): their
+# values are right by construction, so the CUDA ops skip the value checks (a host sync each).
+_trusted: contextvars.ContextVar[bool] = contextvars.ContextVar("dynenc_trusted_inputs", default=False)
+
+
+@contextlib.contextmanager
+def trusted_inputs() -> Iterator[None]:
+    """Ops called inside skip the host-syncing value checks of their index / cu_seqlens inputs."""
+    token = _trusted.set(True)
+    try:
+        yield
+    finally:
+        _trusted.reset(token)
+
+
+def values_need_checking() -> bool:
+    """False inside :func:`trusted_inputs` and while a CUDA graph is being captured (no sync allowed)."""
+    return not (_trusted.get() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()))
 
 
 def _dtype_names(dtypes: Sequence[torch.dtype]) -> str:

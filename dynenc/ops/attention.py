@@ -58,8 +58,19 @@ def check_varlen_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: T
     V.check_tensor("logsumexp", logsumexp, dim=2, layout="[rows, heads]", dtypes=(torch.float32,), device=q.device)
 
 
-register_cuda("varlen_attention", check_varlen_attention)
-register_cuda("varlen_attention_backward", check_varlen_attention_backward)
+def check_values_varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int,
+                                  scale: Optional[float] = None) -> None:
+    # max_seqlen sizes the GPU grid: a sequence longer than it would leave rows never computed.
+    V.check_cu_seqlens_values(cu_seqlens, q.shape[0], max_seqlen)
+
+
+def check_values_varlen_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                                           logsumexp: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float) -> None:
+    V.check_cu_seqlens_values(cu_seqlens, q.shape[0], max_seqlen)
+
+
+register_cuda("varlen_attention", check_varlen_attention, check_values_varlen_attention)
+register_cuda("varlen_attention_backward", check_varlen_attention_backward, check_values_varlen_attention_backward)
 refuse_double_backward("varlen_attention_backward")
 register_autocast("varlen_attention", "lower")
 
@@ -110,5 +121,6 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_se
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if native():
         return torch.ops.dynenc.varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale)[0]
-    V.check_cu_seqlens_values(cu_seqlens, q.shape[0], max_seqlen)
+    if V.values_need_checking():
+        check_values_varlen_attention(q, k, v, cu_seqlens, max_seqlen)
     return reference_varlen_attention(q, k, v, cu_seqlens, scale)

@@ -63,8 +63,16 @@ def check_varlen_dwconv1d_backward(grad_out: Tensor, x: Tensor, cu_seqlens: Tens
     V.check_like("grad_out", grad_out, "x", x, dims=(0, 1))
 
 
-register_cuda("varlen_dwconv1d", check_varlen_dwconv1d)
-register_cuda("varlen_dwconv1d_backward", check_varlen_dwconv1d_backward)
+def check_values_varlen_dwconv1d(x: Tensor, cu_seqlens: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
+    V.check_cu_seqlens_values(cu_seqlens, x.shape[0])
+
+
+def check_values_varlen_dwconv1d_backward(grad_out: Tensor, x: Tensor, cu_seqlens: Tensor, weight: Tensor) -> None:
+    V.check_cu_seqlens_values(cu_seqlens, x.shape[0])
+
+
+register_cuda("varlen_dwconv1d", check_varlen_dwconv1d, check_values_varlen_dwconv1d)
+register_cuda("varlen_dwconv1d_backward", check_varlen_dwconv1d_backward, check_values_varlen_dwconv1d_backward)
 refuse_double_backward("varlen_dwconv1d_backward")
 register_autocast("varlen_dwconv1d", "lower")
 
@@ -109,5 +117,6 @@ def varlen_dwconv1d(x: Tensor, cu_seqlens: Tensor, weight: Tensor, bias: Optiona
     check_varlen_dwconv1d(x, cu_seqlens, weight, bias)
     if native():
         return torch.ops.dynenc.varlen_dwconv1d(x, cu_seqlens, weight, bias)
-    V.check_cu_seqlens_values(cu_seqlens, x.shape[0])
+    if V.values_need_checking():
+        check_values_varlen_dwconv1d(x, cu_seqlens, weight, bias)
     return reference_varlen_dwconv1d(x, cu_seqlens, weight, bias)

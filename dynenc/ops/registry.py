@@ -11,9 +11,11 @@ import contextlib
 import contextvars
 import functools
 import importlib
-from typing import Callable, Dict, Iterator, List, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
+
+from .. import validation
 
 #: op name -> module name (``csrc/<module>.cpp``, ``kernels/<module>.py``, ``dynenc/ops/<module>.py``).
 OPS: Dict[str, str] = {
@@ -59,16 +61,28 @@ def native() -> bool:
     return _backend.get() == "native"
 
 
-def register_cuda(name: str, check: Callable[..., None]) -> None:
-    """Register ``kernels/<module>.py``'s launcher ``name`` as the CUDA kernel of ``dynenc::name``,
-    validating its arguments with ``check`` first (the launchers trust their arguments)."""
+#: op name -> the CUDA kernel registered for it (the launcher behind its checks).
+CUDA_KERNELS: Dict[str, Callable] = {}
+
+
+def register_cuda(name: str, check: Callable[..., None], check_values: Optional[Callable[..., None]] = None) -> None:
+    """Register ``kernels/<module>.py``'s launcher ``name`` as the CUDA kernel of ``dynenc::name``.
+
+    The launchers trust their arguments, so ``check`` (shapes, dtypes, devices; no sync) runs
+    first, and ``check_values`` (index ranges, ``cu_seqlens``; one host sync) too unless the
+    caller vouches for the values (:func:`dynenc.validation.trusted_inputs`, which the encoder
+    uses for the tensors it builds).
+    """
 
     def launch(*args):
         check(*args)
+        if check_values is not None and validation.values_need_checking():
+            check_values(*args)
         # Imported on the first CUDA call: triton is not needed on CPU.
         kernels = importlib.import_module(f"dynenc.kernels.{OPS[name]}")
         return getattr(kernels, name)(*args)
 
+    CUDA_KERNELS[name] = launch
     torch.library.register_kernel(f"dynenc::{name}", "cuda", launch)
 
 

@@ -83,11 +83,30 @@ def check_scatter_rows(y: Tensor, index: Tensor, num_rows: int) -> None:
         raise ValueError(f"num_rows must be >= the {y.shape[0]} rows of y, got {num_rows}")
 
 
+def check_values_gated_residual_scatter(x: Tensor, y: Tensor, gate: Optional[Tensor], index: Optional[Tensor]) -> None:
+    if index is not None:
+        V.check_index_values("index", index, x.shape[0], distinct=True)
+
+
+def check_values_gated_residual_scatter_backward(grad_out: Tensor, x: Tensor, y: Tensor, gate: Optional[Tensor],
+                                                 index: Optional[Tensor]) -> None:
+    check_values_gated_residual_scatter(x, y, gate, index)
+
+
+def check_values_gather_rows(x: Tensor, index: Tensor) -> None:
+    V.check_index_values("index", index, x.shape[0], distinct=False)
+
+
+def check_values_scatter_rows(y: Tensor, index: Tensor, num_rows: int) -> None:
+    V.check_index_values("index", index, num_rows, distinct=True)
+
+
 # ----------------------------------------------------------------------------- registration
-for _name, _check in (("gated_residual_scatter", check_gated_residual_scatter),
-                      ("gated_residual_scatter_backward", check_gated_residual_scatter_backward),
-                      ("gather_rows", check_gather_rows), ("scatter_rows", check_scatter_rows)):
-    register_cuda(_name, _check)
+register_cuda("gated_residual_scatter", check_gated_residual_scatter, check_values_gated_residual_scatter)
+register_cuda("gated_residual_scatter_backward", check_gated_residual_scatter_backward,
+              check_values_gated_residual_scatter_backward)
+register_cuda("gather_rows", check_gather_rows, check_values_gather_rows)
+register_cuda("scatter_rows", check_scatter_rows, check_values_scatter_rows)
 refuse_double_backward("gated_residual_scatter_backward")
 register_autocast("gated_residual_scatter", "promote")
 register_autocast("gather_rows", "promote")
@@ -179,8 +198,8 @@ def gated_residual_scatter(x: Tensor, y: Tensor, gate: Optional[Tensor] = None, 
         gate = gate.to(x.dtype)
     if native():
         return torch.ops.dynenc.gated_residual_scatter(x, y, gate, index)
-    if index is not None:
-        V.check_index_values("index", index, x.shape[0], distinct=True)
+    if V.values_need_checking():
+        check_values_gated_residual_scatter(x, y, gate, index)
     return reference_gated_residual_scatter(x, y, gate, index)
 
 
@@ -194,7 +213,8 @@ def gather_rows(x: Tensor, index: Tensor) -> Tensor:
     check_gather_rows(x, index)
     if native():
         return torch.ops.dynenc.gather_rows(x, index)
-    V.check_index_values("index", index, x.shape[0], distinct=False)
+    if V.values_need_checking():
+        check_values_gather_rows(x, index)
     return reference_gather_rows(x, index)
 
 
@@ -209,5 +229,6 @@ def scatter_rows(y: Tensor, index: Tensor, num_rows: int) -> Tensor:
     check_scatter_rows(y, index, num_rows)
     if native():
         return torch.ops.dynenc.scatter_rows(y, index, num_rows)
-    V.check_index_values("index", index, num_rows, distinct=True)
+    if V.values_need_checking():
+        check_values_scatter_rows(y, index, num_rows)
     return reference_scatter_rows(y, index, num_rows)
