@@ -41,6 +41,9 @@ def _write_temp(path: Path, write: Writer) -> Path:
 def atomic_write(files: Dict[Path, Writer]) -> None:
     """Write every file of ``{path: write}`` or none of them: all temp files are complete
     before the first ``os.replace``."""
+    for path in files:  # leftovers of a save that was killed (one writer per path)
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
     temps = []
     try:
         for path, write in files.items():

@@ -46,7 +46,7 @@ class RandomLayerDrop:
             probs = probs.expand(num_layers)
         if probs.numel() != num_layers:
             raise ValueError(f"p must be a scalar or have {num_layers} entries (one per layer), got {probs.numel()}")
-        if ((probs < 0) | (probs > 1)).any():
+        if not ((probs >= 0) & (probs <= 1)).all():  # NaN fails too
             raise ValueError(f"p must lie in [0, 1], got {probs.tolist()}")
         self.num_layers = num_layers
         self.drop_prob = probs.clone()

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from ..asr import CTCModel, load_checkpoint
 from ..methods import Budget, FullBudget, get_method, infer, method_names
+from ..validation import check_int
 from .batching import SpeechBatches, collate_batch
 from .features import load_split
 from .tokenizer import CharTokenizer
@@ -159,6 +160,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_int("--beam", args.beam, low=0)
+    check_int("--timing-repeats", args.timing_repeats, low=1)
+    if args.limit is not None:
+        check_int("--limit", args.limit, low=1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     names = [m.strip() for m in args.methods.split(",") if m.strip()]

@@ -107,3 +107,43 @@ def test_bad_checkpoint_files_raise_value_errors_naming_the_file(tmp_path, corru
 def test_missing_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_checkpoint(tmp_path / "nothing.pt")
+
+
+_SAVE_FOREVER = """
+import sys, torch
+from dynenc.asr import CTCModel, ModelConfig, save_checkpoint
+model = CTCModel(ModelConfig(vocab_size=6, num_features=16, dim=64, num_heads=2, ffn_dim=256, num_layers=4))
+step = 0
+while True:
+    step += 1
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(step)
+    save_checkpoint(sys.argv[1], model, step=step)
+    if step == 1:
+        print("saved", flush=True)
+"""
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.05, 0.2], ids=["at_once", "50ms", "200ms"])
+def test_kill_during_save_leaves_a_loadable_checkpoint(tmp_path, delay):
+    """SIGKILL a process that saves in a loop: last.pt always loads, weights and step agreeing."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = tmp_path / "last.pt"
+    child = subprocess.Popen([sys.executable, "-c", _SAVE_FOREVER, str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "saved"
+        time.sleep(delay)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    model, payload = load_checkpoint(path)
+    values = {float(p.flatten()[0]) for p in model.parameters()}
+    assert values == {float(payload["step"])}
+    # A kill can leave a temp file behind; the next save removes it.
+    save_checkpoint(path, model, step=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.json", "last.pt"]

@@ -30,6 +30,12 @@ CASES = [
     pytest.param(lambda tmp: ["train", "--data", str(tmp / "none")], "no corpus at", id="missing_corpus"),
     pytest.param(lambda tmp: ["eval", "--data", str(tmp / "none"), "--runs", str(tmp)], "not found", id="eval_missing_data"),
     pytest.param(lambda tmp: ["data", "--num-train", "-1", "--out-dir", str(tmp)], "--num-train", id="negative_count"),
+    pytest.param(lambda tmp: ["eval", "--limit", "0", "--data", str(tmp), "--runs", str(tmp)], "--limit must be >= 1",
+                 id="eval_limit_zero"),
+    pytest.param(lambda tmp: ["eval", "--limit", "-1", "--data", str(tmp), "--runs", str(tmp)], "--limit must be >= 1",
+                 id="eval_limit_negative"),
+    pytest.param(lambda tmp: ["eval", "--beam", "-2", "--data", str(tmp), "--runs", str(tmp)], "--beam must be >= 0",
+                 id="eval_negative_beam"),
 ]
 
 

@@ -29,6 +29,8 @@ def test_random_layer_drop_masks():
         methods.RandomLayerDrop(3, p=[0.1, 0.2])
     with pytest.raises(ValueError, match=r"p must lie in \[0, 1\]"):
         methods.RandomLayerDrop(3, p=1.5)
+    with pytest.raises(ValueError, match=r"p must lie in \[0, 1\]"):
+        methods.RandomLayerDrop(3, p=float("nan"))  # NaN would drop every layer
 
 
 @pytest.mark.parametrize("strategy", [pytest.param(s, id=s) for s in ("every_other", "first", "random")])
