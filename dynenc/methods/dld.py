@@ -41,13 +41,19 @@ class DLDObjective:
     def __call__(self, model: CTCModel, batch: Batch) -> Tuple[Tensor, Logs]:
         features, lengths, targets, target_lengths = batch
         keep_hidden = self.hidden_weight > 0
-        teacher = model if self.teacher == "self" else self.teacher
-        with frozen(teacher):
-            teacher_lp, _, teacher_out = teacher(features, lengths, return_hidden=keep_hidden)
+        # The front-end has no dropout or BatchNorm, so its output is the same in eval mode:
+        # the self-teacher reuses it (detached) instead of running it a second time.
+        x, x_lengths = model.embed(features, lengths)
+        if self.teacher == "self":
+            with frozen(model):
+                teacher_lp, _, teacher_out = model.encode(x.detach(), x_lengths, return_hidden=keep_hidden)
+        else:
+            with frozen(self.teacher):
+                teacher_lp, _, teacher_out = self.teacher(features, lengths, return_hidden=keep_hidden)
         mask = layer_drop.RandomLayerDrop(model.config.num_layers, self.drop_prob, self.gating).sample(
             features.shape[0], features.device)
-        student_lp, student_lengths, student_out = model(features, lengths, layer_mask=mask,
-                                                         return_hidden=keep_hidden)
+        student_lp, student_lengths, student_out = model.encode(x, x_lengths, layer_mask=mask,
+                                                                return_hidden=keep_hidden)
         ctc = ctc_loss(student_lp, student_lengths, targets, target_lengths)
         kd = distillation_kl(teacher_lp, student_lp, student_lengths, self.temperature)
         loss = ctc + self.weight * kd

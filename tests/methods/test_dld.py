@@ -112,3 +112,14 @@ def test_teacher_pass_leaves_batch_norm_statistics_untouched():
     assert dld_state.keys() == ld_state.keys() and dld_state
     for name, value in ld_state.items():
         assert torch.equal(dld_state[name], value), name
+
+
+def test_front_end_is_mode_independent_so_the_self_teacher_may_share_it():
+    """The self-teacher reuses the student's front-end output: valid only while the front-end
+    computes the same in training and eval mode (no dropout, no BatchNorm)."""
+    model = tiny_model(dropout=0.3)
+    features, lengths = toy_batch(0)[:2]
+    train_x, _ = model.train().embed(features, lengths)
+    eval_x, _ = model.eval().embed(features, lengths)
+    assert torch.equal(train_x, eval_x)
+    assert not any(isinstance(m, (nn.Dropout, nn.modules.batchnorm._BatchNorm)) for m in model.frontend.modules())
