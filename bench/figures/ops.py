@@ -1,7 +1,9 @@
 """``ops``: each native op against the eager torch compositions it replaces, on the packed
 rows of the benchmark batch at ``op_dim`` channels and one per-sample LD layer route (a
 random half of the samples); plus the routing step and one Conformer layer on those rows
-for the routing overhead. The op list lives here only (:data:`OPS`)."""
+for the routing overhead. :data:`OP_BENCHMARKS` is keyed by the op table's names
+(:data:`dynenc.ops.OPS`); every forward op but ``scatter_rows`` (the inverse of ``gather_rows``,
+the same traffic) has a row."""
 from __future__ import annotations
 
 from typing import Any, Callable, Dict, List, Sequence, Tuple
@@ -128,18 +130,20 @@ def _plan(kind: str) -> Builder:
     return _op(make)
 
 
-#: op -> (implementation label, builder); the first implementation is the native op, the
-#: others the eager torch compositions it replaces.
-OPS: Dict[str, Tuple[Tuple[str, Builder], ...]] = {
-    "gated scatter": (("native", _gated_scatter(True)),
-                      ("eager clone+index_select+index_copy", _gated_scatter(False))),
-    "gather": (("native", _gather(True)), ("eager index_select", _gather(False))),
-    "dwconv": (("native", _dwconv("native")), ("eager per-sequence conv1d", _dwconv("per-sequence")),
-               ("eager padded conv1d", _dwconv("padded"))),
-    "attention": (("native", _attention("native")), ("eager padded SDPA", _attention("padded")),
-                  ("eager per-sequence SDPA", _attention("per-sequence"))),
-    "plan": (("native", _plan("native")), ("eager reference", _plan("reference"))),
+#: op name (dynenc.ops.OPS) -> (label, ((implementation, builder), ...)); the first implementation
+#: is the native op, the others the eager torch compositions it replaces.
+OP_BENCHMARKS: Dict[str, Tuple[str, Tuple[Tuple[str, Builder], ...]]] = {
+    "gated_residual_scatter": ("gated scatter", (("native", _gated_scatter(True)),
+                                                 ("eager clone+index_select+index_copy", _gated_scatter(False)))),
+    "gather_rows": ("gather", (("native", _gather(True)), ("eager index_select", _gather(False)))),
+    "varlen_dwconv1d": ("dwconv", (("native", _dwconv("native")), ("eager per-sequence conv1d", _dwconv("per-sequence")),
+                                   ("eager padded conv1d", _dwconv("padded")))),
+    "varlen_attention": ("attention", (("native", _attention("native")), ("eager padded SDPA", _attention("padded")),
+                                       ("eager per-sequence SDPA", _attention("per-sequence")))),
+    "build_plan": ("plan", (("native", _plan("native")), ("eager reference", _plan("reference")))),
 }
+assert set(OP_BENCHMARKS) <= set(native_ops.OPS), "OP_BENCHMARKS must use the op table's names"
+OPS = dict(OP_BENCHMARKS.values())  # label -> implementations
 ROUTES, LAYER = "routes (plan + sub-batches, all layers)", "layer"
 
 

@@ -106,3 +106,13 @@ def test_profile_prints_dynenc_ops_and_writes_trace(tmp_path, capsys):
     text = trace.read_text()
     assert "dynenc::gated_residual_scatter" in text and "dynenc.layer0" in text
     json.loads(text)  # a valid Chrome trace
+
+
+def test_op_figure_covers_the_op_table():
+    """Every forward op of dynenc.ops.OPS has a micro-benchmark, except scatter_rows (the
+    inverse of gather_rows: the same traffic)."""
+    import dynenc
+    from dynenc.bench.figures.ops import OP_BENCHMARKS
+
+    forward = {name for name in dynenc.ops.OPS if not name.endswith("_backward")}
+    assert set(OP_BENCHMARKS) == forward - {"scatter_rows"}
