@@ -9,6 +9,7 @@ dropped frames are never computed.
 from __future__ import annotations
 
 import contextlib
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Protocol, Tuple, Union
 
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx.experimental.symbolic_shapes import guard_or_false
+from torch.utils.checkpoint import checkpoint
 
 from . import ops, validation
 from .padded import PaddedConformer
@@ -264,6 +266,32 @@ def _structure(layer: nn.Module) -> List[Tuple[str, str]]:
     return found
 
 
+def _is_fully_sharded(module: nn.Module) -> bool:
+    """True when ``module`` was sharded by FSDP2's ``fully_shard`` (its forward hooks run
+    collectives). Cheap: FSDP2 cannot be in use before its module was imported."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return fsdp is not None and isinstance(module, fsdp.FSDPModule)
+
+
+@contextlib.contextmanager
+def _batch_norm_stats_frozen(module: nn.Module):
+    """Training-mode BatchNorm in ``module`` normalises with batch statistics but leaves its
+    running statistics and batch counter as they were: for a recomputed forward (activation
+    checkpointing) and for a layer called on zero rows, which must not count as a batch.
+    (Momentum 0 rather than ``track_running_stats=False``: the recomputation must save the
+    same tensors as the forward.)"""
+    norms = [(m, m.momentum, m.num_batches_tracked.clone()) for m in module.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for norm, _, _ in norms:
+        norm.momentum = 0.0
+    try:
+        yield
+    finally:
+        for norm, momentum, counter in norms:
+            norm.momentum = momentum
+            norm.num_batches_tracked.copy_(counter)
+
+
 class DynamicConformer(nn.Module):
     """Conformer encoder whose samples and frames take different depths in one batch.
 
@@ -283,11 +311,20 @@ class DynamicConformer(nn.Module):
             LayerNorm, as the seed authors' layer-dropping code does; one extra LayerNorm per
             partially run layer). With a soft gate g, rows become ``base + g * (F(x) - base)``
             with ``base`` = x or ``final_layer_norm(x)``.
+        checkpoint_layers: in training, recompute each executed layer in the backward instead
+            of keeping its activations (``torch.utils.checkpoint``, non-reentrant); also an
+            attribute a training recipe may set. Gradients are unchanged and BatchNorm's
+            running statistics are updated once per step (not again by the recomputation).
+
+    Distributed training: a layer that no row of the local batch runs is still called in
+    training (and always when it is sharded with FSDP2's ``fully_shard``), on zero rows, so
+    every rank issues the same collectives (FSDP2's all-gather and reduce-scatter, DDP's
+    gradient buckets) whatever its masks; see :meth:`_run_layer`.
     """
 
     def __init__(self, input_dim: int, num_heads: int, ffn_dim: int, num_layers: int, depthwise_conv_kernel_size: int,
                  dropout: float = 0.0, use_group_norm: bool = False, convolution_first: bool = False,
-                 skip_mode: str = "identity") -> None:
+                 skip_mode: str = "identity", checkpoint_layers: bool = False) -> None:
         super().__init__()
         if skip_mode not in SKIP_MODES:
             raise ValueError(f"skip_mode must be one of {SKIP_MODES}, got {skip_mode!r}")
@@ -304,6 +341,7 @@ class DynamicConformer(nn.Module):
         self.ffn_dim = ffn_dim
         self.kernel_size = depthwise_conv_kernel_size
         self.skip_mode = skip_mode
+        self.checkpoint_layers = checkpoint_layers
         self.conformer_layers = nn.ModuleList(
             DynamicConformerLayer(input_dim, ffn_dim, num_heads, depthwise_conv_kernel_size, dropout=dropout,
                                   use_group_norm=use_group_norm, convolution_first=convolution_first)
@@ -447,19 +485,40 @@ class DynamicConformer(nn.Module):
         return x, routes, decisions
 
     def _run_layer(self, layer: DynamicConformerLayer, x: Tensor, route: LayerRoute) -> Tensor:
+        """Layer ``layer`` on the rows of ``route`` of ``x [N, D]``; every other row passes
+        through (``skip_mode``). Returns ``[N, D]``."""
         runs_everything = route.index is None and guard_or_false(route.num_rows == x.shape[0])
         if runs_everything and route.gate is None:
-            return layer(x, route.batch)
+            return self._call_layer(layer, x, route.batch)
         # What a skipped row becomes, and what a gate interpolates from (see skip_mode).
-        base = layer.final_layer_norm(x) if self.skip_mode == "final_norm" else x
+        if self.skip_mode == "final_norm":
+            if _is_fully_sharded(layer):
+                raise ValueError("skip_mode='final_norm' is not supported with a layer sharded by fully_shard: the "
+                                 "skipped rows' LayerNorm would read the layer's sharded parameters outside its "
+                                 "forward; use skip_mode='identity' or shard the whole model as one unit")
+            base = layer.final_layer_norm(x)
+        else:
+            base = x
         if guard_or_false(route.num_rows == 0):
-            if self.training and torch.is_grad_enabled():
-                # Keep every parameter in the autograd graph (zero gradient) so DDP's
-                # reduction needs no find_unused_parameters.
-                base = base + sum(p.reshape(-1)[:1].sum() for p in layer.parameters()) * 0
-            return base
+            if not ((self.training and torch.is_grad_enabled()) or _is_fully_sharded(layer)):
+                return base
+            # The layer on zero rows: costs its collectives and ~300 zero-row op calls, no
+            # FLOPs. Its hooks fire as on every other rank (FSDP2 all-gathers in the forward,
+            # reduce-scatters in the backward), and its parameters join the graph with a zero
+            # gradient (DDP needs no find_unused_parameters; optimizers see 0, not None). The
+            # empty output joins the residual stream so its backward runs in layer order.
+            with _batch_norm_stats_frozen(layer):
+                empty = layer(x[:0], route.batch)
+            return base + empty.sum()
         active = x[: route.num_rows] if route.index is None else ops.gather_rows(x, route.index)
-        return ops.gated_residual_scatter(base, layer(active, route.batch), route.gate, route.index)
+        return ops.gated_residual_scatter(base, self._call_layer(layer, active, route.batch), route.gate, route.index)
+
+    def _call_layer(self, layer: DynamicConformerLayer, rows: Tensor, batch: VarlenBatch) -> Tensor:
+        """``layer(rows [M, D], batch)``, recomputed in the backward when ``checkpoint_layers``."""
+        if not (self.checkpoint_layers and self.training and torch.is_grad_enabled()):
+            return layer(rows, batch)
+        return checkpoint(layer, rows, batch, use_reentrant=False,
+                          context_fn=lambda: (contextlib.nullcontext(), _batch_norm_stats_frozen(layer)))
 
     # ------------------------------------------------------------------ accounting
     def layer_flops(self, tokens: int, sum_sq_lengths: float) -> float:

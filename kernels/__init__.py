@@ -24,13 +24,11 @@ def launcher(name: str):
 globals().update({name: launcher(name) for name in OPS})
 
 
-def aot_specs(backend=None):
-    """``[(name, jit_fn, signature, constexprs)]`` covering every ``@triton.jit`` kernel of the
-    package, for ``triton.compile(triton.compiler.ASTSource(fn, signature, constexprs), target)``.
-
-    ``backend`` ('cuda' / 'hip') picks the variants the launchers use there (fp32 attention
-    dots: 3xTF32 on CUDA); ``None`` gives variants that compile for every target."""
-    return [spec for module in (_utils, *MODULES.values()) for spec in module.aot_specs(backend)]
+def aot_calls(arch: str):
+    """Every Triton launch the launchers make on ``arch`` (``"sm_86"``, ``"gfx90a"``), one
+    :class:`~dynenc.kernels.specialization.KernelCall` per (kernel, variant), with the launch
+    configs they choose there: what ``python -m dynenc.kernels.report`` compiles and checks."""
+    return [call for module in (_utils, *MODULES.values()) for call in module.aot_calls(arch)]
 
 
-__all__ = ["MODULES", "aot_specs", "launcher", *OPS]
+__all__ = ["MODULES", "aot_calls", "launcher", *OPS]

@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .specialization import KernelCall
+
 # Tile size (elements) of the memory-bound row kernels: 32 elements in flight per thread with
 # the default 4 warps, enough to cover DRAM latency without spilling.
 ROW_TILE = 4096
@@ -24,6 +26,28 @@ def row_blocks(dim: int) -> tuple[int, int]:
 def search_steps(num_segments: int) -> int:
     """Bisection steps of :func:`find_segment` over ``num_segments`` segments."""
     return max(num_segments, 1).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_arch(index: int) -> str:
+    if torch.version.hip:
+        return torch.cuda.get_device_properties(index).gcnArchName.split(":")[0]
+    major, minor = torch.cuda.get_device_capability(index)
+    return f"sm_{major}{minor}"
+
+
+def device_arch(t: torch.Tensor) -> Optional[str]:
+    """The arch a launch on ``t``'s device compiles for (``"sm_86"``, ``"gfx90a"``); ``None``
+    for CPU tensors (the interpreter). Launch configs are chosen per arch from it, and the AOT
+    report passes each target's arch to the same selection functions."""
+    if not t.is_cuda:
+        return None
+    return _cuda_arch(t.device.index if t.device.index is not None else torch.cuda.current_device())
+
+
+def sm_version(arch: Optional[str]) -> int:
+    """Compute capability as an int (``"sm_86"`` -> 86); 0 for AMD and the interpreter."""
+    return int(arch[3:]) if arch and arch.startswith("sm_") else 0
 
 
 def on_device_of_first_arg(fn):
@@ -51,17 +75,6 @@ def opmath(dtype):
     return tl.float64 if dtype == tl.float64 else tl.float32
 
 
-def aot_spec(fn, variant: str, types: dict, constexprs: dict):
-    """One entry of ``aot_specs()``: arguments in ``constexprs`` are 'constexpr', those in
-    ``types`` get that type, every other argument is an 'i32' scalar."""
-    signature = {
-        name: "constexpr" if name in constexprs else types.get(name, "i32") for name in fn.arg_names
-    }
-    unknown = (set(types) | set(constexprs)) - set(fn.arg_names)
-    assert not unknown, f"{fn.__name__}: unknown arguments {unknown}"
-    return (f"{fn.__name__}[{variant}]", fn, signature, dict(constexprs))
-
-
 @triton.jit
 def find_segment(bounds, value, num_segments, num_steps):
     """Largest ``b`` in ``[0, num_segments)`` with ``bounds[b] <= value``.
@@ -83,7 +96,7 @@ def find_segment(bounds, value, num_segments, num_steps):
     return lo
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_index"])
 def _inverse_index_kernel(index, inverse, num_index, BLOCK: tl.constexpr):
     """``inverse[index[i]] = i`` for ``i < num_index`` (``index`` int64 ``[M]``, ``inverse``
     int32 ``[N]`` prefilled with -1). Traffic: reads 8 B and writes 4 B per index entry."""
@@ -111,5 +124,8 @@ def inverse_index(index: Optional[torch.Tensor], num_rows: int) -> Optional[torc
     return inverse
 
 
-def aot_specs(backend: Optional[str] = None):
-    return [aot_spec(_inverse_index_kernel, "i64", {"index": "*i64", "inverse": "*i32"}, {"BLOCK": INVERSE_BLOCK})]
+def aot_calls(arch: str):
+    """The launch of :func:`inverse_index` (one variant on every arch)."""
+    index = torch.empty(1, dtype=torch.int64, device="meta")
+    inverse = torch.empty(1, dtype=torch.int32, device="meta")
+    return [KernelCall(_inverse_index_kernel, "i64", (index, inverse, 3), dict(BLOCK=INVERSE_BLOCK))]

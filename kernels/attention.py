@@ -8,34 +8,78 @@ Scores are kept in log2 units (``exp2``); the saved logsumexp is natural-log, fp
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+from torch.nn.attention.varlen import AuxRequest, varlen_attn
 
-from ._utils import (aot_spec, find_segment, on_device_of_first_arg, opmath,
-                     opmath_dtype, row_blocks, search_steps)
+from ._utils import (device_arch, find_segment, on_device_of_first_arg, opmath, opmath_dtype, search_steps,
+                     sm_version)
+from .specialization import KernelCall
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 DELTA_BLOCK_R = 64
+# Data-dependent ints: the JIT would compile a variant per value class (== 1, % 16) otherwise.
+RAGGED_INTS = ["num_seqs", "num_steps"]
 
 
-def _block_size(head_dim: int) -> Tuple[int, int]:
-    """(BLOCK, BLOCK_D): 64x64 tiles, 32 rows for Dh > 64 to bound registers in the backward."""
-    block_d = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs every dim >= 16
-    return (64 if block_d <= 64 else 32), block_d
+class AttentionConfig(NamedTuple):
+    """Tiles and launch options of the attention kernels for one (arch, dtype, head dim).
+
+    ``block``: query and key rows per tile (one for all three kernels: they share the
+    ``cu_blocks`` program map); ``block_d``: the head dim padded to 16/32/64/128 (a constexpr,
+    the tail masked); ``forward`` / ``backward``: ``(num_warps, num_stages)`` of the forward
+    and of the two backward kernels."""
+
+    block: int
+    block_d: int
+    forward: Tuple[int, int]
+    backward: Tuple[int, int]
+
+    def launch(self, kernel_options: Tuple[int, int]) -> dict:
+        warps, stages = kernel_options
+        return dict(BLOCK=self.block, BLOCK_D=self.block_d, num_warps=warps, num_stages=stages)
 
 
-def _dot_precision(backend: Optional[str], dtype: torch.dtype) -> str:
+def padded_head_dim(head_dim: int) -> int:
+    """16, 32, 64, 128 (the next one up; tl.dot needs every dim >= 16), then powers of two."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def attention_config(arch: Optional[str], dtype: torch.dtype, head_dim: int) -> AttentionConfig:
+    """Largest tiles whose shared memory fits the arch's per-block limit and whose registers
+    do not spill (``python -m dynenc.kernels.report`` checks every (arch, dtype, head dim)).
+
+    fp32 (and fp64) tiles take twice the registers and shared memory of fp16/bf16 ones:
+    64 x 64 tiles need 1 pipeline stage (``num_stages=1``: no prefetch buffers) on the
+    100 KB parts (sm_86 / sm_89) and 32-row tiles from Dh = 128 on; the backward recomputes
+    two score tiles and keeps two accumulators, so it gets 8 warps to spread them.
+    """
+    block_d = padded_head_dim(head_dim)
+    wide = dtype in (torch.float32, torch.float64)
+    if block_d > 64 or (wide and block_d > 32 and sm_version(arch) in (86, 89)):
+        block = 32
+    else:
+        block = 64
+    return AttentionConfig(block, block_d, forward=(4, 2 if wide else 3), backward=(8 if wide else 4, 1 if wide else 2))
+
+
+def _dot_precision(arch: Optional[str], dtype: torch.dtype) -> str:
     """fp32 operands on NVIDIA: 3xTF32 (fp32-level accuracy on tensor cores; plain TF32 would
     lose ~3 digits). Everything else: IEEE (AMD, fp64, interpreter; fp16/bf16 ignore it)."""
-    return "tf32x3" if backend == "cuda" and dtype == torch.float32 else "ieee"
+    return "tf32x3" if sm_version(arch) and dtype == torch.float32 else "ieee"
 
 
-def _backend_of(t: torch.Tensor) -> Optional[str]:
-    return None if not t.is_cuda else ("hip" if torch.version.hip else "cuda")
+def uses_flash_attention(dtype: torch.dtype, head_dim: int, arch: Optional[str]) -> bool:
+    """Whether the CUDA launch goes to torch's FlashAttention (``varlen_attn``) instead of the
+    Triton kernel: fp16/bf16 on NVIDIA sm_80+ with a head dim FlashAttention-2 supports
+    (multiple of 8, at most 256) — expected 1.5-3x faster there. fp32/fp64, other head dims,
+    AMD and the interpreter (``arch`` None) use the Triton kernels."""
+    return (dtype in (torch.float16, torch.bfloat16) and sm_version(arch) >= 80
+            and head_dim % 8 == 0 and head_dim <= 256)
 
 
 @triton.jit
@@ -50,12 +94,12 @@ def _block_coords(cu_seqlens, cu_blocks, num_seqs, num_steps, BLOCK: tl.constexp
 
 
 @triton.jit
-def _head_tile(rows, row_ok, num_heads, head_dim, BLOCK_D: tl.constexpr):
+def _head_tile(rows, row_ok, num_heads, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
     """Offsets and mask of the ``[rows, BLOCK_D]`` tile of head ``program_id(1)`` in a
-    contiguous ``[N, H, Dh]`` tensor."""
+    contiguous ``[N, H, HEAD_DIM]`` tensor (columns past ``HEAD_DIM`` masked)."""
     cols = tl.arange(0, BLOCK_D)
-    offs = rows.to(tl.int64)[:, None] * (num_heads * head_dim) + tl.program_id(1) * head_dim + cols[None, :]
-    return offs, row_ok[:, None] & (cols < head_dim)[None, :]
+    offs = rows.to(tl.int64)[:, None] * (num_heads * HEAD_DIM) + tl.program_id(1) * HEAD_DIM + cols[None, :]
+    return offs, row_ok[:, None] & (cols < HEAD_DIM)[None, :]
 
 
 @triton.jit
@@ -64,9 +108,9 @@ def _row_stats(stats, rows, row_ok, num_heads, ACC: tl.constexpr):
     return tl.load(stats + rows.to(tl.int64) * num_heads + tl.program_id(1), mask=row_ok, other=0.0).to(ACC)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=RAGGED_INTS)
 def _attn_fwd_kernel(
-    q, k, v, out, lse, cu_seqlens, cu_blocks, num_seqs, num_steps, scale, num_heads, head_dim,
+    q, k, v, out, lse, cu_seqlens, cu_blocks, num_seqs, num_steps, scale, num_heads, HEAD_DIM: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Online-softmax forward of one ``[BLOCK, Dh]`` query block of one head.
@@ -83,7 +127,7 @@ def _attn_fwd_kernel(
         return
     lanes = tl.arange(0, BLOCK)
     rows_m = m0 + lanes
-    q_offs, q_mask = _head_tile(rows_m, rows_m < end, num_heads, head_dim, BLOCK_D)
+    q_offs, q_mask = _head_tile(rows_m, rows_m < end, num_heads, HEAD_DIM, BLOCK_D)
     q_tile = tl.load(q + q_offs, mask=q_mask, other=0.0)
     qk_scale = scale * LOG2E  # softmax via exp2
     m_i = tl.full([BLOCK], float("-inf"), dtype=ACC)
@@ -92,7 +136,7 @@ def _attn_fwd_kernel(
     for n0 in range(start, end, BLOCK):
         rows_n = n0 + lanes
         n_ok = rows_n < end
-        kv_offs, kv_mask = _head_tile(rows_n, n_ok, num_heads, head_dim, BLOCK_D)
+        kv_offs, kv_mask = _head_tile(rows_n, n_ok, num_heads, HEAD_DIM, BLOCK_D)
         k_tile = tl.load(k + kv_offs, mask=kv_mask, other=0.0)
         s = tl.dot(q_tile, tl.trans(k_tile), input_precision=DOT_PRECISION, out_dtype=ACC) * qk_scale
         s = tl.where(n_ok[None, :], s, float("-inf"))  # every key block has a valid key: m_new is finite
@@ -109,24 +153,23 @@ def _attn_fwd_kernel(
     tl.store(lse + rows_m.to(tl.int64) * num_heads + tl.program_id(1), lse_m.to(tl.float32), mask=rows_m < end)
 
 
-@triton.jit
-def _attn_bwd_delta_kernel(out, grad_out, delta, num_rows, head_dim, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """``delta[r] = sum_d grad_out[r, d] * out[r, d]`` over the ``N * H`` rows, accumulated
-    and stored in fp32 (fp64 for fp64). Grid ``cdiv(N * H, BLOCK_R)``. Traffic: reads ``out``
-    and ``grad_out`` once, writes 4 B per (row, head).
+@triton.jit(do_not_specialize=["num_rows"])
+def _attn_bwd_delta_kernel(out, grad_out, delta, num_rows, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr,
+                           BLOCK_D: tl.constexpr):
+    """``delta[r] = sum_d grad_out[r, d] * out[r, d]`` over the ``N * H`` rows of
+    ``HEAD_DIM`` (``BLOCK_D``: padded), accumulated and stored in fp32 (fp64 for fp64). Grid
+    ``cdiv(N * H, BLOCK_R)``. Traffic: reads ``out`` and ``grad_out`` once, writes 4 B per
+    (row, head).
     """
     ACC: tl.constexpr = opmath(out.dtype.element_ty)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < num_rows
-    acc = tl.zeros([BLOCK_R], dtype=ACC)
-    for d0 in range(0, head_dim, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        offs = rows.to(tl.int64)[:, None] * head_dim + cols[None, :]
-        mask = row_ok[:, None] & (cols < head_dim)[None, :]
-        o = tl.load(out + offs, mask=mask, other=0.0).to(ACC)
-        do = tl.load(grad_out + offs, mask=mask, other=0.0).to(ACC)
-        acc += tl.sum(o * do, axis=1)
-    tl.store(delta + rows, acc, mask=row_ok)
+    cols = tl.arange(0, BLOCK_D)
+    offs = rows.to(tl.int64)[:, None] * HEAD_DIM + cols[None, :]
+    mask = row_ok[:, None] & (cols < HEAD_DIM)[None, :]
+    o = tl.load(out + offs, mask=mask, other=0.0).to(ACC)
+    do = tl.load(grad_out + offs, mask=mask, other=0.0).to(ACC)
+    tl.store(delta + rows, tl.sum(o * do, axis=1), mask=row_ok)
 
 
 @triton.jit
@@ -140,10 +183,10 @@ def _probs_and_dscores(q_tile, k_tile, v_tile, do_tile, lse_m, delta_m, valid, q
     return p, p * (dp - delta_m[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=RAGGED_INTS)
 def _attn_bwd_dkdv_kernel(
     q, k, v, grad_out, lse, delta, grad_k, grad_v, cu_seqlens, cu_blocks, num_seqs, num_steps, scale, num_heads,
-    head_dim, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """``dV = P^T dO`` and ``dK = scale * dS^T Q`` for one key block of one head, looping over
     the sequence's query blocks (no atomics). Grid ``(num_block_programs, H)``. Traffic: reads
@@ -156,18 +199,20 @@ def _attn_bwd_dkdv_kernel(
     lanes = tl.arange(0, BLOCK)
     rows_n = n0 + lanes
     n_ok = rows_n < end
-    kv_offs, kv_mask = _head_tile(rows_n, n_ok, num_heads, head_dim, BLOCK_D)
-    k_tile = tl.load(k + kv_offs, mask=kv_mask, other=0.0)
-    v_tile = tl.load(v + kv_offs, mask=kv_mask, other=0.0)
+    kv_offs, kv_mask = _head_tile(rows_n, n_ok, num_heads, HEAD_DIM, BLOCK_D)
     qk_scale = scale * LOG2E
     dk = tl.zeros([BLOCK, BLOCK_D], dtype=ACC)
     dv = tl.zeros([BLOCK, BLOCK_D], dtype=ACC)
     for m0 in range(start, end, BLOCK):
         rows_m = m0 + lanes
         m_ok = rows_m < end
-        q_offs, q_mask = _head_tile(rows_m, m_ok, num_heads, head_dim, BLOCK_D)
+        q_offs, q_mask = _head_tile(rows_m, m_ok, num_heads, HEAD_DIM, BLOCK_D)
         q_tile = tl.load(q + q_offs, mask=q_mask, other=0.0)
         do_tile = tl.load(grad_out + q_offs, mask=q_mask, other=0.0)
+        # Reloaded per query block (L1 hits) rather than held: with 3xTF32 split operands,
+        # registers holding K and V across the loop spill.
+        k_tile = tl.load(k + kv_offs, mask=kv_mask, other=0.0)
+        v_tile = tl.load(v + kv_offs, mask=kv_mask, other=0.0)
         p, ds = _probs_and_dscores(q_tile, k_tile, v_tile, do_tile, _row_stats(lse, rows_m, m_ok, num_heads, ACC),
                                    _row_stats(delta, rows_m, m_ok, num_heads, ACC), m_ok[:, None] & n_ok[None, :],
                                    qk_scale, DOT_PRECISION)
@@ -177,10 +222,10 @@ def _attn_bwd_dkdv_kernel(
     tl.store(grad_v + kv_offs, dv.to(grad_v.dtype.element_ty), mask=kv_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=RAGGED_INTS)
 def _attn_bwd_dq_kernel(
-    q, k, v, grad_out, lse, delta, grad_q, cu_seqlens, cu_blocks, num_seqs, num_steps, scale, num_heads, head_dim,
-    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    q, k, v, grad_out, lse, delta, grad_q, cu_seqlens, cu_blocks, num_seqs, num_steps, scale, num_heads,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """``dQ = scale * dS K`` for one query block of one head, looping over the sequence's key
     blocks. Grid ``(num_block_programs, H)``. Traffic: reads Q, dO, lse, delta once and K/V
@@ -193,7 +238,7 @@ def _attn_bwd_dq_kernel(
     lanes = tl.arange(0, BLOCK)
     rows_m = m0 + lanes
     m_ok = rows_m < end
-    q_offs, q_mask = _head_tile(rows_m, m_ok, num_heads, head_dim, BLOCK_D)
+    q_offs, q_mask = _head_tile(rows_m, m_ok, num_heads, HEAD_DIM, BLOCK_D)
     q_tile = tl.load(q + q_offs, mask=q_mask, other=0.0)
     do_tile = tl.load(grad_out + q_offs, mask=q_mask, other=0.0)
     lse_m = _row_stats(lse, rows_m, m_ok, num_heads, ACC)
@@ -203,7 +248,7 @@ def _attn_bwd_dq_kernel(
     for n0 in range(start, end, BLOCK):
         rows_n = n0 + lanes
         n_ok = rows_n < end
-        kv_offs, kv_mask = _head_tile(rows_n, n_ok, num_heads, head_dim, BLOCK_D)
+        kv_offs, kv_mask = _head_tile(rows_n, n_ok, num_heads, HEAD_DIM, BLOCK_D)
         k_tile = tl.load(k + kv_offs, mask=kv_mask, other=0.0)
         v_tile = tl.load(v + kv_offs, mask=kv_mask, other=0.0)
         _, ds = _probs_and_dscores(q_tile, k_tile, v_tile, do_tile, lse_m, delta_m, m_ok[:, None] & n_ok[None, :],
@@ -213,18 +258,20 @@ def _attn_bwd_dq_kernel(
 
 
 def _launch_plan(q: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int):
-    """``(grid, sequence args, constexprs)`` shared by the attention kernels."""
+    """``(grid, sequence args, config, constexprs)`` shared by the attention kernels."""
     num_rows, num_heads, head_dim = q.shape
-    block, block_d = _block_size(head_dim)
+    arch = device_arch(q)
+    config = attention_config(arch, q.dtype, head_dim)
     num_seqs = cu_seqlens.numel() - 1
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
     cu_blocks = torch.zeros(num_seqs + 1, dtype=torch.int32, device=q.device)
-    torch.cumsum((lengths + block - 1) // block, 0, dtype=torch.int32, out=cu_blocks[1:])
+    torch.cumsum((lengths + config.block - 1) // config.block, 0, dtype=torch.int32, out=cu_blocks[1:])
     # sum_b cdiv(len_b, BLOCK) <= min(cdiv(N, BLOCK) + B, B * cdiv(max_seqlen, BLOCK)): no sync.
-    programs = min(triton.cdiv(num_rows, block) + num_seqs, num_seqs * triton.cdiv(max(max_seqlen, 0), block))
+    programs = min(triton.cdiv(num_rows, config.block) + num_seqs,
+                   num_seqs * triton.cdiv(max(max_seqlen, 0), config.block))
     args = (cu_seqlens, cu_blocks, num_seqs, search_steps(num_seqs))
-    meta = dict(BLOCK=block, BLOCK_D=block_d, DOT_PRECISION=_dot_precision(_backend_of(q), q.dtype))
-    return (programs, num_heads), args, meta
+    constexprs = dict(HEAD_DIM=head_dim, DOT_PRECISION=_dot_precision(arch, q.dtype))
+    return (programs, num_heads), args, config, constexprs
 
 
 @on_device_of_first_arg
@@ -233,11 +280,16 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     """-> ``(out [N, H, Dh], logsumexp fp32 [N, H])``; ``max_seqlen`` must bound every length."""
     q, k, v, cu_seqlens = (t.contiguous() for t in (q, k, v, cu_seqlens))
     num_rows, num_heads, head_dim = q.shape
+    if uses_flash_attention(q.dtype, head_dim, device_arch(q)) and num_rows:
+        out, lse = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                               return_aux=AuxRequest(lse=True), scale=float(scale))
+        return out, lse.t().contiguous()  # FlashAttention's logsumexp is [H, N]
     out = torch.empty_like(q)
     lse = torch.empty((num_rows, num_heads), dtype=torch.float32, device=q.device)
-    grid, seq_args, meta = _launch_plan(q, cu_seqlens, max_seqlen)
+    grid, seq_args, config, constexprs = _launch_plan(q, cu_seqlens, max_seqlen)
     if out.numel() and grid[0] > 0:
-        _attn_fwd_kernel[grid](q, k, v, out, lse, *seq_args, float(scale), num_heads, head_dim, **meta)
+        _attn_fwd_kernel[grid](q, k, v, out, lse, *seq_args, float(scale), num_heads, **constexprs,
+                               **config.launch(config.forward))
     return out, lse
 
 
@@ -249,32 +301,54 @@ def varlen_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.
     grad_out, q, k, v, out, cu_seqlens = (t.contiguous() for t in (grad_out, q, k, v, out, cu_seqlens))
     logsumexp = logsumexp.contiguous()
     num_rows, num_heads, head_dim = q.shape
+    if uses_flash_attention(q.dtype, head_dim, device_arch(q)) and num_rows:
+        # varlen_attn's own backward op; its rng state is unused without dropout (varlen_attn saves zeros).
+        no_dropout_rng = torch.zeros(2, dtype=torch.uint64, device=q.device)
+        grads = torch.ops.torch_attn._varlen_attn_backward(
+            grad_out, q, k, v, out, logsumexp.t().contiguous(), cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+            False, no_dropout_rng, float(scale))
+        return tuple(grads)
     grad_q, grad_k, grad_v = (torch.empty_like(t) for t in (q, k, v))
-    grid, seq_args, meta = _launch_plan(q, cu_seqlens, max_seqlen)
+    grid, seq_args, config, constexprs = _launch_plan(q, cu_seqlens, max_seqlen)
     if q.numel() == 0 or grid[0] == 0:
         return grad_q, grad_k, grad_v
     delta = torch.empty((num_rows, num_heads), dtype=opmath_dtype(q.dtype), device=q.device)
-    _, block_d = row_blocks(head_dim)
     _attn_bwd_delta_kernel[(triton.cdiv(num_rows * num_heads, DELTA_BLOCK_R),)](
-        out, grad_out, delta, num_rows * num_heads, head_dim, BLOCK_R=DELTA_BLOCK_R, BLOCK_D=block_d)
-    scalars = (float(scale), num_heads, head_dim)
-    _attn_bwd_dkdv_kernel[grid](q, k, v, grad_out, logsumexp, delta, grad_k, grad_v, *seq_args, *scalars, **meta)
-    _attn_bwd_dq_kernel[grid](q, k, v, grad_out, logsumexp, delta, grad_q, *seq_args, *scalars, **meta)
+        out, grad_out, delta, num_rows * num_heads, HEAD_DIM=head_dim, BLOCK_R=DELTA_BLOCK_R, BLOCK_D=config.block_d)
+    scalars = (float(scale), num_heads)
+    launch = dict(**constexprs, **config.launch(config.backward))
+    _attn_bwd_dkdv_kernel[grid](q, k, v, grad_out, logsumexp, delta, grad_k, grad_v, *seq_args, *scalars, **launch)
+    _attn_bwd_dq_kernel[grid](q, k, v, grad_out, logsumexp, delta, grad_q, *seq_args, *scalars, **launch)
     return grad_q, grad_k, grad_v
 
 
-def aot_specs(backend: Optional[str] = None):
-    specs = []
-    for dt, head_dim in (("fp32", 64), ("fp16", 128)):
-        block, block_d = _block_size(head_dim)
-        meta = {"BLOCK": block, "BLOCK_D": block_d,
-                "DOT_PRECISION": _dot_precision(backend, torch.float32 if dt == "fp32" else torch.float16)}
-        tensors = {n: f"*{dt}" for n in ("q", "k", "v", "out", "grad_out", "grad_q", "grad_k", "grad_v")}
-        types = {**tensors, "lse": "*fp32", "delta": "*fp32", "cu_seqlens": "*i32", "cu_blocks": "*i32",
-                 "scale": "fp32"}
-        for fn in (_attn_fwd_kernel, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel):
-            specs.append(aot_spec(fn, f"{dt},d{head_dim}", {n: t for n, t in types.items() if n in fn.arg_names}, meta))
-    _, block_d = row_blocks(64)
-    specs.append(aot_spec(_attn_bwd_delta_kernel, "fp32", {"out": "*fp32", "grad_out": "*fp32", "delta": "*fp32"},
-                          {"BLOCK_R": DELTA_BLOCK_R, "BLOCK_D": block_d}))
-    return specs
+AOT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+AOT_HEAD_DIMS = (36, 64, 128)
+AOT_HEADS = 4
+
+
+def aot_calls(arch: str, dtypes=AOT_DTYPES, head_dims=AOT_HEAD_DIMS):
+    """The Triton launches of the launchers above on ``arch`` for each (dtype, head dim) the
+    Triton path serves there (half precision with a FlashAttention head dim goes to torch)."""
+    calls = []
+    for dtype in dtypes:
+        for head_dim in head_dims:
+            if uses_flash_attention(dtype, head_dim, arch):
+                continue
+            config = attention_config(arch, dtype, head_dim)
+            constexprs = dict(HEAD_DIM=head_dim, DOT_PRECISION=_dot_precision(arch, dtype))
+            t = torch.empty((1, AOT_HEADS, head_dim), dtype=dtype, device="meta")
+            stats = torch.empty((1, AOT_HEADS), dtype=torch.float32, device="meta")
+            cu = torch.empty(2, dtype=torch.int32, device="meta")
+            seq = (cu, cu, 3, 2, 0.125, AOT_HEADS)
+            variant = f"{str(dtype).removeprefix('torch.')},d{head_dim}"
+            backward = dict(**constexprs, **config.launch(config.backward))
+            calls += [
+                KernelCall(_attn_fwd_kernel, variant, (t, t, t, t, stats, *seq),
+                           dict(**constexprs, **config.launch(config.forward))),
+                KernelCall(_attn_bwd_dkdv_kernel, variant, (t, t, t, t, stats, stats, t, t, *seq), backward),
+                KernelCall(_attn_bwd_dq_kernel, variant, (t, t, t, t, stats, stats, t, *seq), backward),
+                KernelCall(_attn_bwd_delta_kernel, variant, (t, t, stats, 3),
+                           dict(HEAD_DIM=head_dim, BLOCK_R=DELTA_BLOCK_R, BLOCK_D=config.block_d)),
+            ]
+    return calls

@@ -6,18 +6,41 @@ outside it read zero.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ._utils import (aot_spec, find_segment, on_device_of_first_arg, opmath,
-                     opmath_dtype, search_steps)
+from ._utils import device_arch, find_segment, on_device_of_first_arg, opmath, opmath_dtype, search_steps
+from .specialization import KernelCall
 
-BLOCK_T = 32  # rows per tile
 MAX_BLOCK_C = 64
 TARGET_PROGRAMS = 1024  # backward: enough row groups to fill a GPU, few fp32 partials
+RAGGED_INTS = ["num_rows", "num_seqs", "num_steps"]
+
+
+class DwconvConfig(NamedTuple):
+    """Tiles and launch options of the dwconv kernels: ``block_t`` rows x ``block_c``
+    channels per tile; ``forward`` / ``backward``: ``(num_warps, num_stages)``."""
+
+    block_t: int
+    block_c: int
+    forward: Tuple[int, int]
+    backward: Tuple[int, int]
+
+    def launch(self, kernel_options: Tuple[int, int]) -> dict:
+        warps, stages = kernel_options
+        return dict(BLOCK_T=self.block_t, BLOCK_C=self.block_c, num_warps=warps, num_stages=stages)
+
+
+def dwconv_config(arch: Optional[str], dtype: torch.dtype, channels: int, kernel_size: int) -> DwconvConfig:
+    """32 x 64 tiles; the unrolled K taps keep up to K shifted tiles live, so wide kernels in
+    fp32 get 8 warps (half the registers per thread) where 4 would spill
+    (``python -m dynenc.kernels.report`` checks every (arch, dtype, K))."""
+    block_c = min(triton.next_power_of_2(channels), MAX_BLOCK_C)
+    warps = 8 if kernel_size > 16 and dtype in (torch.float32, torch.float64) else 4
+    return DwconvConfig(32, block_c, forward=(warps, 3), backward=(warps, 3))
 
 
 @triton.jit
@@ -46,7 +69,7 @@ def _load_tap(weight, cols, col_ok, k, K: tl.constexpr, ACC: tl.constexpr):
     return tl.load(weight + cols * K + k, mask=col_ok, other=0.0).to(ACC)[None, :]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=RAGGED_INTS)
 def _dwconv_fwd_kernel(
     x, cu_seqlens, weight, bias, out, num_rows, channels, num_seqs, num_steps,
     K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -67,14 +90,14 @@ def _dwconv_fwd_kernel(
     acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=ACC)
     if HAS_BIAS:
         acc += tl.load(bias + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
-    for k in tl.static_range(K):
+    for k in range(K):
         tap = _load_tap(weight, cols, col_ok, k, K, ACC)
         acc += tap * _load_shifted(x, rows, k - (K - 1) // 2, start, end, cols, col_ok, channels)
     tl.store(out + rows.to(tl.int64)[:, None] * channels + cols[None, :], acc.to(out.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=[*RAGGED_INTS, "tiles_per_program"])
 def _dwconv_bwd_kernel(
     grad_out, x, cu_seqlens, weight, grad_x, partial_w, partial_b, num_rows, channels, num_seqs, num_steps,
     tiles_per_program,
@@ -105,7 +128,7 @@ def _dwconv_bwd_kernel(
         go = _load_shifted(grad_out, rows, 0, start, end, cols, col_ok, channels)
         acc_b += tl.sum(go, axis=0)
         gx = tl.zeros([BLOCK_T, BLOCK_C], dtype=ACC)
-        for k in tl.static_range(K):
+        for k in range(K):
             tap = _load_tap(weight, cols, col_ok, k, K, ACC)
             gx += tap * _load_shifted(grad_out, rows, pad - k, start, end, cols, col_ok, channels)
             xs = _load_shifted(x, rows, k - pad, start, end, cols, col_ok, channels)
@@ -118,10 +141,6 @@ def _dwconv_bwd_kernel(
     tl.store(partial_b + group + cols, acc_b, mask=col_ok)
 
 
-def _block_c(channels: int) -> int:
-    return min(triton.next_power_of_2(channels), MAX_BLOCK_C)
-
-
 @on_device_of_first_arg
 def varlen_dwconv1d(x: torch.Tensor, cu_seqlens: torch.Tensor, weight: torch.Tensor,
                     bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -129,12 +148,13 @@ def varlen_dwconv1d(x: torch.Tensor, cu_seqlens: torch.Tensor, weight: torch.Ten
     num_rows, channels = x.shape
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     if out.numel():
-        num_seqs, block_c = cu_seqlens.numel() - 1, _block_c(channels)
-        grid = (triton.cdiv(num_rows, BLOCK_T), triton.cdiv(channels, block_c))
+        num_seqs = cu_seqlens.numel() - 1
+        config = dwconv_config(device_arch(x), x.dtype, channels, weight.shape[1])
+        grid = (triton.cdiv(num_rows, config.block_t), triton.cdiv(channels, config.block_c))
         _dwconv_fwd_kernel[grid](
             x.contiguous(), cu_seqlens.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
             out, num_rows, channels, num_seqs, search_steps(num_seqs),
-            K=weight.shape[1], HAS_BIAS=bias is not None, BLOCK_T=BLOCK_T, BLOCK_C=block_c,
+            K=weight.shape[1], HAS_BIAS=bias is not None, **config.launch(config.forward),
         )
     return out
 
@@ -147,8 +167,9 @@ def varlen_dwconv1d_backward(grad_out: torch.Tensor, x: torch.Tensor, cu_seqlens
     grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
     if grad_x.numel() == 0:
         return grad_x, torch.zeros_like(weight), x.new_zeros(channels)
-    num_seqs, block_c = cu_seqlens.numel() - 1, _block_c(channels)
-    num_tiles, num_cblocks = triton.cdiv(num_rows, BLOCK_T), triton.cdiv(channels, block_c)
+    num_seqs = cu_seqlens.numel() - 1
+    config = dwconv_config(device_arch(x), x.dtype, channels, kernel_size)
+    num_tiles, num_cblocks = triton.cdiv(num_rows, config.block_t), triton.cdiv(channels, config.block_c)
     tiles_per_program = triton.cdiv(num_tiles, max(1, min(num_tiles, TARGET_PROGRAMS // num_cblocks)))
     groups = triton.cdiv(num_tiles, tiles_per_program)
     partial_w = torch.empty((groups, channels, kernel_size), dtype=opmath_dtype(x.dtype), device=x.device)
@@ -156,18 +177,30 @@ def varlen_dwconv1d_backward(grad_out: torch.Tensor, x: torch.Tensor, cu_seqlens
     _dwconv_bwd_kernel[(groups, num_cblocks)](
         grad_out.contiguous(), x.contiguous(), cu_seqlens.contiguous(), weight.contiguous(), grad_x, partial_w,
         partial_b, num_rows, channels, num_seqs, search_steps(num_seqs), tiles_per_program,
-        K=kernel_size, BLOCK_T=BLOCK_T, BLOCK_C=block_c, BLOCK_K=triton.next_power_of_2(kernel_size),
+        K=kernel_size, BLOCK_K=triton.next_power_of_2(kernel_size), **config.launch(config.backward),
     )
     return grad_x, partial_w.sum(0).to(weight.dtype), partial_b.sum(0).to(x.dtype)
 
 
-def aot_specs(backend: Optional[str] = None):
-    k, block_c = 31, _block_c(256)
-    common = {"x": "*fp32", "cu_seqlens": "*i32", "weight": "*fp32"}
-    return [
-        aot_spec(_dwconv_fwd_kernel, "fp32,bias", {**common, "bias": "*fp32", "out": "*fp32"},
-                 {"K": k, "HAS_BIAS": True, "BLOCK_T": BLOCK_T, "BLOCK_C": block_c}),
-        aot_spec(_dwconv_bwd_kernel, "fp32",
-                 {**common, "grad_out": "*fp32", "grad_x": "*fp32", "partial_w": "*fp32", "partial_b": "*fp32"},
-                 {"K": k, "BLOCK_T": BLOCK_T, "BLOCK_C": block_c, "BLOCK_K": triton.next_power_of_2(k)}),
-    ]
+AOT_CHANNELS = 256  # a Conformer width; channels is specialised (% 16) like any model constant
+
+
+def aot_calls(arch: str, dtypes=(torch.float32, torch.bfloat16, torch.float16), kernel_sizes=(15, 31)):
+    """The launches of both launchers on ``arch`` per (dtype, K), with bias (the Conformer's)."""
+    calls = []
+    cu = torch.empty(2, dtype=torch.int32, device="meta")
+    partials = torch.empty(1, dtype=torch.float32, device="meta")
+    ragged = (100, AOT_CHANNELS, 3, 2)  # num_rows, channels, num_seqs, num_steps
+    for dtype in dtypes:
+        t = torch.empty((1, AOT_CHANNELS), dtype=dtype, device="meta")
+        for kernel_size in kernel_sizes:
+            config = dwconv_config(arch, dtype, AOT_CHANNELS, kernel_size)
+            variant = f"{str(dtype).removeprefix('torch.')},k{kernel_size}"
+            calls += [
+                KernelCall(_dwconv_fwd_kernel, variant, (t, cu, t, t, t, *ragged),
+                           dict(K=kernel_size, HAS_BIAS=True, **config.launch(config.forward))),
+                KernelCall(_dwconv_bwd_kernel, variant, (t, t, cu, t, t, partials, partials, *ragged, 4),
+                           dict(K=kernel_size, BLOCK_K=triton.next_power_of_2(kernel_size),
+                                **config.launch(config.backward))),
+            ]
+    return calls

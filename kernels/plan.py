@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import aot_spec, on_device_of_first_arg
+from ._utils import on_device_of_first_arg
+from .specialization import KernelCall
 
 BLOCK = 1024
 
@@ -27,7 +28,7 @@ def _seq_rows(cu_seqlens):
     return tl.program_id(1), tl.load(cu_seqlens + seq), tl.load(cu_seqlens + seq + 1)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows", "num_seqs"])
 def _plan_count_kernel(row_mask, cu_seqlens, active_cu, num_rows, num_seqs, BLOCK: tl.constexpr):
     """``active_cu[l, b + 1] = sum(row_mask[l, cu[b]:cu[b + 1]])``.
 
@@ -43,7 +44,7 @@ def _plan_count_kernel(row_mask, cu_seqlens, active_cu, num_rows, num_seqs, BLOC
     tl.store(active_cu + layer * (num_seqs + 1) + tl.program_id(0) + 1, tl.sum(acc, axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs"])
 def _plan_scan_kernel(active_cu, offsets, num_layers, num_seqs, BLOCK: tl.constexpr):
     """In place: counts -> ``active_cu[l] = [0, cumsum(counts[l])]``; ``offsets = [0,
     cumsum(layer totals)]`` (int64 ``[L + 1]``). A single program: ``L * B`` is small (it is
@@ -64,7 +65,7 @@ def _plan_scan_kernel(active_cu, offsets, num_layers, num_seqs, BLOCK: tl.conste
     tl.store(offsets + num_layers, layer_start)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows", "num_seqs"])
 def _plan_indices_kernel(row_mask, cu_seqlens, active_cu, offsets, indices, num_rows, num_seqs,
                          BLOCK: tl.constexpr):
     """Write the active rows of (layer ``l``, sequence ``b``), ascending, to ``indices`` from
@@ -107,9 +108,12 @@ def build_plan(row_mask: torch.Tensor, cu_seqlens: torch.Tensor) -> Tuple[torch.
     return indices, offsets, active_cu
 
 
-def aot_specs(backend: Optional[str] = None):
-    types = {"row_mask": "*u8", "cu_seqlens": "*i32", "active_cu": "*i32", "offsets": "*i64", "indices": "*i64"}
-    return [
-        aot_spec(fn, "u8", {n: t for n, t in types.items() if n in fn.arg_names}, {"BLOCK": BLOCK})
-        for fn in (_plan_count_kernel, _plan_scan_kernel, _plan_indices_kernel)
-    ]
+def aot_calls(arch: str):
+    """The three launches of :func:`build_plan` (one variant each on every arch)."""
+    mask = torch.empty((1, 1), dtype=torch.uint8, device="meta")
+    int32, int64 = (torch.empty(2, dtype=dtype, device="meta") for dtype in (torch.int32, torch.int64))
+    layers, rows, seqs = 12, 100, 3
+    block = dict(BLOCK=BLOCK)
+    return [KernelCall(_plan_count_kernel, "u8", (mask, int32, int32, rows, seqs), block),
+            KernelCall(_plan_scan_kernel, "u8", (int32, int64, layers, seqs), block),
+            KernelCall(_plan_indices_kernel, "u8", (mask, int32, int32, int64, int64, rows, seqs), block)]

@@ -16,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import aot_spec, inverse_index, on_device_of_first_arg, opmath, row_blocks
+from ._utils import inverse_index, on_device_of_first_arg, opmath, row_blocks
+from .specialization import KernelCall
 
 
 @triton.jit
@@ -36,7 +37,7 @@ def _load_gate(gate, pos, active, y):
     return g.to(opmath(y.dtype.element_ty))[:, None]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows", "num_active"])
 def _row_merge_kernel(
     x, y, gate, inverse, out, num_rows, num_active, dim,
     HAS_X: tl.constexpr, HAS_GATE: tl.constexpr, HAS_INDEX: tl.constexpr,
@@ -79,7 +80,7 @@ def _row_merge_kernel(
         tl.store(out + out_rows + cols, merged, mask=row_ok[:, None] & col_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows", "num_active"])
 def _gated_scatter_bwd_kernel(
     grad_out, x, y, gate, inverse, grad_x, grad_y, grad_gate, num_rows, num_active, dim,
     HAS_GATE: tl.constexpr, HAS_INDEX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -169,7 +170,7 @@ def gated_residual_scatter_backward(grad_out: torch.Tensor, x: torch.Tensor, y: 
     return grad_x, grad_y, grad_gate
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_out"])
 def _gather_rows_kernel(x, index, out, num_out, dim, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """``out[i] = x[index[i]]``; ``x`` ``[N, D]``, ``index`` int64 ``[M]``, ``out`` ``[M, D]``.
 
@@ -208,32 +209,32 @@ def scatter_rows(y: torch.Tensor, index: torch.Tensor, num_rows: int) -> torch.T
     return merge_rows(None, y, None, index, int(num_rows))
 
 
-def _copy_aot_specs():
-    specs = []
-    for dt in ("fp32", "fp16", "bf16"):
-        block_r, block_d = row_blocks(256)
-        specs.append(aot_spec(_gather_rows_kernel, dt, {"x": f"*{dt}", "index": "*i64", "out": f"*{dt}"},
-                              {"BLOCK_R": block_r, "BLOCK_D": block_d}))
-        specs.append(aot_spec(_row_merge_kernel, f"{dt},scatter", {"y": f"*{dt}", "inverse": "*i32", "out": f"*{dt}"},
-                              {"x": None, "gate": None, "HAS_X": False, "HAS_GATE": False, "HAS_INDEX": True,
-                               "BLOCK_R": block_r, "BLOCK_D": block_d}))
-    return specs
+AOT_DIM = 256  # a Conformer width; dim is specialised (% 16) like any model constant
 
 
-def aot_specs(backend: Optional[str] = None):
-    specs = _copy_aot_specs()
-    for dt in ("fp32", "fp16", "bf16"):
-        ptrs = {"x": f"*{dt}", "y": f"*{dt}", "gate": f"*{dt}", "inverse": "*i32", "out": f"*{dt}"}
-        block_r, block_d = row_blocks(256)
-        blocks = {"BLOCK_R": block_r, "BLOCK_D": block_d}
-        specs.append(aot_spec(_row_merge_kernel, f"{dt},gate,index", ptrs,
-                              {"HAS_X": True, "HAS_GATE": True, "HAS_INDEX": True, **blocks}))
-        # Prefix, no gate: the None pointers are constexpr.
-        specs.append(aot_spec(_row_merge_kernel, f"{dt},prefix", ptrs,
-                              {"gate": None, "inverse": None, "HAS_X": True, "HAS_GATE": False, "HAS_INDEX": False,
-                               **blocks}))
-        bwd_ptrs = {"grad_out": f"*{dt}", "x": f"*{dt}", "y": f"*{dt}", "gate": f"*{dt}", "inverse": "*i32",
-                    "grad_x": f"*{dt}", "grad_y": f"*{dt}", "grad_gate": f"*{dt}"}
-        specs.append(aot_spec(_gated_scatter_bwd_kernel, f"{dt},gate,index", bwd_ptrs,
-                              {"HAS_GATE": True, "HAS_INDEX": True, **blocks}))
-    return specs
+def aot_calls(arch: str):
+    """The launches of every launcher above, per dtype: gather, scatter (no base, no gate),
+    gated scatter with an index, ungated prefix scatter, and the gated backward."""
+    calls = []
+    blocks = dict(zip(("BLOCK_R", "BLOCK_D"), row_blocks(AOT_DIM)))
+    inverse = torch.empty(1, dtype=torch.int32, device="meta")
+    index = torch.empty(1, dtype=torch.int64, device="meta")
+    sizes = (100, 40, AOT_DIM)  # num_rows, num_active, dim
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        t = torch.empty((1, AOT_DIM), dtype=dtype, device="meta")
+        variant = str(dtype).removeprefix("torch.")
+
+        def merge(name, x, gate, index_map):
+            return KernelCall(_row_merge_kernel, f"{variant},{name}", (x, t, gate, index_map, t, *sizes),
+                              dict(HAS_X=x is not None, HAS_GATE=gate is not None, HAS_INDEX=index_map is not None,
+                                   **blocks))
+
+        calls += [
+            KernelCall(_gather_rows_kernel, variant, (t, index, t, 40, AOT_DIM), blocks),
+            merge("scatter", None, None, inverse),
+            merge("gate,index", t, t, inverse),
+            merge("prefix", t, None, None),
+            KernelCall(_gated_scatter_bwd_kernel, f"{variant},gate,index", (t, t, t, t, inverse, t, t, t, *sizes),
+                       dict(HAS_GATE=True, HAS_INDEX=True, **blocks)),
+        ]
+    return calls

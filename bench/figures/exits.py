@@ -39,6 +39,9 @@ def _under_budget(make_budget: Callable[[Workload], Budget]) -> Builder:
     return build
 
 
+NOBODY_EXITS = "early exit, nobody exits"
+
+
 def _front_end(w: Workload) -> Prepared:
     """The CTC model's convolutional front-end alone: the part no budget can skip."""
     model = w.ctc_model
@@ -57,6 +60,9 @@ def cases(config: BenchConfig) -> List[Case]:
     for exit_layer in exit_layers(layers):
         result.append(Case("exits", f"early exit @{exit_layer}", "dynenc",
                            _under_budget(lambda w, e=exit_layer: EarlyExitBudget(fixed_exit=e))))
+    # Mean max-posterior >= 1 is never reached: every exit head runs, nobody leaves.
+    result.append(Case("exits", NOBODY_EXITS, "dynenc",
+                       _under_budget(lambda w: EarlyExitBudget(threshold=1.0, criterion="max_prob"))))
     if layers > 1:
         for skip in (0.6, 0.8):
             result.append(Case("exits", f"blank skip {int(skip * 100)}%", "dynenc", _under_budget(
@@ -67,10 +73,17 @@ def cases(config: BenchConfig) -> List[Case]:
 def ratios(config: BenchConfig) -> List[Ratio]:
     """Whole-model time ratios (no targets: compare with the executed fraction of the
     encoder, the ``active`` column), and the share of the front-end no budget can skip."""
-    full = "exits/full"
-    budgets = [Ratio("exits", f"{case.name} / full", case.key, full) for case in cases(config)[2:]]
-    return budgets + [Ratio("exits", "front-end only / full", "exits/front-end only", full,
-                            note="the part of an inference that no budget skips")]
+    full, front_end, layers = "exits/full", "exits/front-end only", config.model.num_layers
+    budgets = [Ratio("exits", f"{case.name} / full", case.key, full) for case in cases(config)[2:]
+               if case.name != NOBODY_EXITS]
+    # A fixed exit at layer k should cost the front-end plus k/L of the encoder (+ its head).
+    proportional = [Ratio("exits", f"early exit @{k} / (front-end + {k}/{layers} encoder)", f"exits/early exit @{k}",
+                          ((front_end, 1 - k / layers), (full, k / layers)), target=1.05)
+                    for k in exit_layers(layers) if k < layers]
+    return budgets + proportional + [
+        Ratio("exits", f"{NOBODY_EXITS} / full", f"exits/{NOBODY_EXITS}", full, target=1.03,
+              note="every exit head runs on every row, routing stays the full prefix"),
+        Ratio("exits", "front-end only / full", front_end, full, note="the part of an inference that no budget skips")]
 
 
 FIGURE = Figure("exits", cases, ratios)

@@ -2,6 +2,7 @@
 the batch at the first exit whose confidence passes a threshold (or at a fixed exit)."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -9,46 +10,86 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import ops
 from ..asr import CTCModel, ctc_loss
 from ..config import ModelConfig
-from ..routing import Schedule
+from ..routing import Schedule, VarlenBatch
 from ..validation import check_int, check_real
 from .base import Batch, Budget, Decisions, InferenceResult, Logs, Method, ObjectiveSettings, require_one_of
 
-CRITERIA = ("max_prob", "entropy")
+CRITERIA = ("nbest_posterior", "entropy", "max_prob")
 
 
 def frame_confidence(log_probs: Tensor, criterion: str) -> Tensor:
-    """Per-frame confidence ``[*]`` of posteriors ``[*, V]``: the max posterior (in (0, 1]),
-    or the negative entropy ``sum_v p log p`` (<= 0)."""
+    """Per-frame confidence ``[*]`` of posteriors ``[*, V]`` whose mean over an utterance's
+    frames is its confidence: ``max_prob`` the max posterior (in (0, 1]; ours), ``entropy``
+    the negative entropy divided by V, ``sum_v p log p / V`` (<= 0; mean over frames gives the
+    authors' ``sum_t sum_v p log p / (T V)``)."""
     if criterion == "max_prob":
         return log_probs.max(-1).values.exp()
     if criterion == "entropy":
-        return (log_probs.exp() * log_probs).sum(-1)
-    raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+        return (log_probs.exp() * log_probs).sum(-1) / log_probs.shape[-1]
+    raise ValueError(f"criterion must be max_prob or entropy for a per-frame confidence, got {criterion!r}")
+
+
+@functools.lru_cache(maxsize=8)
+def _nbest_decoder(vocab_size: int, nbest: int):
+    """torchaudio's lexicon-free CTC beam search returning ``nbest`` hypotheses (beam = nbest).
+    Unit names are placeholders: only the hypotheses' scores are read."""
+    from torchaudio.models.decoder import ctc_decoder
+
+    tokens = ["<blank>"] + [f"u{i}" for i in range(1, vocab_size)]
+    return ctc_decoder(lexicon=None, tokens=tokens, lm=None, nbest=nbest, beam_size=nbest,
+                       blank_token="<blank>", sil_token="<blank>")
+
+
+def nbest_posterior(log_probs: Tensor, lengths: Tensor, nbest: int) -> Tensor:
+    """The seed-003 authors' confidence: beam search gives the ``nbest`` best hypotheses with
+    scores ``s_i``; the 1-best's posterior among them is ``softmax(s)_0``.
+
+    Args:
+        log_probs: ``[B, T, V]`` CTC log-posteriors (blank = 0).
+        lengths: int ``[B]`` valid frames.
+    Returns:
+        float ``[B]`` in (0, 1] (1 when a single hypothesis survives; 0 for an empty utterance).
+    """
+    emissions = log_probs.detach().float().cpu().contiguous()
+    hypotheses = _nbest_decoder(log_probs.shape[-1], nbest)(emissions, lengths.to(torch.int32).cpu())
+    posterior = [torch.softmax(torch.tensor([h.score for h in hyps], dtype=torch.float64), 0)[0].item() if hyps else 0.0
+                 for hyps in hypotheses]
+    return torch.tensor(posterior, dtype=log_probs.dtype, device=log_probs.device)
 
 
 @dataclass(frozen=True)
 class EarlyExitBudget(Budget):
-    """Exactly one of: ``threshold`` (a sample exits at the first exit whose mean frame
-    confidence under ``criterion`` reaches it: in [0, 1] for ``max_prob``, <= 0 for
-    ``entropy``) or ``fixed_exit`` (every sample exits after that 1-based exit layer)."""
+    """Exactly one of: ``threshold`` (a sample exits at the first exit whose confidence under
+    ``criterion`` reaches it) or ``fixed_exit`` (every sample exits after that 1-based exit layer).
+
+    Criteria (per utterance): ``"nbest_posterior"`` (default; the seed-003 authors'): the
+    1-best's posterior among the ``nbest`` beam-search hypotheses, threshold in [0, 1] (their
+    code uses N in the hundreds; each exit point then runs a CPU beam search per running
+    utterance); ``"entropy"`` (the authors'): ``sum_t sum_v p log p / (T V)``, threshold <= 0;
+    ``"max_prob"`` (ours): the mean frame max-posterior, threshold in [0, 1], computed on the
+    device with no beam search.
+    """
 
     threshold: Optional[float] = None
-    criterion: str = "max_prob"
+    criterion: str = "nbest_posterior"
     fixed_exit: Optional[int] = None
+    nbest: int = 16
 
     def __post_init__(self) -> None:
         require_one_of("EarlyExitBudget", threshold=self.threshold, fixed_exit=self.fixed_exit)
         if self.criterion not in CRITERIA:
             raise ValueError(f"EarlyExitBudget.criterion must be one of {CRITERIA}, got {self.criterion!r}")
+        check_int("EarlyExitBudget.nbest", self.nbest, low=1)
         if self.fixed_exit is not None:
             check_int("EarlyExitBudget.fixed_exit", self.fixed_exit, low=1)
             return
         check_real("EarlyExitBudget.threshold", self.threshold)
-        in_range = 0 <= self.threshold <= 1 if self.criterion == "max_prob" else self.threshold <= 0
+        in_range = self.threshold <= 0 if self.criterion == "entropy" else 0 <= self.threshold <= 1
         if not in_range:
-            expected = "[0, 1]" if self.criterion == "max_prob" else "(-inf, 0] (a negative entropy)"
+            expected = "(-inf, 0] (a negative entropy)" if self.criterion == "entropy" else "[0, 1]"
             raise ValueError(f"EarlyExitBudget.threshold must lie in {expected} for criterion {self.criterion!r}, "
                              f"got {self.threshold}")
 
@@ -65,7 +106,8 @@ class EarlyExitBudget(Budget):
 @dataclass(frozen=True)
 class ExitDecision:
     """After one exit layer: ``exits`` bool ``[B]`` (packed order) the samples that stop
-    there, and ``log_probs [N, V]`` that exit head's posteriors (the exiting rows are read)."""
+    there, and ``log_probs [N, V]`` that exit head's posteriors (rows of samples that were no
+    longer running are zero: the head runs only on rows still running)."""
 
     exits: Tensor
     log_probs: Tensor
@@ -73,9 +115,11 @@ class ExitDecision:
 
 @dataclass(frozen=True, eq=False)
 class EarlyExitPolicy:
-    """Routing policy: after each exit layer, samples whose mean frame confidence reaches the
-    threshold (or every sample, at a fixed exit) stop; their rows leave the batch. Needs a
-    schedule with a ``sample_mask``."""
+    """Routing policy: after each exit layer, the samples still running whose confidence
+    reaches the threshold (or every sample, at a fixed exit) stop; their rows leave the batch.
+
+    No overhead while nobody exits: the schedule stays the full prefix (no gather/scatter)
+    until a first sample exits; the exit head runs only on the rows still running."""
 
     model: CTCModel
     budget: EarlyExitBudget
@@ -87,28 +131,41 @@ class EarlyExitPolicy:
 
     def decide(self, layer: int, x: Tensor, schedule: Schedule) -> Tuple[Schedule, ExitDecision]:
         with torch.profiler.record_function("dynenc.early_exit"):
-            batch = schedule.batch
-            log_probs = F.log_softmax(self.model.exit_head(layer + 1)(x), dim=-1)
-            running = schedule.sample_mask[:, layer + 1:].any(1)
-            if self.budget.fixed_exit is not None:
-                exits = running
+            batch, head = schedule.batch, self.model.exit_head(layer + 1)
+            if schedule.sample_mask is None:  # everyone still runs
+                running = torch.ones(batch.num_seqs, dtype=torch.bool, device=x.device)
+                log_probs = F.log_softmax(head(x), dim=-1)
             else:
-                confidence = frame_confidence(log_probs, self.budget.criterion)
-                total = x.new_zeros(batch.num_seqs).index_add_(0, batch.seq_ids, confidence)
-                exits = running & (total / batch.lengths.clamp_min(1) >= self.budget.threshold)
-            mask = schedule.sample_mask.clone()
+                running = schedule.sample_mask[:, layer + 1:].any(1)
+                rows = running.index_select(0, batch.seq_ids).nonzero().squeeze(1)
+                log_probs = ops.scatter_rows(F.log_softmax(head(ops.gather_rows(x, rows)), dim=-1), rows,
+                                             batch.num_rows)
+            exits = running & self._confident(log_probs, batch) if self.budget.fixed_exit is None else running
+            if schedule.sample_mask is None and not bool(exits.any()):  # one host sync per exit point
+                return schedule, ExitDecision(exits, log_probs)
+            mask = (torch.ones(batch.num_seqs, self.model.config.num_layers, dtype=torch.bool, device=x.device)
+                    if schedule.sample_mask is None else schedule.sample_mask.clone())
             mask[:, layer + 1:] &= ~exits.unsqueeze(1)
         return schedule.replace(sample_mask=mask), ExitDecision(exits, log_probs)
+
+    def _confident(self, log_probs: Tensor, batch: VarlenBatch) -> Tensor:
+        """bool ``[B]``: the utterances whose confidence reaches the threshold."""
+        budget = self.budget
+        if budget.criterion == "nbest_posterior":
+            padded = ops.scatter_rows(log_probs, batch.padded_positions(), batch.num_seqs * batch.max_seqlen)
+            confidence = nbest_posterior(padded.view(batch.num_seqs, batch.max_seqlen, -1), batch.lengths, budget.nbest)
+        else:
+            total = log_probs.new_zeros(batch.num_seqs).index_add_(0, batch.seq_ids,
+                                                                   frame_confidence(log_probs, budget.criterion))
+            confidence = total / batch.lengths.clamp_min(1)
+        return confidence >= budget.threshold
 
 
 def run(model: CTCModel, x: Tensor, lengths: Tensor, budget: EarlyExitBudget) -> InferenceResult:
     """Each sample's posteriors come from the head it exited at."""
     batch_size, num_layers = x.shape[0], model.config.num_layers
-    everything = torch.ones(batch_size, num_layers, dtype=torch.bool, device=x.device)
-    log_probs, _, out = model.encode(x, lengths, layer_mask=everything, policy=EarlyExitPolicy(model, budget))
+    log_probs, _, out = model.encode(x, lengths, policy=EarlyExitPolicy(model, budget))
     exit_layer = torch.full((batch_size,), num_layers, dtype=torch.int64, device=x.device)  # packed order
-    if not out.decisions:
-        return InferenceResult(log_probs, lengths, out.report, Decisions(exit_layer=exit_layer))
     exit_rows = x.new_zeros(out.packed.batch.num_rows, model.config.vocab_size)
     for layer, decision in sorted(out.decisions.items()):
         exit_rows = torch.where(decision.exits.index_select(0, out.packed.batch.seq_ids).unsqueeze(1),
@@ -142,13 +199,14 @@ class EarlyExitObjective:
 
 
 def budgets(model: CTCModel) -> List[Tuple[str, Budget]]:
-    """Every fixed exit, then (with exits before the last layer) confidence thresholds of both criteria."""
+    """Every fixed exit, then (with exits before the last layer) confidence thresholds of every criterion."""
     fixed = [(f"exit={e}", EarlyExitBudget(fixed_exit=e)) for e in model.config.exit_set]
     if len(model.config.exit_set) == 1:
         return fixed
     return fixed + [(f"{criterion} thr={t}", EarlyExitBudget(threshold=t, criterion=criterion))
-                    for criterion, values in (("max_prob", (0.99, 0.97, 0.95, 0.9, 0.8)),
-                                              ("entropy", (-0.05, -0.1, -0.2, -0.4)))
+                    for criterion, values in (("nbest_posterior", (0.9, 0.7, 0.5, 0.3)),
+                                              ("max_prob", (0.99, 0.97, 0.95, 0.9, 0.8)),
+                                              ("entropy", (-0.002, -0.004, -0.008, -0.016)))
                     for t in values]
 
 

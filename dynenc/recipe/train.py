@@ -35,6 +35,7 @@ from .tokenizer import CharTokenizer
 
 # What ``last.pt`` holds beyond the model for a bit-exact resume.
 RESUME_KEYS = ("optimizer", "scheduler", "rng", "augment_rng", "epoch", "best_wer", "train_seconds")
+STRATEGIES = ("ddp", "fsdp2")
 
 
 def recipe_model() -> ModelConfig:
@@ -59,6 +60,11 @@ class TrainConfig:
         hidden_weight: dld per-layer hidden-state alignment weight.
         teacher: dld teacher: a static model's checkpoint path, or ``"self"``.
         init: optional checkpoint whose matching parameters initialise the model.
+        strategy: data parallelism under ``torchrun``: ``"ddp"`` (replicated weights) or
+            ``"fsdp2"`` (``fully_shard`` on every encoder layer and on the rest; sharded
+            checkpoints). Ignored in a single process.
+        checkpoint_layers: activation checkpointing of every executed encoder layer
+            (:attr:`DynamicConformer.checkpoint_layers`).
         model: the model; :meth:`model_config` fills in the vocabulary and the method's fields.
     """
 
@@ -78,6 +84,8 @@ class TrainConfig:
     teacher: str = "self"
     init: str = ""
     spec_augment: bool = True
+    strategy: str = "ddp"
+    checkpoint_layers: bool = False
     model: ModelConfig = dataclasses.field(default_factory=recipe_model)
 
     def __post_init__(self) -> None:
@@ -86,6 +94,8 @@ class TrainConfig:
         check_int("TrainConfig.max_frames", self.max_frames, low=1)
         check_int("TrainConfig.seed", self.seed, low=0)
         check_gating("TrainConfig.gating", self.gating)
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"TrainConfig.strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         for name, low, high in (("lr", 0.0, None), ("weight_decay", 0.0, None), ("warmup", 0.0, 1.0),
                                 ("clip", 0.0, None), ("drop_prob", 0.0, 1.0), ("kd_weight", 0.0, None),
                                 ("temperature", 0.0, None), ("hidden_weight", 0.0, None)):
@@ -111,6 +121,32 @@ class ObjectiveModule(nn.Module):
 
     def forward(self, batch: Tuple[Tensor, ...]):
         return self.objective(self.model, batch)
+
+
+def shard_model(root: nn.Module, model: CTCModel) -> None:
+    """FSDP2 in place: ``fully_shard`` each encoder layer of ``model`` (its own all-gather /
+    reduce-scatter unit, also when it runs on zero rows: see ``DynamicConformer._run_layer``),
+    then ``root``, whose ``forward`` must be the one entry point that reads the other
+    parameters (front-end, heads, selector)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.encoder.conformer_layers:
+        fully_shard(layer)
+    fully_shard(root)
+
+
+def distribute(module: ObjectiveModule, strategy: str) -> nn.Module:
+    """``module`` wrapped for data parallelism (a process group must be initialised):
+    ``"ddp"`` (no find_unused_parameters needed: skipped layers still give zero gradients) or
+    ``"fsdp2"`` (:func:`shard_model`; a DLD teacher model is sharded the same way). Each
+    rank's loss is the mean over its own batch; both average gradients over ranks."""
+    if strategy == "ddp":
+        return nn.parallel.DistributedDataParallel(module)
+    teacher = getattr(module.objective, "teacher", None)
+    if isinstance(teacher, CTCModel):
+        shard_model(teacher, teacher)
+    shard_model(module, module.model)
+    return module
 
 
 def spec_augment(features: Tensor, lengths: Tensor, generator: torch.Generator) -> Tensor:

@@ -1,0 +1,125 @@
+"""Train the same tiny model under every dropping method with 2 ranks (DDP or FSDP2, gloo,
+CPU) and in a single process on the ranks' batches with the same masks.
+
+Masks differ between the ranks and leave a layer without rows on one rank (per-rank drop
+probabilities); each rank's (and each reference shard's) random draws come from
+``torch.manual_seed(SEED_STRIDE * step + rank)``. BatchNorm normalises with batch
+statistics per rank (no SyncBatchNorm), so the reference runs each rank's batch as its own
+forward and averages the losses: what DDP and FSDP2 compute (the mean over the global batch,
+the ranks' batches being of equal size). BatchNorm momentum is 0 so the eval-mode teacher
+reads the same running statistics everywhere.
+"""
+import os
+from typing import Dict, List
+
+import torch
+import torch.distributed as dist
+
+from dynenc import methods
+from dynenc.recipe.train import ObjectiveModule, TrainConfig, distribute, shard_model
+from toy_ctc import tiny_model, toy_batch
+
+WORLD = 2
+STEPS = 2
+BATCH = 3
+SEED_STRIDE = 1000
+# Rank 0 never runs layer 1, rank 1 never runs layer 2 (p = 1), and each rank drops others at random.
+DROP_PROBS = ([0.5, 1.0, 0.5, 0.0], [0.5, 0.0, 1.0, 0.5])
+CASES = ("layer_drop", "layer_drop_checkpointed", "dld_self", "dld_teacher", "dld_sharded_teacher", "selector",
+         "early_exit", "blank_skip")
+
+
+def build(case: str):
+    """``(model, objective factory rank -> Objective, teacher or None)`` of a case, seeded."""
+    method = {"dld_self": "dld", "dld_teacher": "dld", "dld_sharded_teacher": "dld",
+              "layer_drop_checkpointed": "layer_drop"}.get(case, case)
+    fields = methods.get_method(method).model_fields(tiny_model().config)
+    model = tiny_model(seed=0, **fields).train()
+    model.encoder.checkpoint_layers = case == "layer_drop_checkpointed"
+    teacher = tiny_model(seed=1).eval() if case in ("dld_teacher", "dld_sharded_teacher") else None
+    for module in [model] + ([teacher] if teacher is not None else []):
+        for norm in module.modules():
+            if isinstance(norm, torch.nn.BatchNorm1d):
+                norm.momentum = 0.0
+
+    def objective(rank: int):
+        probs = torch.tensor(DROP_PROBS[rank])
+        if method == "layer_drop":
+            return methods.LayerDropCTC(4, drop_prob=probs)
+        if method == "dld":
+            return methods.DLDObjective(teacher if teacher is not None else "self", drop_prob=probs,
+                                        hidden_weight=0.1)
+        if method == "selector":
+            return methods.SelectorObjective(min_layers=1)
+        return methods.get_method(method).objective(TrainConfig(method=method), model)
+
+    return model, objective, teacher
+
+
+def shard(step: int, rank: int):
+    """Rank ``rank``'s batch at ``step``."""
+    return toy_batch(100 * step + rank, batch_size=BATCH)
+
+
+def row_counter(model) -> List[int]:
+    """A list that the encoder layers' forward pre-hooks extend with the rows they run on
+    (in layer order, one entry per call)."""
+    rows: List[int] = []
+    for layer in model.encoder.conformer_layers:
+        layer.register_forward_pre_hook(lambda _module, args: rows.append(args[0].shape[0]))
+    return rows
+
+
+def full_parameters(model) -> Dict[str, torch.Tensor]:
+    """Every parameter as a full local tensor (FSDP2's DTensor shards gathered)."""
+    return {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+            for name, p in model.named_parameters()}
+
+
+def train_reference(case: str) -> Dict[str, torch.Tensor]:
+    """One process: each step averages the ranks' losses on their batches."""
+    model, objective, _ = build(case)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    objectives = [objective(rank) for rank in range(WORLD)]
+    for step in range(STEPS):
+        optimizer.zero_grad()
+        loss = 0.0
+        for rank in range(WORLD):
+            torch.manual_seed(SEED_STRIDE * step + rank)
+            loss = loss + objectives[rank](model, shard(step, rank))[0] / WORLD
+        loss.backward()
+        optimizer.step()
+    return full_parameters(model)
+
+
+def train_rank(case: str, strategy: str, rank: int) -> Dict[str, object]:
+    model, objective, teacher = build(case)
+    rows = row_counter(model)
+    module = ObjectiveModule(model, objective(rank))
+    if case == "dld_sharded_teacher" and strategy == "ddp":
+        return {}  # a sharded teacher needs FSDP2 (the DDP run has an unsharded one)
+    if case == "dld_teacher" and strategy == "fsdp2":
+        module.objective.teacher = teacher  # distribute() shards a teacher: keep this one whole
+        wrapped = module
+        shard_model(module, model)
+    else:
+        wrapped = distribute(module, strategy)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(STEPS):
+        torch.manual_seed(SEED_STRIDE * step + rank)
+        loss, _ = wrapped(shard(step, rank))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return {"params": full_parameters(model), "rows": rows}
+
+
+def worker(rank: int, strategy: str, init_file: str, out_dir: str) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        results = {case: train_rank(case, strategy, rank) for case in CASES}
+    finally:
+        dist.destroy_process_group()
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
