@@ -3,6 +3,8 @@ CTC-blank frame skipping and the input-conditioned layer selector. (The final an
 early-exit heads are plain ``nn.Linear`` projections followed by a log-softmax.)"""
 from __future__ import annotations
 
+from typing import Union
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -41,18 +43,23 @@ class BlankHead(nn.Module):
 
 
 class LayerSelector(nn.Module):
-    """``[B, T, D]`` encoder inputs + lengths ``[B]`` -> ``[B, L]`` layer logits.
+    """``[B, T, D]`` encoder inputs + lengths ``[B]`` + budget k -> ``[B, L]`` layer logits.
 
-    Pooling (*choice*): mean and standard deviation over valid frames, then a 2-layer MLP.
+    Pooling (*choice*): mean and standard deviation over valid frames; the budget enters as the
+    fraction ``k / L`` beside them (*choice*: one selector serves every k coherently, and the
+    budget regulariser has a target the selector can see); then a 2-layer MLP.
     """
 
     def __init__(self, dim: int, num_layers: int, hidden: int = 64) -> None:
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(2 * dim, hidden), nn.ReLU(), nn.Linear(hidden, num_layers))
+        self.num_layers = num_layers
+        self.mlp = nn.Sequential(nn.Linear(2 * dim + 1, hidden), nn.ReLU(), nn.Linear(hidden, num_layers))
 
-    def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
+    def forward(self, x: Tensor, lengths: Tensor, k: Union[int, Tensor]) -> Tensor:
+        """``k``: the number of layers to select, an int or int ``[B]`` in ``[0, L]``."""
         valid = valid_frames(lengths, x.shape[1]).unsqueeze(-1).to(x.dtype)
         count = valid.sum(1).clamp_min(1)
         mean = (x * valid).sum(1) / count
         var = (((x - mean.unsqueeze(1)) ** 2) * valid).sum(1) / count
-        return self.mlp(torch.cat([mean, var.clamp_min(1e-6).sqrt()], dim=-1))
+        budget = torch.as_tensor(k, dtype=x.dtype, device=x.device).expand(x.shape[0]).unsqueeze(1) / self.num_layers
+        return self.mlp(torch.cat([mean, var.clamp_min(1e-6).sqrt(), budget], dim=-1))

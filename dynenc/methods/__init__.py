@@ -9,8 +9,8 @@ from .early_exit import CRITERIA, EarlyExitBudget, EarlyExitObjective, EarlyExit
 from .layer_drop import (LayerDropBudget, LayerDropCTC, RandomLayerDrop, fixed_layers_mask,
                          linear_drop_schedule)
 from .registry import METHODS, get_method, infer, method_names
-from .selector import (SelectorBudget, SelectorObjective, budget_regulariser, straight_through_topk, threshold_mask,
-                       topk_mask)
+from .selector import (SelectorBudget, SelectorObjective, budget_regulariser, relaxed_topk, straight_through_topk,
+                       threshold_mask, topk_mask)
 from .static import FullBudget, StaticCTC
 
 __all__ = [
@@ -18,6 +18,6 @@ __all__ = [
     "EarlyExitBudget", "EarlyExitObjective", "EarlyExitPolicy", "ExitDecision", "FullBudget", "InferenceResult",
     "LayerDropBudget", "LayerDropCTC", "METHODS", "Method", "RandomLayerDrop", "SelectorBudget", "SelectorObjective",
     "StaticCTC", "budget_regulariser", "dilate_within_sequences", "fixed_layers_mask", "frame_confidence",
-    "get_method", "infer", "linear_drop_schedule", "method_names", "straight_through_topk", "threshold_mask",
-    "topk_mask",
+    "get_method", "infer", "linear_drop_schedule", "method_names", "relaxed_topk", "straight_through_topk",
+    "threshold_mask", "topk_mask",
 ]

@@ -32,19 +32,36 @@ def threshold_mask(logits: Tensor, threshold: float) -> Tensor:
     return torch.sigmoid(logits) > threshold
 
 
-def straight_through_topk(logits: Tensor, k: Union[int, Tensor], temperature: float = 1.0,
-                          generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
-    """Training-time selection (*choice*): Gumbel-perturbed top-k, straight-through gates.
+def relaxed_topk(scores: Tensor, k: int, temperature: float = 1.0) -> Tensor:
+    """Continuous relaxation of the k-hot top-k of ``scores [B, L]`` (Xie & Ermon 2019,
+    "Reparameterizable subset sampling via continuous relaxations"): k successive softmaxes,
+    each after down-weighting what the previous ones picked. Rows sum to k; as the temperature
+    goes to 0 it becomes the hard top-k."""
+    khot = torch.zeros_like(scores)
+    picked = torch.zeros_like(scores)
+    for _ in range(k):
+        scores = scores + torch.log1p(-picked.clamp(max=1 - 1e-6))
+        picked = torch.softmax(scores / temperature, dim=1)
+        khot = khot + picked
+    return khot
 
-    Returns ``(mask bool [B, L], gates [B, L])``: the hard top-k of ``logits + Gumbel``
-    drives the ragged execution; ``gates = hard + s - s.detach()`` with
-    ``s = sigmoid((logits + Gumbel) / temperature)`` equals 1 on the selected layers in the
-    forward and passes gradients to the selector through every executed layer.
+
+def straight_through_topk(logits: Tensor, k: int, temperature: float = 1.0,
+                          generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
+    """Training-time selection (*choice*): Gumbel top-k with a straight-through relaxed top-k.
+
+    ``logits + Gumbel`` noise sampled this way makes the hard top-k a sample of k layers
+    without replacement from ``softmax(logits)`` (the Gumbel top-k trick). The hard top-k
+    drives the ragged execution (gates exactly 1 on the selected layers in the forward); the
+    backward uses the gradient of :func:`relaxed_topk` of the same perturbed scores, so every
+    layer's logit — selected or not — gets a learning signal through the softmaxes.
+
+    Returns ``(mask bool [B, L], gates [B, L])``.
     """
     uniform = torch.rand(logits.shape, device=logits.device, generator=generator).clamp(1e-9, 1 - 1e-9)
     scores = logits - torch.log(-torch.log(uniform))
     mask = topk_mask(scores.detach(), k)
-    soft = torch.sigmoid(scores / temperature)
+    soft = relaxed_topk(scores, k, temperature)
     return mask, mask.to(soft.dtype) + soft - soft.detach()
 
 
@@ -60,9 +77,12 @@ def _require_selector(model: CTCModel, what: str) -> None:
 
 
 class SelectorObjective:
-    """Training (*choice*): a budget k drawn per batch from ``[min_layers, L]``; Gumbel top-k
-    with straight-through gates so the hard mask runs ragged while gradients reach the
-    selector; plus a budget regulariser."""
+    """Training (*choice*): a budget k drawn per batch from ``[min_layers, L]`` and given to the
+    selector; Gumbel top-k with straight-through relaxed top-k gates (see
+    :func:`straight_through_topk`) so the hard mask runs ragged while gradients reach the
+    selector; plus a budget regulariser pulling ``sum sigmoid(logits)`` toward k, which trains
+    threshold mode toward the same target (set ``regulariser_weight=0`` to train through the
+    straight-through path alone)."""
 
     def __init__(self, min_layers: int = 1, regulariser_weight: float = 0.01, temperature: float = 1.0) -> None:
         self.min_layers = min_layers
@@ -74,7 +94,7 @@ class SelectorObjective:
         features, lengths, targets, target_lengths = batch
         k = int(torch.randint(self.min_layers, model.config.num_layers + 1, ()))  # torch RNG: resumable
         x, x_lengths = model.embed(features, lengths)
-        logits = model.selector(x, x_lengths)
+        logits = model.selector(x, x_lengths, k)
         mask, gates = straight_through_topk(logits, k, self.temperature)
         log_probs, _, _ = model.encode(x, x_lengths, layer_mask=mask, gates=gates)
         ctc = ctc_loss(log_probs, x_lengths, targets, target_lengths)
@@ -84,30 +104,41 @@ class SelectorObjective:
 
 @dataclass(frozen=True)
 class SelectorBudget(Budget):
-    """Exactly one of: ``k`` (the k top-scoring layers per sample, k in ``[0, L]``) or
-    ``threshold`` (the layers with ``sigmoid(logit) > threshold``, threshold in (0, 1))."""
+    """Exactly one of: ``k`` (the k top-scoring layers per sample, k in ``[0, L]``; the selector
+    is told k) or ``threshold`` (the layers with ``sigmoid(logit) > threshold``, threshold in
+    (0, 1), the selector told ``target`` layers — default L — which training's budget
+    regulariser taught it to spend in expectation)."""
 
     k: Optional[int] = None
     threshold: Optional[float] = None
+    target: Optional[int] = None
 
     def __post_init__(self) -> None:
         require_one_of("SelectorBudget", k=self.k, threshold=self.threshold)
         if self.k is not None:
             check_int("SelectorBudget.k", self.k, low=0)
+            if self.target is not None:
+                raise ValueError("SelectorBudget.target is the threshold mode's budget; with k, the budget is k")
         else:
             check_real("SelectorBudget.threshold", self.threshold)
             if not 0 < self.threshold < 1:
                 raise ValueError(f"SelectorBudget.threshold must lie in (0, 1), got {self.threshold}")
+            if self.target is not None:
+                check_int("SelectorBudget.target", self.target, low=0)
 
     def check(self, model: CTCModel) -> None:
         _require_selector(model, "a SelectorBudget")
-        if self.k is not None:
-            check_int("SelectorBudget.k", self.k, low=0, high=model.config.num_layers)
+        for name in ("k", "target"):
+            if getattr(self, name) is not None:
+                check_int(f"SelectorBudget.{name}", getattr(self, name), low=0, high=model.config.num_layers)
 
 
 def run(model: CTCModel, x: Tensor, lengths: Tensor, budget: SelectorBudget) -> InferenceResult:
-    logits = model.selector(x, lengths)
-    mask = topk_mask(logits, budget.k) if budget.k is not None else threshold_mask(logits, budget.threshold)
+    if budget.k is not None:
+        mask = topk_mask(model.selector(x, lengths, budget.k), budget.k)
+    else:
+        target = model.config.num_layers if budget.target is None else budget.target
+        mask = threshold_mask(model.selector(x, lengths, target), budget.threshold)
     return run_masked(model, x, lengths, mask)
 
 
