@@ -81,6 +81,7 @@ class ModelConfig:
         exit_layers: 1-based layers with an early-exit CTC head.
         blank_skip_layer: 1-based layer K with the intermediate blank head (0 = none).
         factorized_ctc: the intermediate head predicts p(blank) and p(token | non-blank).
+        factorized_final_ctc: the final CTC head is factorized the same way.
         selector_hidden: hidden size of the input-conditioned layer selector (0 = none).
         extra: free-form metadata kept with checkpoints.
     """
@@ -96,6 +97,7 @@ class ModelConfig:
     exit_layers: Tuple[int, ...] = ()
     blank_skip_layer: int = 0
     factorized_ctc: bool = False
+    factorized_final_ctc: bool = False
     selector_hidden: int = 0
     extra: Dict[str, Any] = field(default_factory=dict)
 

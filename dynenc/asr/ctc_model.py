@@ -30,7 +30,10 @@ class CTCModel(nn.Module):
         self.frontend = Conv2dSubsampling(config.num_features, config.dim)
         self.encoder = DynamicConformer(config.dim, config.num_heads, config.ffn_dim, config.num_layers,
                                         config.kernel_size, dropout=config.dropout)
-        self.ctc_head = nn.Linear(config.dim, config.vocab_size)
+        # A factorized head returns log-probabilities; log_softmax of them is the identity, so
+        # every caller may treat both kinds alike.
+        self.ctc_head = (BlankHead(config.dim, config.vocab_size, factorized=True) if config.factorized_final_ctc
+                         else nn.Linear(config.dim, config.vocab_size))
         self.exit_heads = nn.ModuleDict({str(l): nn.Linear(config.dim, config.vocab_size) for l in config.exit_layers
                                          if l != config.num_layers})
         self.blank_head = (BlankHead(config.dim, config.vocab_size, config.factorized_ctc)
@@ -38,7 +41,7 @@ class CTCModel(nn.Module):
         self.selector = (LayerSelector(config.dim, config.num_layers, config.selector_hidden)
                          if config.selector_hidden else None)
 
-    def exit_head(self, layer: int) -> nn.Linear:
+    def exit_head(self, layer: int) -> nn.Module:
         """The CTC head read after 1-based ``layer`` (the final head for the last layer)."""
         return self.ctc_head if layer == self.config.num_layers else self.exit_heads[str(layer)]
 

@@ -1,6 +1,7 @@
 """Losses shared by the training objectives (and the benchmark's training steps)."""
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -29,5 +30,7 @@ def distillation_kl(teacher_log_probs: Tensor, student_log_probs: Tensor, length
     """
     teacher = F.log_softmax(teacher_log_probs.detach() / temperature, dim=-1)
     student = F.log_softmax(student_log_probs / temperature, dim=-1)
-    kl = (teacher.exp() * (teacher - student)).sum(-1)
+    probs = teacher.exp()
+    # 0 * log 0 = 0: a teacher that rules a unit out (log p = -inf) adds nothing, not NaN.
+    kl = torch.where(probs > 0, probs * (teacher - student), 0.0).sum(-1)
     return masked_mean(kl, lengths) * temperature**2

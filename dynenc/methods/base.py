@@ -34,6 +34,7 @@ class ObjectiveSettings(Protocol):
     hidden_weight: float
     teacher: str
     gating: str
+    skip_threshold: float
 
 
 class Budget:

@@ -5,7 +5,7 @@ non-blank frame (spike extension). Skipped frames emit blank (*choice*)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +14,7 @@ from torch import Tensor
 from .. import ops
 from ..asr import BlankHead, CTCModel, ctc_loss, distillation_kl, masked_mean
 from ..config import ModelConfig
+from ..model import EncoderOutput
 from ..routing import Schedule, VarlenBatch
 from ..validation import check_int, check_real
 from .base import Batch, Budget, Decisions, InferenceResult, Logs, Method, ObjectiveSettings
@@ -70,22 +71,49 @@ class BlankSkipPolicy:
         return schedule.replace(row_alive=keep), ~keep
 
 
-def run(model: CTCModel, x: Tensor, lengths: Tensor, budget: BlankSkipBudget) -> InferenceResult:
+def skipping_forward(model: CTCModel, x: Tensor, lengths: Tensor, budget: BlankSkipBudget,
+                     return_hidden: bool = False) -> Tuple[Tensor, Tensor, EncoderOutput]:
+    """The encoder with frames skipped after layer K, then the final head on the frames that
+    ran every layer only (skipped frames emit blank, *choice*, and cost nothing there).
+
+    Used at inference and, with ``skip_threshold`` set, in training, so the upper layers see
+    the same compacted sequences in both. Returns ``(log_probs [B, T', V], skipped bool
+    [B, T'], EncoderOutput)``.
+    """
     policy = BlankSkipPolicy(model.blank_head, model.config.blank_skip_layer, budget)
-    log_probs, _, out = model.encode(x, lengths, policy=policy)
+    out = model.encoder(x, lengths, policy=policy, return_report=True, return_hidden=return_hidden)
+    packed = out.packed
     skipped_rows = out.decisions[policy.layer - 1]
-    skipped = out.packed.unpack(skipped_rows.unsqueeze(1).to(x.dtype)).squeeze(2) > 0.5
-    blank = F.one_hot(torch.zeros_like(lengths), log_probs.shape[-1]).to(log_probs.dtype).log()[:, None, :]
-    return InferenceResult(torch.where(skipped.unsqueeze(-1), blank, log_probs), lengths, out.report,
-                           Decisions(skipped_frames=skipped))
+    kept = (~skipped_rows).nonzero().squeeze(1)
+    flat_positions = kept if packed.positions is None else packed.positions.index_select(0, kept)
+    rows = ops.gather_rows(out.output.reshape(-1, out.output.shape[-1]), flat_positions)
+    log_probs_kept = F.log_softmax(model.ctc_head(rows), dim=-1)
+    blank_row = torch.full((model.config.vocab_size,), float("-inf"), dtype=log_probs_kept.dtype, device=x.device)
+    blank_row[0] = 0.0
+    packed_log_probs = blank_row.expand(packed.batch.num_rows, -1).index_copy(0, kept, log_probs_kept)
+    skipped = packed.unpack(skipped_rows.unsqueeze(1).to(x.dtype)).squeeze(2) > 0.5
+    return packed.unpack(packed_log_probs), skipped, out
+
+
+def run(model: CTCModel, x: Tensor, lengths: Tensor, budget: BlankSkipBudget) -> InferenceResult:
+    log_probs, skipped, out = skipping_forward(model, x, lengths, budget)
+    return InferenceResult(log_probs, lengths, out.report, Decisions(skipped_frames=skipped))
 
 
 class BlankSkipObjective:
     """CTC at the final head and at the intermediate head of layer K, plus KD from the final
-    posteriors to the intermediate head."""
+    posteriors to the intermediate head (the paper's).
 
-    def __init__(self, intermediate_weight: float = 0.5, kd_weight: float = 0.5, temperature: float = 1.0) -> None:
+    ``skip_threshold`` (*choice*, off by default): train with skipping active — frames with
+    p(blank) > tau at layer K leave the sequence for the upper layers exactly as at
+    inference (:func:`skipping_forward`; skipped frames emit blank in the final posteriors),
+    so the upper layers learn on the compacted sequences they will see.
+    """
+
+    def __init__(self, intermediate_weight: float = 0.5, kd_weight: float = 0.5, temperature: float = 1.0,
+                 skip_threshold: Optional[float] = None, spike_window: int = 1) -> None:
         self.intermediate_weight, self.kd_weight, self.temperature = intermediate_weight, kd_weight, temperature
+        self.skipping = None if skip_threshold is None else BlankSkipBudget(skip_threshold, spike_window)
 
     def __call__(self, model: CTCModel, batch: Batch) -> Tuple[Tensor, Logs]:
         if model.blank_head is None:
@@ -93,15 +121,21 @@ class BlankSkipObjective:
                              "(ModelConfig.blank_skip_layer > 0)")
         features, lengths, targets, target_lengths = batch
         x, x_lengths = model.embed(features, lengths)
-        out = model.encoder(x, x_lengths, return_hidden=True)
-        final_lp = F.log_softmax(model.ctc_head(out.output), dim=-1)
+        logs = {}
+        if self.skipping is None:
+            out = model.encoder(x, x_lengths, return_hidden=True)
+            final_lp = F.log_softmax(model.ctc_head(out.output), dim=-1)
+        else:
+            final_lp, skipped, out = skipping_forward(model, x, x_lengths, self.skipping, return_hidden=True)
+            logs["skipped"] = masked_mean(skipped.to(x.dtype), x_lengths).item()
         inter_lp = model.blank_head(out.packed.unpack(out.hidden[model.config.blank_skip_layer - 1]))
         final = ctc_loss(final_lp, x_lengths, targets, target_lengths)
         inter = ctc_loss(inter_lp, x_lengths, targets, target_lengths)
         kd = distillation_kl(final_lp, inter_lp, x_lengths, self.temperature)
         loss = final + self.intermediate_weight * inter + self.kd_weight * kd
         blank_rate = masked_mean(inter_lp[..., 0].exp(), x_lengths)
-        return loss, {"ctc": final.item(), "ctc_inter": inter.item(), "kd": kd.item(), "p_blank": blank_rate.item()}
+        logs.update(ctc=final.item(), ctc_inter=inter.item(), kd=kd.item(), p_blank=blank_rate.item())
+        return loss, logs
 
 
 def budgets(model: CTCModel) -> List[Tuple[str, Budget]]:
@@ -110,7 +144,8 @@ def budgets(model: CTCModel) -> List[Tuple[str, Budget]]:
 
 
 def objective(settings: ObjectiveSettings, model: CTCModel) -> BlankSkipObjective:
-    return BlankSkipObjective(kd_weight=settings.kd_weight, temperature=settings.temperature)
+    return BlankSkipObjective(kd_weight=settings.kd_weight, temperature=settings.temperature,
+                              skip_threshold=settings.skip_threshold or None)
 
 
 def model_fields(config: ModelConfig) -> Dict[str, Any]:

@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from ..asr import CTCModel, load_checkpoint
+from ..asr.checkpoint import find_checkpoint
 from ..methods import Budget, FullBudget, get_method, infer, method_names
 from ..validation import check_int
 from .batching import SpeechBatches, collate_batch
@@ -37,8 +38,8 @@ def decode_split(model: CTCModel, data: Sequence, tokenizer: CharTokenizer,
 
     Returns WER (greedy, or beam when ``beam`` is a torchaudio decoder), executed fraction of
     full-depth token x layers, inference seconds (encoder + heads, no decoding), mean exit
-    layer (methods that decide exits) and the fraction of frames that skipped the upper
-    layers (methods that skip frames). Each batch is timed ``timing_repeats`` times and the
+    layer (methods that decide exits), the fraction of frames that skipped the upper
+    layers (methods that skip frames) and the fraction of frames whose best label is blank. Each batch is timed ``timing_repeats`` times and the
     fastest run counts (this machine is shared and noisy; the minimum is the most repeatable
     statistic). The model's training mode is left as it is (:func:`infer` runs in eval mode).
     """
@@ -46,7 +47,7 @@ def decode_split(model: CTCModel, data: Sequence, tokenizer: CharTokenizer,
     hypotheses, references = [], []
     executed = full = 0
     seconds = 0.0
-    exit_layers, skipped, frames, skips_frames = [], 0, 0, False
+    exit_layers, skipped, frames, skips_frames, blank_frames = [], 0, 0, False, 0
     for idx in SpeechBatches(data, tokenizer, max_frames=max_frames, shuffle=False).batch_indices():
         features, lengths, _, _ = collate_batch([data[i] for i in idx], tokenizer)
         fastest = float("inf")
@@ -64,6 +65,8 @@ def decode_split(model: CTCModel, data: Sequence, tokenizer: CharTokenizer,
             skips_frames = True
             skipped += int(decisions.skipped_frames.sum())
         frames += int(result.lengths.sum())
+        valid = torch.arange(result.log_probs.shape[1])[None, :] < result.lengths[:, None]
+        blank_frames += int(((result.log_probs.argmax(-1) == 0) & valid).sum())
         if beam is None:
             best = result.log_probs.argmax(-1)
             hypotheses += [tokenizer.decode_ctc(best[b, :n]) for b, n in enumerate(result.lengths.tolist())]
@@ -77,13 +80,16 @@ def decode_split(model: CTCModel, data: Sequence, tokenizer: CharTokenizer,
         "executed_fraction": executed / max(full, 1),
         "seconds": seconds,
         "mean_exit_layer": sum(exit_layers) / len(exit_layers) if exit_layers else None,
+        # The regime blank skipping needs: the share of frames whose best label is blank.
+        "blank_fraction": blank_frames / max(frames, 1),
         "skipped_frame_fraction": skipped / max(frames, 1) if skips_frames else None,
     }
 
 
 def sweep(runs: Path, data_dir: Path, method_names: Sequence[str], beam_size: int = 0, limit: Optional[int] = None,
           progress: bool = True, timing_repeats: int = 3) -> Dict:
-    """Evaluate every ``runs/<method>/model.pt`` found; returns the results dictionary."""
+    """Evaluate every ``runs/<method>/model.pt`` (or sharded ``model.dcp/``, from FSDP2
+    training) found; returns the results dictionary."""
     tokenizer = CharTokenizer()
     test = load_split(data_dir, "test")[:limit]
     beam = beam_decoder(tokenizer, beam_size) if beam_size else None
@@ -91,9 +97,9 @@ def sweep(runs: Path, data_dir: Path, method_names: Sequence[str], beam_size: in
                      "timing": f"inference seconds over the test split (front-end + encoder + heads), best of "
                                f"{timing_repeats} per batch", "methods": {}}
     for method in method_names:
-        checkpoint = runs / method / "model.pt"
-        if not checkpoint.exists():
-            print(f"skipping {method}: no checkpoint at {checkpoint}")
+        checkpoint = find_checkpoint(runs / method, "model")
+        if checkpoint is None:
+            print(f"skipping {method}: no checkpoint at {runs / method / 'model.pt'} (or model.dcp)")
             continue
         model, payload = load_checkpoint(checkpoint)
         rows = []
@@ -137,14 +143,15 @@ def plot(results: Dict, path: Path) -> None:
 
 
 def markdown(results: Dict) -> str:
-    lines = ["| method | budget | WER % | executed | time s | speed-up | exit | skipped |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | budget | WER % | executed | time s | speed-up | exit | skipped | blank frames |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for method, entry in results["methods"].items():
         for r in entry["rows"]:
             exit_layer = "" if r["mean_exit_layer"] is None else f"{r['mean_exit_layer']:.2f}"
             skipped = "" if r["skipped_frame_fraction"] is None else f"{100 * r['skipped_frame_fraction']:.0f} %"
             wer = f"{100 * r['wer']:.1f}" + (f" (beam {100 * r['wer_beam']:.1f})" if "wer_beam" in r else "")
             lines.append(f"| {method} | {r['budget']} | {wer} | {r['executed_fraction']:.2f} | {r['seconds']:.2f} | "
-                         f"{r['speedup']:.2f}x | {exit_layer} | {skipped} |")
+                         f"{r['speedup']:.2f}x | {exit_layer} | {skipped} | {100 * r['blank_fraction']:.0f} % |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,20 +1,23 @@
 """``dynenc train``: train a CTC model on the espeak-ng corpus with one dynamic-depth method.
 
-Checkpoints (``model.pt`` best-by-dev, ``last.pt`` for resuming; state dicts + RNG states,
-config as JSON beside, loaded with ``weights_only=True``) and a JSON-lines log go to
-``--out``. ``--resume`` continues bit-for-bit from ``last.pt``. Runs under ``torchrun``
-with DDP (gloo on CPU, nccl on GPU) with no extra launcher.
+Checkpoints (``model.pt`` best-by-dev, ``last.pt`` for resuming; state dicts + every
+rank's RNG states, config as JSON beside, loaded with ``weights_only=True``) and a JSON-lines
+log go to ``--out``. ``--resume`` continues bit-for-bit from ``last.pt``. Runs under
+``torchrun`` (gloo on CPU, nccl on GPU) with no extra launcher: ``--strategy ddp`` or
+``fsdp2``, whose checkpoints are sharded (``model.dcp/``, ``last.dcp/``: see
+:mod:`dynenc.asr.checkpoint`).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import time
 import typing
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -22,7 +25,8 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from ..asr import CTCModel, load_checkpoint, save_checkpoint
-from ..asr.checkpoint import read_payload, restore_state
+from ..asr.checkpoint import (SHARDED_SUFFIX, find_checkpoint, load_sharded_state, read_payload, restore_state,
+                              save_sharded_checkpoint)
 from ..config import ModelConfig, load_config, save_config
 from ..validation import check_int, check_real
 from ..methods import get_method, method_names
@@ -34,7 +38,7 @@ from .features import load_split
 from .tokenizer import CharTokenizer
 
 # What ``last.pt`` holds beyond the model for a bit-exact resume.
-RESUME_KEYS = ("optimizer", "scheduler", "rng", "augment_rng", "epoch", "best_wer", "train_seconds")
+RESUME_KEYS = ("optimizer", "scheduler", "rank_rng", "epoch", "best_wer", "train_seconds")
 STRATEGIES = ("ddp", "fsdp2")
 
 
@@ -59,6 +63,8 @@ class TrainConfig:
         kd_weight: dld lambda / blank_skip KD weight.
         hidden_weight: dld per-layer hidden-state alignment weight.
         teacher: dld teacher: a static model's checkpoint path, or ``"self"``.
+        skip_threshold: blank_skip: train with skipping active at this tau (0 = off: every
+            frame runs every layer in training, the paper's recipe).
         init: optional checkpoint whose matching parameters initialise the model.
         strategy: data parallelism under ``torchrun``: ``"ddp"`` (replicated weights) or
             ``"fsdp2"`` (``fully_shard`` on every encoder layer and on the rest; sharded
@@ -82,6 +88,7 @@ class TrainConfig:
     temperature: float = 1.0
     hidden_weight: float = 0.0
     teacher: str = "self"
+    skip_threshold: float = 0.0
     init: str = ""
     spec_augment: bool = True
     strategy: str = "ddp"
@@ -94,6 +101,7 @@ class TrainConfig:
         check_int("TrainConfig.max_frames", self.max_frames, low=1)
         check_int("TrainConfig.seed", self.seed, low=0)
         check_gating("TrainConfig.gating", self.gating)
+        check_real("TrainConfig.skip_threshold", self.skip_threshold, 0.0, 1.0)
         if self.strategy not in STRATEGIES:
             raise ValueError(f"TrainConfig.strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         for name, low, high in (("lr", 0.0, None), ("weight_decay", 0.0, None), ("warmup", 0.0, 1.0),
@@ -171,16 +179,44 @@ def _distributed() -> Tuple[int, int]:
     return 0, 1
 
 
+def _rank_rng_states(augment_rng: torch.Generator, world: int) -> Tensor:
+    """uint8 ``[world, 2, S]``: every rank's torch and augmentation RNG states (each rank
+    draws its own masks and augmentations), the same tensor on every rank."""
+    states = torch.stack([torch.get_rng_state(), augment_rng.get_state()])
+    if world == 1:
+        return states.unsqueeze(0)
+    gathered = [torch.empty_like(states) for _ in range(world)]
+    dist.all_gather(gathered, states)
+    return torch.stack(gathered)
+
+
+@contextlib.contextmanager
+def _unsharded_root(module: nn.Module, sharded: bool) -> Iterator[None]:
+    """The FSDP2 root's own parameters (front-end, heads) gathered for code that calls the
+    model's entry points other than the root's ``forward`` (dev decoding); the layers gather
+    theirs in their forward hooks."""
+    if not sharded:
+        yield
+        return
+    module.unshard()
+    try:
+        yield
+    finally:
+        module.reshard()
+
+
 def train(config: TrainConfig, data_dir: Path, out_dir: Path, resume: bool = False, progress: bool = True,
           limit_train: Optional[int] = None, limit_dev: Optional[int] = None,
           stop_after: Optional[int] = None) -> Dict:
     """Train and return the final log record. ``limit_*`` truncate the splits and ``stop_after``
     ends after that many epochs as if interrupted (smoke tests). ``resume`` without
     ``out_dir/last.pt`` is an error."""
-    last = out_dir / "last.pt"
-    if resume and not last.is_file():
-        raise ValueError(f"cannot resume: no checkpoint {last} (train without --resume to start afresh)")
     rank, world = _distributed()
+    sharded = world > 1 and config.strategy == "fsdp2"
+    checkpoint_suffix = SHARDED_SUFFIX if sharded else ".pt"
+    last = out_dir / f"last{checkpoint_suffix}"
+    if resume and find_checkpoint(out_dir, "last") != last:
+        raise ValueError(f"cannot resume: no checkpoint {last} (train without --resume to start afresh)")
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = CharTokenizer()
     train_data = load_split(data_dir, "train", progress=progress and rank == 0)[:limit_train]
@@ -191,9 +227,10 @@ def train(config: TrainConfig, data_dir: Path, out_dir: Path, resume: bool = Fal
         source, _ = load_checkpoint(Path(config.init))
         missing = model.load_state_dict(source.state_dict(), strict=False)
         print(f"initialised from {config.init} (new parameters: {len(missing.missing_keys)})")
+    model.encoder.checkpoint_layers = config.checkpoint_layers
     module: nn.Module = ObjectiveModule(model, get_method(config.method).objective(config, model))
     if world > 1:
-        module = nn.parallel.DistributedDataParallel(module)
+        module = distribute(module, config.strategy)
     batches = SpeechBatches(train_data, tokenizer, max_frames=config.max_frames, shuffle=True, seed=config.seed)
     steps_per_epoch = len(batches.batch_indices()[rank::world])
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -202,15 +239,24 @@ def train(config: TrainConfig, data_dir: Path, out_dir: Path, resume: bool = Fal
     start_epoch, best_wer, train_seconds = 0, float("inf"), 0.0
     augment_rng = torch.Generator().manual_seed(config.seed)
     if resume:
-        payload = read_payload(last)
+        if sharded:
+            payload = {**load_sharded_state(last, model, optimizer), "optimizer": None}
+        else:
+            payload = read_payload(last)
         missing = [key for key in RESUME_KEYS if key not in payload]
         if missing:
-            raise ValueError(f"cannot resume from {last}: it lacks {missing} (not a last.pt written by dynenc train)")
-        restore_state(model, payload["model"], last)
-        optimizer.load_state_dict(payload["optimizer"])
+            raise ValueError(f"cannot resume from {last}: it lacks {missing} (not a checkpoint written by dynenc "
+                             "train)")
+        if not sharded:
+            restore_state(model, payload["model"], last)
+            optimizer.load_state_dict(payload["optimizer"])
+        if payload["rank_rng"].shape[0] != world:
+            raise ValueError(f"cannot resume from {last}: it was written by {payload['rank_rng'].shape[0]} "
+                             f"processes, this run has {world}")
         scheduler.load_state_dict(payload["scheduler"])
-        torch.set_rng_state(payload["rng"])
-        augment_rng.set_state(payload["augment_rng"])
+        # Copies: set_state reads a view's storage from its start (torch 2.14 crashes on [rank, 1]).
+        torch.set_rng_state(payload["rank_rng"][rank, 0].clone())
+        augment_rng.set_state(payload["rank_rng"][rank, 1].clone())
         start_epoch, best_wer, train_seconds = payload["epoch"] + 1, payload["best_wer"], payload["train_seconds"]
     log_path = out_dir / "log.jsonl"
     record: Dict = {}
@@ -235,7 +281,8 @@ def train(config: TrainConfig, data_dir: Path, out_dir: Path, resume: bool = Fal
                 totals[key] = totals.get(key, 0.0) + value
             bar.set_postfix(loss=f"{loss.item():.3f}")
         train_seconds += time.perf_counter() - tic
-        dev_wer = decode_split(model, dev_data, tokenizer)["wer"]
+        with _unsharded_root(module, sharded):  # every rank decodes the whole dev set: the same dev_wer
+            dev_wer = decode_split(model, dev_data, tokenizer)["wer"]
         record = {"epoch": epoch + 1, "dev_wer": dev_wer, "train_seconds": round(train_seconds, 1),
                   **{k: v / max(len(indices), 1) for k, v in totals.items()}}
         if rank == 0:
@@ -243,12 +290,19 @@ def train(config: TrainConfig, data_dir: Path, out_dir: Path, resume: bool = Fal
                 log.write(json.dumps(record) + "\n")
             if progress:
                 print(json.dumps(record))
-            if dev_wer <= best_wer:
-                best_wer = dev_wer
+        improved = dev_wer <= best_wer
+        best_wer = min(best_wer, dev_wer)
+        resume_state = dict(scheduler=scheduler.state_dict(), rank_rng=_rank_rng_states(augment_rng, world),
+                            epoch=epoch, best_wer=best_wer, train_seconds=train_seconds)
+        if sharded:  # collective: every rank writes its shards
+            if improved:
+                save_sharded_checkpoint(out_dir / f"model{SHARDED_SUFFIX}", model, model, epoch=epoch,
+                                        dev_wer=dev_wer)
+            save_sharded_checkpoint(last, model, model, optimizer, **resume_state)
+        elif rank == 0:
+            if improved:
                 save_checkpoint(out_dir / "model.pt", model, epoch=epoch, dev_wer=dev_wer)
-            save_checkpoint(last, model, optimizer, scheduler=scheduler.state_dict(),
-                            augment_rng=augment_rng.get_state(), epoch=epoch, best_wer=best_wer,
-                            train_seconds=train_seconds)
+            save_checkpoint(last, model, optimizer, **resume_state)
     if rank == 0:
         save_config(config, out_dir / "train_config.json")
     return record

@@ -43,6 +43,7 @@ def test_train_decode_wer(corpus, tmp_path, method):
     results = json.loads((out / "results.json").read_text())
     rows = results["methods"][method]["rows"]
     assert rows and all(0 <= r["wer"] and 0 < r["executed_fraction"] <= 1 for r in rows)
+    assert all(0 <= r["blank_fraction"] <= 1 for r in rows), "the corpus's blank-frame fraction is reported"
     assert (out / "wer_vs_compute.png").stat().st_size > 1000
 
 
