@@ -114,7 +114,8 @@ def sweep(runs: Path, data_dir: Path, method_names: Sequence[str], beam_size: in
             row["speedup"] = full_seconds / max(row["seconds"], 1e-9)
         log = runs / method / "log.jsonl"
         train_log = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-        results["methods"][method] = {"rows": rows, "best_dev_epoch": payload.get("epoch"),
+        results["methods"][method] = {"rows": rows, "num_layers": model.config.num_layers,
+                                      "best_dev_epoch": payload.get("epoch"),
                                       "train_seconds": train_log[-1]["train_seconds"] if train_log else None,
                                       "dev_wer_per_epoch": [r["dev_wer"] for r in train_log]}
     return results
@@ -152,7 +153,27 @@ def markdown(results: Dict) -> str:
             wer = f"{100 * r['wer']:.1f}" + (f" (beam {100 * r['wer_beam']:.1f})" if "wer_beam" in r else "")
             lines.append(f"| {method} | {r['budget']} | {wer} | {r['executed_fraction']:.2f} | {r['seconds']:.2f} | "
                          f"{r['speedup']:.2f}x | {exit_layer} | {skipped} | {100 * r['blank_fraction']:.0f} % |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n" + equal_compute_table(results)
+
+
+def equal_compute_table(results: Dict, tolerance: float = 0.02) -> str:
+    """WER of every method at the same executed fractions k / L (layer dropping n = k, the
+    selector's top-k, an early exit after layer k, ...): the comparison the seed papers make
+    (paper 001: the selector against early exit at equal compute). A method's cell is its row
+    whose executed fraction lies within ``tolerance`` of k / L (blank when it has none)."""
+    methods = list(results["methods"])
+    num_layers = max((e.get("num_layers", 0) for e in results["methods"].values()), default=0)
+    if not methods or not num_layers:
+        return ""
+    lines = ["| executed | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    for k in range(num_layers, 0, -1):
+        cells = []
+        for method in methods:
+            near = [r for r in results["methods"][method]["rows"]
+                    if abs(r["executed_fraction"] - k / num_layers) <= tolerance]
+            cells.append(f"{100 * min(r['wer'] for r in near):.1f}" if near else "")
+        lines.append(f"| {k}/{num_layers} | " + " | ".join(cells) + " |")
+    return "WER % at equal executed compute:\n\n" + "\n".join(lines) + "\n"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
