@@ -27,6 +27,11 @@ def test_bench_quick_writes_json_and_png(tmp_path, capsys):
     train = rows[("train", "dynenc LD f=0.50")]
     assert set(train["phases_ms"]) == {"fwd", "bwd"} and train["info"]["saved_mb"] > 0
     assert rows[("forward", "dynenc f=0.50")]["info"]["active"] == pytest.approx(0.5, abs=0.15)
+    for compiled in ("torchaudio compiled", "dynenc compiled"):  # compile time kept out of the timings
+        assert rows[("peers", compiled)]["info"]["compile_s"] > 0
+    ratios = {r["name"] for r in payload["ratios"]}
+    assert {"dynenc / torchaudio compiled", "dynenc / torchaudio bucketed x4"} <= ratios
+    assert any(name.startswith("forward / its matmuls") for name in ratios)
 
     ratios = {r["name"]: r for r in payload["ratios"]}
     for name in ("dynenc f=0.50 / dynenc full", "dynenc full / torchaudio", "dynenc f=0.50 / torchaudio",
