@@ -7,12 +7,12 @@ PIP := $(PY) -m pip
 TORCH_PINS := torch==2.14.1 torchaudio==2.11.0
 SOURCES := $(wildcard csrc/*.cpp csrc/*.h) setup.py pyproject.toml
 
-.PHONY: install test bench espeak recipe clean
+.PHONY: install test bench espeak recipe clean gpu-check
 
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
-	$(PIP) install -q $(TORCH_PINS) ninja numpy tqdm soundfile jiwer matplotlib flashlight-text pytest pytest-benchmark hypothesis
+	$(PIP) install -q $(TORCH_PINS) ninja numpy tqdm soundfile jiwer matplotlib flashlight-text pytest pytest-benchmark hypothesis onnx onnxruntime onnxscript
 	touch $@
 
 # The C++ extension is rebuilt whenever csrc/ or the build files change.
@@ -31,6 +31,16 @@ test: install espeak
 
 bench: install
 	$(PY) -m dynenc bench
+
+# On a CUDA machine: every GPU-marked test, then the bench on the GPU; results in out/gpu/.
+# Without a GPU it says so and succeeds.
+GPU_OUT := out/gpu
+gpu-check: install
+	@if ! $(PY) -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then \
+		echo "gpu-check: no GPU present (torch.cuda.is_available() is False); nothing to check"; exit 0; fi; \
+	mkdir -p $(GPU_OUT) && \
+	$(PY) -m pytest -q -m gpu tests --junitxml=$(GPU_OUT)/pytest.xml && \
+	$(PY) -m dynenc bench --devices cuda --no-progress --out $(GPU_OUT)
 
 # The speech recipe of docs/results.md: corpus, static teacher, every other registered
 # method (`python -m dynenc.methods` lists them) fine-tuned from it, then the budget sweep.

@@ -5,6 +5,10 @@ so ragged batches launch only the blocks they have (plus at most B idle programs
 bound that needs no host sync). A program finds its pair by bisection over ``cu_blocks``,
 the exclusive prefix sum of ``cdiv(length, BLOCK)`` (a few tiny device ops, no sync).
 Scores are kept in log2 units (``exp2``); the saved logsumexp is natural-log, fp32 ``[N, H]``.
+
+On NVIDIA, fp16/bf16 with a head dim FlashAttention-2 supports go to torch's ``varlen_attn``
+and its backward instead (:func:`uses_flash_attention`, the one routing decision); the Triton
+kernels serve fp32/fp64, the other head dims, AMD and the interpreter.
 """
 from __future__ import annotations
 
@@ -50,21 +54,23 @@ def padded_head_dim(head_dim: int) -> int:
 
 
 def attention_config(arch: Optional[str], dtype: torch.dtype, head_dim: int) -> AttentionConfig:
-    """Largest tiles whose shared memory fits the arch's per-block limit and whose registers
-    do not spill (``python -m dynenc.kernels.report`` checks every (arch, dtype, head dim)).
+    """Tiles whose shared memory fits every arch's per-block limit and whose registers do not
+    spill (``python -m dynenc.kernels.report`` checks each (arch, dtype, head dim)).
 
-    fp32 (and fp64) tiles take twice the registers and shared memory of fp16/bf16 ones:
-    64 x 64 tiles need 1 pipeline stage (``num_stages=1``: no prefetch buffers) on the
-    100 KB parts (sm_86 / sm_89) and 32-row tiles from Dh = 128 on; the backward recomputes
-    two score tiles and keeps two accumulators, so it gets 8 warps to spread them.
+    fp32 dots run as 3xTF32, which splits every operand into high and low parts held in
+    registers: tiles of ``block x block_d <= 2048`` elements (64 x 64 ones spilled up to
+    11 KB in the backward) over 8 warps, without prefetch stages, stay within 255 registers
+    per thread; on sm_90 the forward measured spill-free with 4 warps and 2 stages and the
+    backward with 2 stages (1 spilled). fp16 / bf16 (Triton only for head dims FlashAttention
+    lacks, and on AMD): 64-row tiles up to Dh = 64, 8 warps and one stage in the backward
+    (4 warps spilled on sm_80 / sm_86 / sm_89).
     """
     block_d = padded_head_dim(head_dim)
-    wide = dtype in (torch.float32, torch.float64)
-    if block_d > 64 or (wide and block_d > 32 and sm_version(arch) in (86, 89)):
-        block = 32
-    else:
-        block = 64
-    return AttentionConfig(block, block_d, forward=(4, 2 if wide else 3), backward=(8 if wide else 4, 1 if wide else 2))
+    if dtype in (torch.float32, torch.float64):
+        hopper = sm_version(arch) == 90
+        return AttentionConfig(min(64, max(16, 2048 // block_d)), block_d, forward=(4, 2) if hopper else (8, 1),
+                               backward=(8, 2 if hopper else 1))
+    return AttentionConfig(64 if block_d <= 64 else 32, block_d, forward=(4, 2), backward=(8, 1))
 
 
 def _dot_precision(arch: Optional[str], dtype: torch.dtype) -> str:
@@ -200,6 +206,8 @@ def _attn_bwd_dkdv_kernel(
     rows_n = n0 + lanes
     n_ok = rows_n < end
     kv_offs, kv_mask = _head_tile(rows_n, n_ok, num_heads, HEAD_DIM, BLOCK_D)
+    k_tile = tl.load(k + kv_offs, mask=kv_mask, other=0.0)
+    v_tile = tl.load(v + kv_offs, mask=kv_mask, other=0.0)
     qk_scale = scale * LOG2E
     dk = tl.zeros([BLOCK, BLOCK_D], dtype=ACC)
     dv = tl.zeros([BLOCK, BLOCK_D], dtype=ACC)
@@ -209,10 +217,6 @@ def _attn_bwd_dkdv_kernel(
         q_offs, q_mask = _head_tile(rows_m, m_ok, num_heads, HEAD_DIM, BLOCK_D)
         q_tile = tl.load(q + q_offs, mask=q_mask, other=0.0)
         do_tile = tl.load(grad_out + q_offs, mask=q_mask, other=0.0)
-        # Reloaded per query block (L1 hits) rather than held: with 3xTF32 split operands,
-        # registers holding K and V across the loop spill.
-        k_tile = tl.load(k + kv_offs, mask=kv_mask, other=0.0)
-        v_tile = tl.load(v + kv_offs, mask=kv_mask, other=0.0)
         p, ds = _probs_and_dscores(q_tile, k_tile, v_tile, do_tile, _row_stats(lse, rows_m, m_ok, num_heads, ACC),
                                    _row_stats(delta, rows_m, m_ok, num_heads, ACC), m_ok[:, None] & n_ok[None, :],
                                    qk_scale, DOT_PRECISION)

@@ -35,12 +35,10 @@ class DwconvConfig(NamedTuple):
 
 
 def dwconv_config(arch: Optional[str], dtype: torch.dtype, channels: int, kernel_size: int) -> DwconvConfig:
-    """32 x 64 tiles; the unrolled K taps keep up to K shifted tiles live, so wide kernels in
-    fp32 get 8 warps (half the registers per thread) where 4 would spill
-    (``python -m dynenc.kernels.report`` checks every (arch, dtype, K))."""
-    block_c = min(triton.next_power_of_2(channels), MAX_BLOCK_C)
-    warps = 8 if kernel_size > 16 and dtype in (torch.float32, torch.float64) else 4
-    return DwconvConfig(32, block_c, forward=(warps, 3), backward=(warps, 3))
+    """32 x 64 tiles on every arch (``python -m dynenc.kernels.report`` checks each (arch,
+    dtype, K)); the backward keeps a ``[BLOCK_C, BLOCK_K]`` weight-gradient accumulator and
+    three tiles per tap live, so it gets 8 warps (4 spilled for fp32, K = 31 on sm_90)."""
+    return DwconvConfig(32, min(triton.next_power_of_2(channels), MAX_BLOCK_C), forward=(4, 3), backward=(8, 3))
 
 
 @triton.jit
@@ -90,6 +88,8 @@ def _dwconv_fwd_kernel(
     acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=ACC)
     if HAS_BIAS:
         acc += tl.load(bias + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
+    # A loop, not static_range: unrolled, all K shifted tiles were loaded up front and held
+    # (255 registers and spills for fp32, K = 31); looped, one tap is live at a time.
     for k in range(K):
         tap = _load_tap(weight, cols, col_ok, k, K, ACC)
         acc += tap * _load_shifted(x, rows, k - (K - 1) // 2, start, end, cols, col_ok, channels)
@@ -128,7 +128,7 @@ def _dwconv_bwd_kernel(
         go = _load_shifted(grad_out, rows, 0, start, end, cols, col_ok, channels)
         acc_b += tl.sum(go, axis=0)
         gx = tl.zeros([BLOCK_T, BLOCK_C], dtype=ACC)
-        for k in range(K):
+        for k in range(K):  # looped like the forward's taps
             tap = _load_tap(weight, cols, col_ok, k, K, ACC)
             gx += tap * _load_shifted(grad_out, rows, pad - k, start, end, cols, col_ok, channels)
             xs = _load_shifted(x, rows, k - pad, start, end, cols, col_ok, channels)

@@ -9,7 +9,7 @@ Three launches and one host sync (the size of ``indices``):
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import triton

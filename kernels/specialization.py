@@ -10,7 +10,6 @@ report compiles exactly what the JIT would and tests can count the JIT's variant
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, NamedTuple
 
 import triton
@@ -38,17 +37,29 @@ def target_of(arch: str) -> GPUTarget:
     return GPUTarget("hip", arch, 64)
 
 
-@functools.lru_cache(maxsize=None)
 def jit_function(kernel) -> JITFunction:
     """The ``JITFunction`` behind ``kernel``; under ``TRITON_INTERPRET=1`` (an
     ``InterpretedFunction``) rebuilt from the same function and decorator arguments."""
-    return kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn, **kernel.kwargs)
+    return kernel if isinstance(kernel, JITFunction) else _rebuilt(kernel)
 
 
-@functools.lru_cache(maxsize=None)
+# Keyed by the Python function: hashing a JITFunction hashes its source and dependencies,
+# which fails when they are InterpretedFunctions.
+_REBUILT: dict = {}
+_BINDERS: dict = {}
+
+
+def _rebuilt(kernel) -> JITFunction:
+    if kernel.fn not in _REBUILT:
+        _REBUILT[kernel.fn] = JITFunction(kernel.fn, **kernel.kwargs)
+    return _REBUILT[kernel.fn]
+
+
 def _binder(fn: JITFunction, arch: str):
-    backend = make_backend(target_of(arch))
-    return backend, create_function_from_signature(fn.signature, fn.params, backend)
+    if (fn.fn, arch) not in _BINDERS:
+        backend = make_backend(target_of(arch))
+        _BINDERS[fn.fn, arch] = backend, create_function_from_signature(fn.signature, fn.params, backend)
+    return _BINDERS[fn.fn, arch]
 
 
 def _bind(call: KernelCall, arch: str):
