@@ -9,7 +9,8 @@ SOURCES := $(wildcard csrc/*.cpp csrc/*.h) setup.py pyproject.toml
 
 .PHONY: install test bench espeak recipe clean gpu-check
 
-$(VENV)/.deps:
+# Re-run when the Makefile (its package list) changes, so an existing .venv gets new packages.
+$(VENV)/.deps: Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q $(TORCH_PINS) ninja numpy tqdm soundfile jiwer matplotlib flashlight-text pytest pytest-benchmark hypothesis onnx onnxruntime onnxscript

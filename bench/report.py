@@ -7,6 +7,7 @@ import textwrap
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
+from .figures import edge
 from .runner import RatioResult, Row
 from .workload import BenchConfig
 
@@ -130,7 +131,8 @@ def _plot_ops(ax, op_results: List[RatioResult]) -> None:
 
 def plot(rows: Sequence[Row], results: Sequence[RatioResult], device: str, path: Path, title: str) -> None:
     """One PNG per device: forward time vs active fraction, padding, training, DLD,
-    inference budgets, op ratios (panels of figures that did not run say so)."""
+    inference budgets, op ratios, peers, roofline, edge latency (panels of figures that did
+    not run say so)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -141,7 +143,7 @@ def plot(rows: Sequence[Row], results: Sequence[RatioResult], device: str, path:
         if row.device == device:
             by_figure.setdefault(row.figure, []).append(row)
     op_results = [r for r in results if r.device == device and r.figure == "ops"]
-    fig, axes = plt.subplots(2, 3, figsize=(17, 9.5))
+    fig, axes = plt.subplots(3, 3, figsize=(17, 14))
     fig.suptitle(title, fontsize=9)
     panels = [
         ("forward", lambda ax: _plot_proportionality(ax, by_figure["forward"])),
@@ -150,6 +152,9 @@ def plot(rows: Sequence[Row], results: Sequence[RatioResult], device: str, path:
         ("dld", lambda ax: _plot_bars(ax, by_figure["dld"], "DLD step vs teacher fwd + full student step")),
         ("exits", lambda ax: _plot_exits(ax, by_figure["exits"])),
         ("ops", lambda ax: _plot_ops(ax, op_results)),
+        ("peers", lambda ax: _plot_bars(ax, by_figure["peers"], "full depth vs the peers users pick")),
+        ("roofline", lambda ax: _plot_bars(ax, by_figure["roofline"], "forward / train step vs their dense matmuls")),
+        ("edge", lambda ax: edge.plot(ax, by_figure["edge"])),
     ]
     for ax, (figure, draw) in zip(axes.flat, panels):
         if figure in by_figure:

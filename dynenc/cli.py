@@ -1,4 +1,4 @@
-"""``dynenc`` command line: bench, profile, data, train, eval.
+"""``dynenc`` command line: bench, profile, data, train, eval, export.
 
 Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args)``.
 """
@@ -15,6 +15,7 @@ COMMANDS = {
     "data": ("dynenc.recipe.data", "synthesise the espeak-ng speech corpus"),
     "train": ("dynenc.recipe.train", "train a CTC model with one of the dynamic-depth methods"),
     "eval": ("dynenc.recipe.evaluate", "sweep budgets: WER vs executed compute for every method"),
+    "export": ("dynenc.export", "export a checkpoint at a fixed budget or with runtime early exit (ONNX, .pt2, .pte)"),
 }
 
 

@@ -17,7 +17,7 @@ Two kinds of graph, both built from the model's front-end, the padded twin of it
 
 Formats, by the file's suffix: ``.onnx`` (``torch.onnx.export(..., dynamo=True)``, for ONNX
 Runtime; :func:`quantize_int8` makes a dynamic-int8 copy), ``.pt2`` (``torch.export.save``)
-and ``.pte`` (ExecuTorch with the XNNPACK delegate; needs the optional ``executorch`` package).
+and ``.pte`` (ExecuTorch, portable kernels; needs the optional ``executorch`` package).
 Padded output frames (``t >= lengths[b]``) carry no meaning.
 
 Example::
@@ -31,10 +31,9 @@ Example::
 from __future__ import annotations
 
 import argparse
-import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -42,12 +41,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .asr import CTCModel, load_checkpoint
-from .methods import (BlankSkipBudget, Budget, EarlyExitBudget, FullBudget, LayerDropBudget, SelectorBudget, CRITERIA,
+from .methods import (BlankSkipBudget, Budget, EarlyExitBudget, FullBudget, LayerDropBudget, SelectorBudget,
                       fixed_layers_mask, frame_confidence, infer)
-from .methods.base import frozen
 from .padded import PaddedConformer
 from .routing import valid_frames
 
+#: Exit criteria a graph can hold: per-frame confidences averaged over the utterance. The
+#: authors' ``nbest_posterior`` needs a beam search at every exit: not in a static graph.
+GRAPH_CRITERIA = ("max_prob", "entropy")
 FORMATS = {".onnx": "ONNX (ONNX Runtime)", ".pt2": "torch.export program", ".pte": "ExecuTorch program"}
 #: Front-end receptive field: the shortest input with an output frame.
 MIN_FRAMES = 7
@@ -63,10 +64,6 @@ class ExportPlan:
 
     layers: Tuple[int, ...]
     head_layer: int
-
-    @property
-    def depth(self) -> int:
-        return self.head_layer
 
     def check(self, model: CTCModel) -> None:
         exits = model.config.exit_set
@@ -124,6 +121,7 @@ def _layer_span(model: CTCModel, executed: Sequence[int], start: int, stop: int)
     span are left out of the module, so they are not in the graph at all."""
     twin = PaddedConformer(model.encoder, layers=[l - 1 for l in executed])
     span = [layer for layer in twin.conformer_layers[start:stop] if layer.runs or layer.skip_norm]
+    # PaddedConformer has no layer-range argument; its forward loops over this list.
     twin.conformer_layers = nn.ModuleList(span)
     return twin
 
@@ -171,9 +169,9 @@ class EarlyExitGraph(nn.Module):
 
     def __init__(self, model: CTCModel, criterion: str = "max_prob") -> None:
         super().__init__()
-        if criterion not in CRITERIA:
-            raise ValueError(f"criterion must be one of {CRITERIA} (the N-best posterior needs a beam search, which "
-                             f"no static graph holds), got {criterion!r}")
+        if criterion not in GRAPH_CRITERIA:
+            raise ValueError(f"criterion must be one of {GRAPH_CRITERIA} (the N-best posterior needs a beam search, "
+                             f"which no static graph holds), got {criterion!r}")
         self.exit_layers = model.config.exit_set
         if len(self.exit_layers) == 1:
             raise ValueError("runtime early exit needs a model with early-exit heads (ModelConfig.exit_layers)")
@@ -250,24 +248,31 @@ def export_program(graph: nn.Module, max_frames: int = MAX_FRAMES) -> torch.expo
         return torch.export.export(graph, example_inputs(graph), dynamic_shapes=dynamic_shapes)
 
 
-def save(graph: nn.Module, path: Path, max_frames: int = MAX_FRAMES) -> Path:
-    """Export ``graph`` to ``path`` in the format its suffix names (:data:`FORMATS`)."""
-    path = Path(path)
-    if path.suffix not in FORMATS:
-        raise ValueError(f"the output file must end in one of {list(FORMATS)}, got {path.name!r}")
+def save(graph: nn.Module, paths: Union[Path, Sequence[Path]], max_frames: int = MAX_FRAMES) -> List[Path]:
+    """Export ``graph`` once and write it to each of ``paths`` in the format its suffix names
+    (:data:`FORMATS`)."""
+    paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+    for path in paths:
+        if path.suffix not in FORMATS:
+            raise ValueError(f"an output file must end in one of {list(FORMATS)}, got {path.name!r}")
     program = export_program(graph, max_frames)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".pt2":
-        torch.export.save(program, path)
-    elif path.suffix == ".onnx":
-        output_names = ["log_probs", "out_lengths"] + (["exit_layer"] if isinstance(graph, EarlyExitGraph) else [])
-        onnx_program = torch.onnx.export(program, dynamo=True, input_names=_input_names(graph),
-                                         output_names=output_names, verbose=False)
-        onnx_program.model.metadata_props.update(graph.metadata())
-        onnx_program.save(str(path))
-    else:
-        path.write_bytes(_executorch_buffer(program))
-    return path
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".pt2":
+            torch.export.save(program, path)
+        elif path.suffix == ".onnx":
+            _save_onnx(program, graph, path)
+        else:
+            path.write_bytes(_executorch_buffer(program))
+    return paths
+
+
+def _save_onnx(program: torch.export.ExportedProgram, graph: nn.Module, path: Path) -> None:
+    output_names = ["log_probs", "out_lengths"] + (["exit_layer"] if isinstance(graph, EarlyExitGraph) else [])
+    onnx_program = torch.onnx.export(program, dynamo=True, input_names=_input_names(graph), output_names=output_names,
+                                     verbose=False)
+    onnx_program.model.metadata_props.update(graph.metadata())
+    onnx_program.save(str(path))
 
 
 def _input_names(graph: nn.Module) -> List[str]:
@@ -276,20 +281,22 @@ def _input_names(graph: nn.Module) -> List[str]:
 
 def _executorch_buffer(program: torch.export.ExportedProgram) -> bytes:
     try:
-        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
         from executorch.exir import to_edge_transform_and_lower
     except ImportError as error:
         raise ValueError(f"a .pte file needs the optional executorch package (pip install executorch; it leaves "
                          f"torch as it is): {error}") from error
-    return to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch().buffer
+    # Portable kernels: the XNNPACK delegate refuses reshapes with two dynamic dimensions (batch, frames).
+    return to_edge_transform_and_lower(program).to_executorch().buffer
 
 
 def quantize_int8(onnx_path: Path, out_path: Path) -> Path:
-    """Dynamic int8 quantization of the MatMul / Gemm weights (activations quantized per
-    call; ONNX Runtime's ``quantize_dynamic``): the linears of every layer and head."""
+    """Dynamic int8 quantization of the linears (ONNX Runtime's ``quantize_dynamic``): MatMul /
+    Gemm with a constant weight get int8 weights and per-call int8 activations; attention's
+    activation x activation products, convolutions and norms stay fp32."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(onnx_path), str(out_path), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+    quantize_dynamic(str(onnx_path), str(out_path), weight_type=QuantType.QInt8,
+                     op_types_to_quantize=["MatMul", "Gemm"], extra_options={"MatMulConstBOnly": True})
     return Path(out_path)
 
 
@@ -301,6 +308,9 @@ def onnx_session(path: Path, threads: int = 1):
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    # ORT's worker threads spin between runs by default: beside PyTorch in one process (the
+    # bench, an app that runs both) they would steal its cores.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -348,7 +358,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="runtime early exit for one utterance: the threshold is an input of the graph")
     parser.add_argument("--strategy", choices=("every_other", "first"), default="every_other",
                         help="layers of --n-layers (default every_other)")
-    parser.add_argument("--criterion", choices=CRITERIA, default="max_prob",
+    parser.add_argument("--criterion", choices=GRAPH_CRITERIA, default="max_prob",
                         help="exit criterion of --early-exit (default max_prob: mean frame max-posterior)")
     parser.add_argument("--audio", type=Path, help="the utterance a per-utterance budget (--selector-k) is decided for")
     parser.add_argument("--int8", action="store_true", help="also write <name>.int8.onnx (dynamic int8 linears)")
@@ -357,11 +367,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    for path in args.out:
-        if path.suffix not in FORMATS:
-            raise ValueError(f"--out must end in one of {list(FORMATS)}, got {path.name!r}")
-    if args.max_frames < MIN_FRAMES + 8:
-        raise ValueError(f"--max-frames must be >= {MIN_FRAMES + 8}, got {args.max_frames}")
+    if args.max_frames < MIN_FRAMES:
+        raise ValueError(f"--max-frames must be >= {MIN_FRAMES}, got {args.max_frames}")
+    if args.int8 and not any(path.suffix == ".onnx" for path in args.out):
+        raise ValueError("--int8 quantizes an ONNX file: add a .onnx file to --out")
     model, _ = load_checkpoint(args.checkpoint)
     model.eval()
     if args.early_exit:
@@ -370,8 +379,7 @@ def run(args: argparse.Namespace) -> int:
         features, lengths = _utterance(args.audio)
         graph = fixed_budget_graph(model, _budget_from_args(args), layers=args.layers, features=features,
                                    lengths=lengths)
-    for path in args.out:
-        save(graph, path, args.max_frames)
+    for path in save(graph, args.out, args.max_frames):
         print(f"wrote {path} ({FORMATS[path.suffix]}; {graph.metadata()})")
         if args.int8 and path.suffix == ".onnx":
             print(f"wrote {quantize_int8(path, path.with_suffix('.int8.onnx'))} (dynamic int8 linears)")

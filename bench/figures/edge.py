@@ -20,7 +20,7 @@ from dynenc.asr import CTCModel
 from dynenc.methods import LayerDropBudget, infer
 
 from ..harness import Prepared
-from ..workload import BenchConfig, Workload
+from ..workload import QUICK, BenchConfig, Workload
 from .base import Case, Figure, Ratio, under_inference
 
 THREADS = (1, 2)
@@ -28,9 +28,12 @@ PRECISIONS = ("fp32", "int8")
 
 
 def budget_layers(config: BenchConfig) -> List[int]:
-    """n layers per budget: ``round(f * L)`` (at least 1) for each fraction, deepest first."""
+    """n layers per budget: ``round(f * L)`` (at least 1) for each fraction, deepest first.
+    At the smoke sizes (``--quick``'s model) only the deepest and the shallowest: each budget
+    costs an export."""
     layers = config.model.num_layers
-    return sorted({max(1, round(f * layers)) for f in config.fractions}, reverse=True)
+    budgets = sorted({max(1, round(f * layers)) for f in config.fractions}, reverse=True)
+    return sorted({budgets[0], budgets[-1]}, reverse=True) if config.model == QUICK.model else budgets
 
 
 @functools.lru_cache(maxsize=None)

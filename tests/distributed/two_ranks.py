@@ -27,13 +27,13 @@ SEED_STRIDE = 1000
 # others drop at random.
 DROP_PROBS = ([0.5, 1.0, 0.0, 0.5], [0.5, 0.0, 1.0, 0.5])
 CASES = ("layer_drop", "layer_drop_checkpointed", "dld_self", "dld_teacher", "dld_sharded_teacher", "selector",
-         "early_exit", "blank_skip")
+         "early_exit", "blank_skip", "blank_skip_skipping")
 
 
 def build(case: str):
     """``(model, objective factory rank -> Objective, teacher or None)`` of a case, seeded."""
     method = {"dld_self": "dld", "dld_teacher": "dld", "dld_sharded_teacher": "dld",
-              "layer_drop_checkpointed": "layer_drop"}.get(case, case)
+              "layer_drop_checkpointed": "layer_drop", "blank_skip_skipping": "blank_skip"}.get(case, case)
     fields = methods.get_method(method).model_fields(tiny_model().config)
     model = tiny_model(seed=0, **fields).train()
     model.encoder.checkpoint_layers = case == "layer_drop_checkpointed"
@@ -52,6 +52,8 @@ def build(case: str):
                                         hidden_weight=0.1)
         if method == "selector":
             return methods.SelectorObjective(min_layers=1)
+        if case == "blank_skip_skipping":  # upper layers on compacted sequences: ragged per rank
+            return methods.BlankSkipObjective(skip_threshold=0.5, spike_window=0)
         return methods.get_method(method).objective(TrainConfig(method=method), model)
 
     return model, objective, teacher
