@@ -4,7 +4,7 @@ import torch
 
 import dynenc
 
-from conftest import CONFIGS, per_sample_loop, torchaudio_pair
+from conformer_pairs import CONFIGS, per_sample_loop, torchaudio_pair
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

@@ -7,7 +7,7 @@ from torch.nn.utils import parametrize
 
 import dynenc
 
-from conftest import CONFIGS, torchaudio_pair
+from conformer_pairs import CONFIGS, torchaudio_pair
 
 ATOL = 1e-5
 LENGTHS = torch.tensor([11, 7, 3])

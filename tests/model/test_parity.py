@@ -6,7 +6,7 @@ import torchaudio
 
 import dynenc
 
-from conftest import CONFIGS, per_sample_loop, torchaudio_pair
+from conformer_pairs import CONFIGS, per_sample_loop, torchaudio_pair
 
 ATOL = 1e-5
 

@@ -11,7 +11,7 @@ from torch import nn
 
 import dynenc
 
-from conftest import CONFIGS, torchaudio_pair
+from conformer_pairs import CONFIGS, torchaudio_pair
 
 ATOL = 1e-5
 

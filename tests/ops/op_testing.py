@@ -1,7 +1,8 @@
 """Shared case generators and assertions of the op tests (``tests/ops/test_<module>.py``).
 
 A plain module, not a ``conftest.py``: every ``conftest.py`` outside a package is imported as
-``conftest``, so a second one would shadow ``tests/conftest.py`` for ``from conftest import``.
+``conftest``, so helpers shared across folders live in plain modules (this one,
+``tests/conformer_pairs.py``).
 
 Three ways an op is run against its plain-PyTorch reference (``dynenc.ops.<module>.reference_<op>``):
 

@@ -11,7 +11,7 @@ import dynenc
 from dynenc.ops import MODULES, OPS
 from dynenc.ops.rows import reference_gather_rows
 
-from conftest import CONFIGS, torchaudio_pair
+from conformer_pairs import CONFIGS, torchaudio_pair
 
 FORWARD_OPS = [name for name in OPS if not name.endswith("_backward")]
 # build_plan maps a bool mask to integer tensors: nothing to differentiate.
