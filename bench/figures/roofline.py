@@ -7,7 +7,6 @@ matmuls' forward + backward. Measured at the run's config and at D=256 / 12 laye
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Dict, List
 
 import torch
@@ -29,9 +28,15 @@ def large(config: BenchConfig) -> BenchConfig:
     return dataclasses.replace(config, model=dataclasses.replace(config.model, **LARGE), frames=400)
 
 
-@functools.lru_cache(maxsize=None)
+_WORKLOADS: Dict[str, Workload] = {}
+
+
 def _workload(config: BenchConfig, device: str) -> Workload:
-    return Workload(config, torch.device(device))
+    """One shared workload per (config, device); ModelConfig is mutable, so keyed by repr."""
+    key = f"{config!r}@{device}"
+    if key not in _WORKLOADS:
+        _WORKLOADS[key] = Workload(config, torch.device(device))
+    return _WORKLOADS[key]
 
 
 def _linears(layer) -> List[tuple]:
