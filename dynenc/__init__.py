@@ -2,12 +2,14 @@
 
 Layout: ``dynenc.ops`` (the op registry: one module per op with its plain-PyTorch reference;
 C++ ``dynenc._C`` on CPU, Triton ``dynenc.kernels`` on CUDA), ``dynenc.routing`` (packing,
-routing plans), ``dynenc.model`` (``DynamicConformer``); docs/architecture.md has the map.
+routing plans), ``dynenc.model`` (``DynamicConformer``; its layer in ``dynenc.layer``);
+docs/architecture.md has the map.
 """
 import torch  # noqa: F401  (the C++ extension needs torch's symbols loaded first)
 
 from . import ops, routing
-from .model import DynamicConformer, DynamicConformerLayer, EncoderOutput, ExecutedWork
+from .layer import DynamicConformerLayer
+from .model import DynamicConformer, EncoderOutput, ExecutedWork
 from .ops import current_backend, use_backend
 from .routing import LayerRoute, PackedBatch, Schedule, VarlenBatch, pack
 

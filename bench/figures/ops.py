@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dynenc import ops as native_ops
-from dynenc.model import DynamicConformerLayer
+from dynenc.layer import DynamicConformerLayer
 
 from ..harness import Prepared
 from ..workload import BenchConfig, Workload, padding_mask

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -221,7 +222,10 @@ def load_split(
     texts = [rec["text"] for rec in records]
     lengths = torch.tensor([f.shape[0] for f in feats_list], dtype=torch.int64)
     flat = torch.cat(feats_list) if feats_list else torch.zeros(0, FBANK_OPTIONS["num_mel_bins"])
-    tmp = cache.with_suffix(".pt.tmp")
-    torch.save({"key": key, "feats": flat, "lengths": lengths, "texts": texts}, tmp)
+    # A temp file of its own per writer: ranks of a torchrun job may fill the cache at once
+    # (each replace is atomic and they write the same features).
+    fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=f".{cache.name}.", suffix=".tmp")
+    with os.fdopen(fd, "wb") as file:
+        torch.save({"key": key, "feats": flat, "lengths": lengths, "texts": texts}, file)
     os.replace(tmp, cache)
     return list(zip(torch.split(flat, lengths.tolist()), texts))

@@ -112,7 +112,7 @@ def test_parametrized_attention_keeps_the_fast_path_and_its_values(backend):
     input, lengths = _inputs(32)
     out, _ = model(input, lengths)
     _assert_per_utterance(out, _per_utterance(reference, input, lengths), lengths)
-    assert dynenc.model._attention_is_plain(model.conformer_layers[0].self_attn)
+    assert dynenc.layer._attention_is_plain(model.conformer_layers[0].self_attn)
 
 
 def test_final_norm_skip_equals_a_torchaudio_layer_with_the_block_switched_off(backend):
