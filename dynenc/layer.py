@@ -29,7 +29,22 @@ class _FeedForwardModule(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.sequential(x)
+        if torch.jit.is_scripting():  # the padded twin's TorchScript path
+            return self.sequential(x)
+        return self._forward_eager(x)
+
+    @torch.jit.unused
+    def _forward_eager(self, x: Tensor) -> Tensor:
+        norm, linear1, activation, dropout1, linear2, dropout2 = self.sequential
+        return dropout2(linear2(dropout1(_activation(activation, linear1(norm(x))))))
+
+
+def _activation(module: nn.Module, h: Tensor) -> Tensor:
+    """``module(h)``; a SiLU on a fresh activation runs in place when autograd needs no copy of
+    it (inference), which saves a full-size buffer write per call."""
+    if type(module) is nn.SiLU and not (torch.is_grad_enabled() and h.requires_grad) and not torch.jit.is_tracing():
+        return F.silu(h, inplace=True)
+    return module(h)
 
 
 def varlen_group_norm(x: Tensor, batch: VarlenBatch, norm: nn.GroupNorm) -> Tensor:
@@ -59,7 +74,8 @@ def batch_norm_rows(x: Tensor, norm: nn.BatchNorm1d) -> Tensor:
                              "or run in eval mode")
         return norm(x)
     scale = torch.rsqrt(norm.running_var + norm.eps) * norm.weight
-    return (x - norm.running_mean) * scale + norm.bias
+    # One fused pass over the rows: x * scale + (bias - mean * scale).
+    return torch.addcmul(norm.bias - norm.running_mean * scale, x, scale)
 
 
 class _ConvolutionModule(nn.Module):
@@ -83,12 +99,12 @@ class _ConvolutionModule(nn.Module):
         )
 
     def forward(self, x: Tensor, batch: VarlenBatch) -> Tensor:
-        pointwise1, _, depthwise, norm, _, pointwise2, dropout = self.sequential
+        pointwise1, _, depthwise, norm, activation, pointwise2, dropout = self.sequential
         h = self.layer_norm(x)
         h = F.glu(F.linear(h, pointwise1.weight.squeeze(-1), pointwise1.bias), dim=-1)
         h = ops.varlen_dwconv1d(h, batch.cu_seqlens, depthwise.weight.squeeze(1), depthwise.bias)
         h = varlen_group_norm(h, batch, norm) if isinstance(norm, nn.GroupNorm) else batch_norm_rows(h, norm)
-        h = F.linear(F.silu(h), pointwise2.weight.squeeze(-1), pointwise2.bias)
+        h = F.linear(_activation(activation, h), pointwise2.weight.squeeze(-1), pointwise2.bias)
         return dropout(h)
 
 
@@ -178,11 +194,11 @@ class DynamicConformerLayer(nn.Module):
         return packed.unpack(self._forward_packed(packed.x, packed.batch)).transpose(0, 1)
 
     def _forward_packed(self, x: Tensor, batch: VarlenBatch) -> Tensor:
-        x = self.ffn1(x) * 0.5 + x
+        x = torch.add(x, self.ffn1(x), alpha=0.5)
         if self.convolution_first:
             x = x + self.conv_module(x, batch)
         x = x + self.self_attn_dropout(self._attention(self.self_attn_layer_norm(x), batch))
         if not self.convolution_first:
             x = x + self.conv_module(x, batch)
-        x = self.ffn2(x) * 0.5 + x
+        x = torch.add(x, self.ffn2(x), alpha=0.5)
         return self.final_layer_norm(x)
