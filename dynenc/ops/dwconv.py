@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from .. import validation as V
-from .registry import autocast, native, refuse_double_backward, register_autocast, register_cuda
+from .registry import autocast, dispatch, refuse_double_backward, register_autocast, register_cuda
 
 __all__ = ["varlen_dwconv1d"]
 
@@ -115,8 +115,5 @@ def varlen_dwconv1d(x: Tensor, cu_seqlens: Tensor, weight: Tensor, bias: Optiona
     """
     x, cu_seqlens, weight, bias = autocast("lower", x, cu_seqlens, weight, bias)
     check_varlen_dwconv1d(x, cu_seqlens, weight, bias)
-    if native():
-        return torch.ops.dynenc.varlen_dwconv1d(x, cu_seqlens, weight, bias)
-    if V.values_need_checking():
-        check_values_varlen_dwconv1d(x, cu_seqlens, weight, bias)
-    return reference_varlen_dwconv1d(x, cu_seqlens, weight, bias)
+    return dispatch("varlen_dwconv1d", reference_varlen_dwconv1d, check_values_varlen_dwconv1d,
+                    x, cu_seqlens, weight, bias)

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .. import validation as V
 from .dwconv import sequence_ids
-from .registry import native, register_cuda
+from .registry import dispatch, register_cuda
 
 __all__ = ["build_plan"]
 
@@ -73,8 +73,4 @@ def build_plan(row_mask: Tensor, cu_seqlens: Tensor) -> Tuple[Tensor, Tensor, Te
             their order and inactive ones get length 0.
     """
     check_build_plan(row_mask, cu_seqlens)
-    if native():
-        return torch.ops.dynenc.build_plan(row_mask, cu_seqlens)
-    if V.values_need_checking():
-        check_values_build_plan(row_mask, cu_seqlens)
-    return reference_build_plan(row_mask, cu_seqlens)
+    return dispatch("build_plan", reference_build_plan, check_values_build_plan, row_mask, cu_seqlens)

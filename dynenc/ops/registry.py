@@ -61,6 +61,16 @@ def native() -> bool:
     return _backend.get() == "native"
 
 
+def dispatch(name: str, reference: Callable, check_values: Callable[..., None], *args):
+    """``dynenc::name(*args)`` on the native backend; on the reference backend the op's value
+    checks (which the C++ kernels make themselves) and then its plain-PyTorch reference."""
+    if native():
+        return getattr(torch.ops.dynenc, name)(*args)
+    if validation.values_need_checking():
+        check_values(*args)
+    return reference(*args)
+
+
 #: op name -> the CUDA kernel registered for it (the launcher behind its checks).
 CUDA_KERNELS: Dict[str, Callable] = {}
 

@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from .. import validation as V
-from .registry import autocast, native, refuse_double_backward, register_autocast, register_cuda
+from .registry import autocast, dispatch, refuse_double_backward, register_autocast, register_cuda
 
 __all__ = ["gated_residual_scatter", "gather_rows", "scatter_rows"]
 
@@ -196,11 +196,8 @@ def gated_residual_scatter(x: Tensor, y: Tensor, gate: Optional[Tensor] = None, 
     check_gated_residual_scatter(x, y, gate, index)
     if gate is not None:
         gate = gate.to(x.dtype)
-    if native():
-        return torch.ops.dynenc.gated_residual_scatter(x, y, gate, index)
-    if V.values_need_checking():
-        check_values_gated_residual_scatter(x, y, gate, index)
-    return reference_gated_residual_scatter(x, y, gate, index)
+    return dispatch("gated_residual_scatter", reference_gated_residual_scatter, check_values_gated_residual_scatter,
+                    x, y, gate, index)
 
 
 def gather_rows(x: Tensor, index: Tensor) -> Tensor:
@@ -211,11 +208,7 @@ def gather_rows(x: Tensor, index: Tensor) -> Tensor:
         index: int64 ``[M]`` rows of ``x`` in ``[0, N)``.
     """
     check_gather_rows(x, index)
-    if native():
-        return torch.ops.dynenc.gather_rows(x, index)
-    if V.values_need_checking():
-        check_values_gather_rows(x, index)
-    return reference_gather_rows(x, index)
+    return dispatch("gather_rows", reference_gather_rows, check_values_gather_rows, x, index)
 
 
 def scatter_rows(y: Tensor, index: Tensor, num_rows: int) -> Tensor:
@@ -227,8 +220,4 @@ def scatter_rows(y: Tensor, index: Tensor, num_rows: int) -> Tensor:
         num_rows: N.
     """
     check_scatter_rows(y, index, num_rows)
-    if native():
-        return torch.ops.dynenc.scatter_rows(y, index, num_rows)
-    if V.values_need_checking():
-        check_values_scatter_rows(y, index, num_rows)
-    return reference_scatter_rows(y, index, num_rows)
+    return dispatch("scatter_rows", reference_scatter_rows, check_values_scatter_rows, y, index, num_rows)
