@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Mapping, Tuple, Type, TypeVar
 
+from .fileio import atomic_write
+
 Config = TypeVar("Config")
 
 
@@ -64,8 +66,13 @@ def load_config(cls: Type[Config], path: Path) -> Config:
     return config_from_dict(cls, data, f"config file {path}")
 
 
+def config_json(config: Any) -> str:
+    """The JSON text of a configuration dataclass (what :func:`load_config` reads back)."""
+    return json.dumps(asdict(config), indent=2) + "\n"
+
+
 def save_config(config: Any, path: Path) -> None:
-    Path(path).write_text(json.dumps(asdict(config), indent=2) + "\n")
+    atomic_write({Path(path): lambda file: file.write(config_json(config).encode())})
 
 
 @dataclass

@@ -16,73 +16,22 @@ renames). :func:`load_checkpoint` loads either kind into a single-process
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import tempfile
-from dataclasses import asdict
 from pathlib import Path
-from typing import IO, Any, Callable, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..config import ModelConfig, load_config
+from ..config import ModelConfig, config_json, load_config
+from ..fileio import atomic_write, fsync_directory
 from .ctc_model import CTCModel
 
 SHARDED_SUFFIX = ".dcp"
 SHARDED_CONFIG = "config.json"
 SHARDED_STATE = "state.pt"
-
-Writer = Callable[[IO[bytes]], None]
-
-
-def _write_temp(path: Path, write: Writer) -> Path:
-    """Run ``write`` on a new temp file beside ``path``, flushed and fsynced; its path."""
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-    except BaseException:
-        os.unlink(name)
-        raise
-    return Path(name)
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(files: Dict[Path, Writer]) -> None:
-    """Write every file of ``{path: write}`` or none of them: all temp files are complete
-    before the first ``os.replace``."""
-    for path in files:  # leftovers of a save that was killed (one writer per path)
-        for stale in path.parent.glob(f".{path.name}.*.tmp"):
-            stale.unlink(missing_ok=True)
-    temps = []
-    try:
-        for path, write in files.items():
-            temps.append((_write_temp(path, write), path))
-    except BaseException:
-        for temp, _ in temps:
-            temp.unlink()
-        raise
-    for temp, path in temps:
-        os.replace(temp, path)
-    for directory in {path.parent for path in files}:  # make the renames durable too
-        _fsync_directory(directory)
-
-
-def _config_text(model: CTCModel) -> str:
-    return json.dumps(asdict(model.config), indent=2) + "\n"
-
 
 def save_checkpoint(path: Path, model: CTCModel, optimizer: Optional[torch.optim.Optimizer] = None, **state) -> None:
     """Save ``model`` (+ ``optimizer`` and any extra ``state``) to ``path`` and its config beside."""
@@ -91,7 +40,7 @@ def save_checkpoint(path: Path, model: CTCModel, optimizer: Optional[torch.optim
     payload = {"model": model.state_dict(), "rng": torch.get_rng_state(), **state}
     if optimizer is not None:
         payload["optimizer"] = optimizer.state_dict()
-    config_text = _config_text(model)
+    config_text = config_json(model.config)
     atomic_write({path: lambda file: torch.save(payload, file),
                   path.with_suffix(".json"): lambda file: file.write(config_text.encode())})
 
@@ -195,14 +144,14 @@ def save_sharded_checkpoint(path: Path, model: nn.Module, config_model: CTCModel
         payload = {"model": model_state, "optimizer": optimizer_state}
     save(payload, checkpoint_id=temp)
     if leader:
-        atomic_write({temp / SHARDED_CONFIG: lambda file: file.write(_config_text(config_model).encode()),
+        atomic_write({temp / SHARDED_CONFIG: lambda file: file.write(config_json(config_model.config).encode()),
                       temp / SHARDED_STATE: lambda file: torch.save(state, file)})
         aside = _aside(path)
         shutil.rmtree(aside, ignore_errors=True)
         if path.exists():
             os.rename(path, aside)
         os.rename(temp, path)
-        _fsync_directory(path.parent)
+        fsync_directory(path.parent)
         shutil.rmtree(aside, ignore_errors=True)
     dist.barrier()
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -21,6 +20,7 @@ import torchaudio.compliance.kaldi as kaldi
 import torchaudio.functional as AF
 from tqdm import tqdm
 
+from ..fileio import atomic_write
 from .corpus import SAMPLE_RATE, check_split, feature_cache_path, manifest_path, read_manifest
 from .tokenizer import CharTokenizer
 
@@ -222,10 +222,8 @@ def load_split(
     texts = [rec["text"] for rec in records]
     lengths = torch.tensor([f.shape[0] for f in feats_list], dtype=torch.int64)
     flat = torch.cat(feats_list) if feats_list else torch.zeros(0, FBANK_OPTIONS["num_mel_bins"])
-    # A temp file of its own per writer: ranks of a torchrun job may fill the cache at once
-    # (each replace is atomic and they write the same features).
-    fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=f".{cache.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as file:
-        torch.save({"key": key, "feats": flat, "lengths": lengths, "texts": texts}, file)
-    os.replace(tmp, cache)
+    # Ranks of a torchrun job may fill the cache at once: each writes a temp file of its own
+    # (the replaces are atomic and they write the same features), none removes another's.
+    atomic_write({cache: lambda file: torch.save({"key": key, "feats": flat, "lengths": lengths, "texts": texts},
+                                                 file)}, remove_stale=False)
     return list(zip(torch.split(flat, lengths.tolist()), texts))
