@@ -119,11 +119,7 @@ def _layer_span(model: CTCModel, executed: Sequence[int], start: int, stop: int)
     """The padded twin of the encoder running 1-based layers ``start+1..stop`` of which only
     ``executed`` compute (a skipped layer is the encoder's ``skip_mode``). Layers outside the
     span are left out of the module, so they are not in the graph at all."""
-    twin = PaddedConformer(model.encoder, layers=[l - 1 for l in executed])
-    span = [layer for layer in twin.conformer_layers[start:stop] if layer.runs or layer.skip_norm]
-    # PaddedConformer has no layer-range argument; its forward loops over this list.
-    twin.conformer_layers = nn.ModuleList(span)
-    return twin
+    return PaddedConformer(model.encoder, layers=[l - 1 for l in executed], start=start, stop=stop)
 
 
 def _masked_mean(values: Tensor, lengths: Tensor) -> Tensor:

@@ -86,16 +86,24 @@ class PaddedLayer(nn.Module):
 
 class PaddedConformer(nn.Module):
     """``forward(input [B, T, D], lengths [B]) -> (output [B, T, D], lengths)`` like the encoder,
-    running the 0-based ``layers`` (all by default) for every sample. Inference only."""
+    running the 0-based ``layers`` (all by default) for every sample, over the encoder's layers
+    ``start..stop - 1`` (all by default; a span serves an export that stops at an exit). Layers
+    that neither run nor apply a skip norm are left out of the module. Inference only."""
 
-    def __init__(self, encoder: nn.Module, layers: Optional[Sequence[int]] = None) -> None:
+    def __init__(self, encoder: nn.Module, layers: Optional[Sequence[int]] = None, start: int = 0,
+                 stop: Optional[int] = None) -> None:
         super().__init__()
         num_layers = len(encoder.conformer_layers)
         runs = set(range(num_layers)) if layers is None else set(layers)
         if not runs <= set(range(num_layers)):
             raise ValueError(f"layers must be 0-based layer numbers in [0, {num_layers - 1}], got {sorted(runs)}")
+        stop = num_layers if stop is None else stop
+        if not 0 <= start <= stop <= num_layers:
+            raise ValueError(f"start and stop must satisfy 0 <= start <= stop <= {num_layers}, got {start}, {stop}")
+        skip_norm = encoder.skip_mode == "final_norm"
         self.conformer_layers = nn.ModuleList(
-            PaddedLayer(layer, i in runs, encoder.skip_mode) for i, layer in enumerate(encoder.conformer_layers))
+            PaddedLayer(layer, i in runs, encoder.skip_mode) for i, layer in enumerate(encoder.conformer_layers)
+            if start <= i < stop and (i in runs or skip_norm))
 
     def forward(self, input: Tensor, lengths: Tensor) -> Tuple[Tensor, Tensor]:
         if self.training:
