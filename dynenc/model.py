@@ -253,8 +253,8 @@ class DynamicConformer(nn.Module):
         """
         if torch.jit.is_tracing():
             return self._traced_forward(input, lengths, layer_mask, depth, gates, policy, return_report or return_hidden)
-        validation.check_encoder_inputs(input, lengths, self.input_dim, self.num_layers, self._weight_dtype(),
-                                        layer_mask, depth, gates, policy)
+        frames = validation.check_encoder_inputs(input, lengths, self.input_dim, self.num_layers, self._weight_dtype(),
+                                                 layer_mask, depth, gates, policy)
         # Every index and cu_seqlens below is built here, right by construction: the CUDA ops
         # skip their value checks (a host sync each). Not entered while compiling: a compiled
         # graph calls the ops from outside this frame, and there the checks run.
@@ -262,7 +262,7 @@ class DynamicConformer(nn.Module):
         with trust:
             with torch.profiler.record_function("dynenc.pack"):
                 order = None if depth is None else torch.sort(depth, descending=True, stable=True).indices
-                packed = pack(input, validation.integer_lengths(lengths), order)
+                packed = pack(input, frames, order)
             schedule = Schedule(
                 packed.batch,
                 self.num_layers,

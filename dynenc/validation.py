@@ -161,8 +161,9 @@ def integer_lengths(lengths: Tensor) -> Tensor:
 
 
 def check_encoder_inputs(input: Any, lengths: Any, input_dim: int, num_layers: int, weight_dtype: torch.dtype,
-                         layer_mask: Any = None, depth: Any = None, gates: Any = None, policy: Any = None) -> None:
-    """The arguments of ``DynamicConformer.forward`` (see its docstring); one host sync."""
+                         layer_mask: Any = None, depth: Any = None, gates: Any = None, policy: Any = None) -> Tensor:
+    """The arguments of ``DynamicConformer.forward`` (see its docstring); one host sync.
+    Returns the valid-frame counts as int64 ``[B]`` (:func:`integer_lengths`)."""
     check_tensor("input", input, dim=3, layout=f"[B, T, {input_dim}]")
     if input.shape[2] != input_dim:
         raise ValueError(f"input must be a [B, T, {input_dim}] tensor, got {tuple(input.shape)}")
@@ -201,7 +202,9 @@ def check_encoder_inputs(input: Any, lengths: Any, input_dim: int, num_layers: i
                                    and callable(getattr(policy, "decide", None))):
         raise TypeError(f"policy must be a routing policy (a tuple decision_layers and a decide(layer, x, schedule) "
                         f"method), got {type(policy).__name__}")
-    ranges = [("lengths", integer_lengths(lengths), 0, max_frames, "T")]
+    frames = integer_lengths(lengths)
+    ranges = [("lengths", frames, 0, max_frames, "T")]
     if depth is not None:
         ranges.append(("depth", depth, 0, num_layers, "num_layers"))
     check_range(ranges)
+    return frames

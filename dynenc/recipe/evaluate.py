@@ -16,6 +16,7 @@ from tqdm import tqdm
 from ..asr import CTCModel, load_checkpoint
 from ..asr.checkpoint import find_checkpoint
 from ..methods import Budget, FullBudget, get_method, infer, method_names
+from ..routing import valid_frames
 from ..validation import check_int
 from .batching import SpeechBatches, collate_batch
 from .features import load_split
@@ -65,10 +66,9 @@ def decode_split(model: CTCModel, data: Sequence, tokenizer: CharTokenizer,
             skips_frames = True
             skipped += int(decisions.skipped_frames.sum())
         frames += int(result.lengths.sum())
-        valid = torch.arange(result.log_probs.shape[1])[None, :] < result.lengths[:, None]
-        blank_frames += int(((result.log_probs.argmax(-1) == 0) & valid).sum())
+        best = result.log_probs.argmax(-1)
+        blank_frames += int(((best == 0) & valid_frames(result.lengths, best.shape[1])).sum())
         if beam is None:
-            best = result.log_probs.argmax(-1)
             hypotheses += [tokenizer.decode_ctc(best[b, :n]) for b, n in enumerate(result.lengths.tolist())]
         else:
             hits = beam(result.log_probs.float().contiguous(), result.lengths.to(torch.int32))
