@@ -21,13 +21,16 @@ from .specialization import KernelCall
 
 
 @triton.jit
-def _active_positions(inverse, rows, row_ok, num_active, HAS_INDEX: tl.constexpr):
-    """Position of each row in ``index`` (-1: row not active)."""
+def _row_tile(inverse, num_rows, num_active, HAS_INDEX: tl.constexpr, BLOCK_R: tl.constexpr):
+    """This program's ``BLOCK_R`` output rows: ``(rows, row_ok, pos, active)`` with ``pos``
+    each row's position in ``index`` (-1: row not active)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < num_rows
     if HAS_INDEX:
         pos = tl.load(inverse + rows, mask=row_ok, other=-1)
     else:
         pos = tl.where(rows < num_active, rows, -1)
-    return pos
+    return rows, row_ok, pos, pos >= 0
 
 
 @triton.jit
@@ -54,10 +57,7 @@ def _row_merge_kernel(
     only when gated), ``y`` once per active row, writes ``out`` once; per row 4 B of
     ``inverse`` and one gate.
     """
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < num_rows
-    pos = _active_positions(inverse, rows, row_ok, num_active, HAS_INDEX)
-    active = pos >= 0
+    rows, row_ok, pos, active = _row_tile(inverse, num_rows, num_active, HAS_INDEX, BLOCK_R)
     if HAS_GATE:
         g = _load_gate(gate, pos, active, y)
         x_rows = row_ok  # the update reads x[r] of active rows too
@@ -96,10 +96,7 @@ def _gated_scatter_bwd_kernel(
     row; per row 4 B of ``inverse``, one gate read and one ``grad_gate`` write.
     """
     ACC: tl.constexpr = opmath(y.dtype.element_ty)
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < num_rows
-    pos = _active_positions(inverse, rows, row_ok, num_active, HAS_INDEX)
-    active = pos >= 0
+    rows, row_ok, pos, active = _row_tile(inverse, num_rows, num_active, HAS_INDEX, BLOCK_R)
     if HAS_GATE:
         g = _load_gate(gate, pos, active, y)
     else:
