@@ -109,3 +109,24 @@ def test_script_a_conformer_rnnt_with_the_encoder_swapped():
     joined = model.join(encoded, encoded_lengths, predicted, predicted_lengths)[0]
     torch.testing.assert_close(scripted.join(encoded, encoded_lengths, predicted, predicted_lengths)[0], joined,
                                atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("span, match", [
+    pytest.param(dict(start=2, stop=1), "start and stop must satisfy", id="start_after_stop"),
+    pytest.param(dict(stop=9), "start and stop must satisfy", id="stop_past_the_end"),
+    pytest.param(dict(layers=[5]), "layers must be 0-based layer numbers", id="layer_out_of_range"),
+])
+def test_padded_twin_refuses_a_bad_span(span, match):
+    _, model = torchaudio_pair(CONFIGS["bn_attn_first"])
+    with pytest.raises(ValueError, match=match):
+        dynenc.padded.PaddedConformer(model, **span)
+
+
+def test_padded_twin_span_runs_only_its_layers():
+    """Layers start..stop-1, identity-skipped ones left out of the module."""
+    _, model = torchaudio_pair(CONFIGS["bn_attn_first"])
+    twin = dynenc.padded.PaddedConformer(model, layers=[0, 2], start=0, stop=2).eval()
+    assert len(twin.conformer_layers) == 1
+    input, lengths = _batch(32, 3, 9, 0)
+    expected, _ = model(input, lengths, layer_mask=torch.tensor([[True, False, False]] * 3))
+    torch.testing.assert_close(twin(input, lengths)[0], expected, atol=ATOL, rtol=0)

@@ -61,6 +61,19 @@ def test_bad_json_config_names_the_field(tmp_path):
         parse("--config", str(tmp_path / "train.json"))
 
 
+@pytest.mark.parametrize("field, value, error, message", [
+    pytest.param("skip_threshold", 1.5, ValueError, r"TrainConfig.skip_threshold must lie in \[0.0, 1.0\], got 1.5",
+                 id="skip-threshold-above-one"),
+    pytest.param("skip_threshold", float("nan"), ValueError, r"TrainConfig.skip_threshold must be finite",
+                 id="skip-threshold-nan"),
+    pytest.param("strategy", "zero3", ValueError, r"TrainConfig.strategy must be one of .*got 'zero3'",
+                 id="unknown-strategy"),
+])
+def test_bad_training_fields_are_refused(field, value, error, message):
+    with pytest.raises(error, match=message):
+        TrainConfig(**{field: value})
+
+
 def test_unknown_method_is_refused():
     with pytest.raises(ValueError, match=r"method must be one of .*got 'magic'"):
         TrainConfig(method="magic")
