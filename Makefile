@@ -7,13 +7,13 @@ PIP := $(PY) -m pip
 TORCH_PINS := torch==2.14.1 torchaudio==2.11.0
 SOURCES := $(wildcard csrc/*.cpp csrc/*.h) setup.py pyproject.toml
 
-.PHONY: install test bench espeak recipe clean gpu-check
+.PHONY: install test bench speech-engines recipe clean gpu-check
 
 # Re-run when the Makefile (its package list) changes, so an existing .venv gets new packages.
 $(VENV)/.deps: Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
-	$(PIP) install -q $(TORCH_PINS) ninja numpy tqdm soundfile jiwer matplotlib flashlight-text pytest pytest-benchmark hypothesis onnx onnxruntime onnxscript
+	$(PIP) install -q $(TORCH_PINS) ninja numpy tqdm soundfile jiwer matplotlib flashlight-text sentencepiece pytest pytest-benchmark hypothesis onnx onnxruntime onnxscript
 	touch $@
 
 # The C++ extension is rebuilt whenever csrc/ or the build files change.
@@ -23,11 +23,13 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 
 install: $(VENV)/.built
 
-# espeak-ng synthesises the speech corpus (Debian package; root here and in CI).
-espeak:
-	@command -v espeak-ng >/dev/null || { apt-get update -qq && apt-get install -y -qq espeak-ng >/dev/null; }
+# The engines that synthesise the speech corpus (Debian packages; root here and in CI).
+SPEECH_PACKAGES := espeak-ng flite festival festvox-kallpc16k festvox-us-slt-hts
+speech-engines:
+	@for exe in espeak-ng flite festival text2wave; do command -v $$exe >/dev/null || missing=1; done; \
+	[ -z "$$missing" ] || { apt-get update -qq && apt-get install -y -qq $(SPEECH_PACKAGES) >/dev/null; }
 
-test: install espeak
+test: install speech-engines
 	$(PY) -m pytest -q tests
 
 bench: install
@@ -43,17 +45,11 @@ gpu-check: install
 	$(PY) -m pytest -q -m gpu tests --junitxml=$(GPU_OUT)/pytest.xml && \
 	$(PY) -m dynenc bench --devices cuda --no-progress --out $(GPU_OUT)
 
-# The speech recipe of docs/results.md: corpus, static teacher, every other registered
-# method (`python -m dynenc.methods` lists them) fine-tuned from it, then the budget sweep.
-DATA ?= data/speech
-FINETUNE := --epochs 5 --lr 1e-3 --warmup 0.2 --init runs/static/model.pt --teacher runs/static/model.pt
-recipe: install espeak
-	$(PY) -m dynenc data --out-dir $(DATA)
-	$(PY) -m dynenc train --method static --data $(DATA) --epochs 16
-	methods=$$($(PY) -m dynenc.methods) || exit 1; \
-	for method in $$methods; do [ $$method = static ] && continue; \
-		$(PY) -m dynenc train --method $$method --data $(DATA) $(FINETUNE) || exit 1; done
-	$(PY) -m dynenc eval --data $(DATA) --runs runs --out docs/results
+# The reproduction of docs/results.md (`dynenc recipe`): the multi-engine corpus and its
+# units, every protocol for seeds 0-2, the report. Resumable: finished runs are skipped.
+SEEDS ?= 0 1 2
+recipe: install speech-engines
+	$(PY) -m dynenc recipe --seeds $(SEEDS)
 
 clean:
 	rm -rf build *.egg-info dynenc/_C*.so

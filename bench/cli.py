@@ -14,6 +14,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
+from dynenc.validation import check_device
 from .figures import FIGURES
 from .harness import load_average, machine_info
 from .report import format_machine, format_results, format_rows, format_sizes, write_outputs
@@ -71,10 +72,7 @@ def _devices(requested: Optional[Sequence[str]]) -> List[str]:
     if requested is None:
         return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in requested:
-        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--devices: {device!r} requested but CUDA is not available")
-        if torch.device(device).type not in ("cpu", "cuda"):
-            raise ValueError(f"--devices must be cpu or cuda devices, got {device!r}")
+        check_device("--devices", device)
     return list(requested)
 
 

@@ -12,9 +12,10 @@ from typing import List, Optional
 COMMANDS = {
     "bench": ("dynenc.bench.cli", "benchmark dynenc against its peers (the README's main job)"),
     "profile": ("dynenc.profiling", "run a forward/backward under torch.profiler and write a Chrome trace"),
-    "data": ("dynenc.recipe.data", "synthesise the espeak-ng speech corpus"),
+    "data": ("dynenc.recipe.data", "synthesise the multi-engine speech corpus"),
     "train": ("dynenc.recipe.train", "train a CTC model with one of the dynamic-depth methods"),
     "eval": ("dynenc.recipe.evaluate", "sweep budgets: WER vs executed compute for every method"),
+    "recipe": ("dynenc.recipe.reproduce", "reproduce the seed papers' claims: every protocol x seed, resumable"),
     "export": ("dynenc.export", "export a checkpoint at a fixed budget or with runtime early exit (ONNX, .pt2, .pte)"),
 }
 

@@ -18,6 +18,7 @@ import dynenc
 
 from .bench.cli import MODEL_SIZES, add_size_arguments, size_of, with_sizes
 from .bench.workload import BenchConfig, build_conformer, layer_drop_mask, make_input, valid_mean_square
+from .validation import check_device
 
 #: The bench workload's sizes this command takes (same flags as ``dynenc bench``).
 SIZES = MODEL_SIZES + ("batch", "frames")
@@ -59,9 +60,7 @@ def format_entries(entries: Sequence, device_time: bool) -> str:
 def run(args: argparse.Namespace) -> int:
     if not 0 <= args.keep <= 1:
         raise ValueError(f"--keep must lie in [0, 1], got {args.keep}")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device!r} requested but CUDA is not available")
+    device = check_device("--device", args.device)
     config = with_sizes(BenchConfig(seed=args.seed), args, SIZES)
     _, model = build_conformer(config, device)
     x, lengths = make_input(config, device)

@@ -132,6 +132,24 @@ def check_int(name: str, value: Any, low: Optional[int] = None, high: Optional[i
     return value
 
 
+def check_device(name: str, device: Any) -> torch.device:
+    """``device`` as a ``torch.device`` if it is a CPU or an available CUDA device.
+
+    Raises:
+        ValueError: not a device string, not cpu/cuda, or CUDA asked for without a GPU
+            (``name`` named).
+    """
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{name} must be 'cpu' or 'cuda[:N]', got {device!r}") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name} must be 'cpu' or 'cuda[:N]', got {device!r}")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{name}: {device!r} requested but CUDA is not available")
+    return parsed
+
+
 def _bounds(low: Optional[float], high: Optional[float]) -> str:
     if high is None:
         return f"be >= {low}"

@@ -67,7 +67,8 @@ class DLDObjective:
 
 def objective(settings: ObjectiveSettings, model: CTCModel) -> DLDObjective:
     """Teacher: ``settings.teacher`` is ``"self"`` or the path of a static model's checkpoint."""
-    teacher = "self" if settings.teacher == "self" else load_checkpoint(Path(settings.teacher))[0]
+    teacher = ("self" if settings.teacher == "self" else
+               load_checkpoint(Path(settings.teacher))[0].to(next(model.parameters()).device))
     return DLDObjective(teacher, settings.kd_weight, settings.temperature, settings.drop_prob, settings.hidden_weight,
                         settings.gating)
 

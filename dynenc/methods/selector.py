@@ -13,6 +13,7 @@ from ..asr import CTCModel, ctc_loss
 from ..config import ModelConfig
 from ..validation import check_int, check_real
 from .base import Batch, Budget, InferenceResult, Logs, Method, ObjectiveSettings, require_one_of, run_masked
+from . import layer_drop
 
 SELECTOR_HIDDEN = 64  # the recipe's selector width when the config names none
 
@@ -143,7 +144,11 @@ def run(model: CTCModel, x: Tensor, lengths: Tensor, budget: SelectorBudget) -> 
 
 
 def budgets(model: CTCModel) -> List[Tuple[str, Budget]]:
-    return [(f"k={k}", SelectorBudget(k=k)) for k in range(model.config.num_layers, 0, -1)]
+    """Top-k for k = L..1, then the controls on the same backbone (paper 001 compares the
+    selector with random dropping): layer dropping's evenly spaced and random layers."""
+    num_layers = model.config.num_layers
+    controls = [(label, budget) for label, budget in layer_drop.budgets(model) if label != f"n={num_layers}"]
+    return [(f"k={k}", SelectorBudget(k=k)) for k in range(num_layers, 0, -1)] + controls
 
 
 def objective(settings: ObjectiveSettings, model: CTCModel) -> SelectorObjective:

@@ -13,14 +13,14 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .tokenizer import CharTokenizer
+from .tokenizer import CharTokenizer, Tokenizer
 
 __all__ = ["collate_batch", "SpeechBatches"]
 
 
 def collate_batch(
     items: Sequence[tuple[torch.Tensor, str | Sequence[int]]],
-    tokenizer: CharTokenizer | None = None,
+    tokenizer: Tokenizer | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pad a list of ``(features [T_i, F], text or token ids)`` for CTC training.
 
@@ -72,7 +72,7 @@ class SpeechBatches:
     def __init__(
         self,
         data: Sequence[tuple[torch.Tensor, str]],
-        tokenizer: CharTokenizer | None = None,
+        tokenizer: Tokenizer | None = None,
         batch_size: int = 32,
         max_frames: int | None = None,
         shuffle: bool = True,

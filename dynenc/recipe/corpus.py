@@ -2,11 +2,18 @@
 
 Layout of a corpus directory (written by :func:`dynenc.recipe.synthesis.synthesize_corpus`)::
 
-    config.json               parameters the corpus was made with (cache key)
+    config.json               parameters the corpus was made with (cache key; written last)
     train.jsonl dev.jsonl test.jsonl
-                              one JSON object per line: {"id", "path", "text",
-                              "duration", "voice", "speed", "pitch", "snr_db"};
-                              "path" is relative to the corpus directory (the corpus can move)
+                              one JSON object per line: {"id", "path", "text", "duration",
+                              "speaker" ("engine:voice"), "engine", "voice", "tempo",
+                              "pitch", "rt60" (s, or null: no reverberation), "drr_db",
+                              "snr_db"}; "path" is relative to the corpus directory
+                              (the corpus can move)
+    vocabulary.txt            the grammar's vocabulary, one word a line
+    stats.json                :func:`corpus_statistics`: per split utterances, hours,
+                              running and distinct words, speakers (count + list) and
+                              utterances per engine; the vocabulary size and the
+                              held-out speakers (in test, never in train/dev)
     wav/<split>/<id>.wav      16 kHz mono 16-bit PCM
     feats_<split>.pt          fbank cache written by :func:`dynenc.recipe.features.load_split`
 
@@ -18,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 __all__ = [
@@ -27,6 +35,9 @@ __all__ = [
     "check_split",
     "manifest_path",
     "feature_cache_path",
+    "stats_path",
+    "vocabulary_path",
+    "corpus_statistics",
     "read_manifest",
     "prepare_output_dir",
 ]
@@ -51,6 +62,57 @@ def manifest_path(out_dir: str | os.PathLike, split: str) -> Path:
 def feature_cache_path(out_dir: str | os.PathLike, split: str) -> Path:
     """``out_dir/feats_<split>.pt``."""
     return Path(out_dir) / f"feats_{split}.pt"
+
+
+def stats_path(out_dir: str | os.PathLike) -> Path:
+    """``out_dir/stats.json``."""
+    return Path(out_dir) / "stats.json"
+
+
+def vocabulary_path(out_dir: str | os.PathLike) -> Path:
+    """``out_dir/vocabulary.txt``."""
+    return Path(out_dir) / "vocabulary.txt"
+
+
+def corpus_statistics(out_dir: str | os.PathLike) -> dict:
+    """Statistics of the corpus in ``out_dir``, computed from its manifests and vocabulary.
+
+    Returns:
+        ``{"splits": {split: {"utterances", "hours", "words" (running), "distinct_words",
+        "speakers": {"count", "list"}, "engines": {engine: utterances}}},
+        "vocabulary_size", "held_out_speakers"}`` -- the held-out speakers are those of
+        test that occur in neither train nor dev.
+
+    Raises:
+        FileNotFoundError: a manifest or ``vocabulary.txt`` is missing.
+        ValueError: a record lacks ``duration``/``speaker``/``engine`` (a corpus older
+            than v2: run ``dynenc data`` again).
+    """
+    splits, speakers = {}, {}
+    for split in SPLITS:
+        records = read_manifest(out_dir, split)
+        try:
+            seconds = sum(float(r["duration"]) for r in records)
+            speakers[split] = sorted({r["speaker"] for r in records})
+            engines = Counter(r["engine"] for r in records)
+        except KeyError as e:
+            raise ValueError(f"{manifest_path(out_dir, split)}: records lack {e}; run `dynenc data` again") from None
+        words = [w for r in records for w in r["text"].split()]
+        splits[split] = {
+            "utterances": len(records),
+            "hours": round(seconds / 3600.0, 4),
+            "words": len(words),
+            "distinct_words": len(set(words)),
+            "speakers": {"count": len(speakers[split]), "list": speakers[split]},
+            "engines": dict(sorted(engines.items())),
+        }
+    vocabulary = vocabulary_path(out_dir).read_text().split()
+    seen = set(speakers["train"]) | set(speakers["dev"])
+    return {
+        "splits": splits,
+        "vocabulary_size": len(vocabulary),
+        "held_out_speakers": [s for s in speakers["test"] if s not in seen],
+    }
 
 
 def read_manifest(out_dir: str | os.PathLike, split: str) -> list[dict]:

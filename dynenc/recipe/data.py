@@ -10,9 +10,11 @@ import argparse
 import os
 import sys
 
-from .corpus import prepare_output_dir
+from .corpus import corpus_statistics, prepare_output_dir, stats_path
 from .features import load_split
+from .reproduce import RecipePlan
 from .synthesis import check_int_at_least, synthesize_corpus
+from .tokenizer import parse_units, prepare_units
 
 __all__ = ["add_arguments", "run"]
 
@@ -20,10 +22,13 @@ __all__ = ["add_arguments", "run"]
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``dynenc data``."""
     p.add_argument("--out-dir", default="data/speech", help="corpus directory (default: data/speech)")
-    p.add_argument("--num-train", type=int, default=2400)
-    p.add_argument("--num-dev", type=int, default=200)
-    p.add_argument("--num-test", type=int, default=300)
+    plan = RecipePlan()  # the recipe's corpus by default
+    p.add_argument("--num-train", type=int, default=plan.num_train)
+    p.add_argument("--num-dev", type=int, default=plan.num_dev)
+    p.add_argument("--num-test", type=int, default=plan.num_test)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--units", default=plan.units, help="CTC units trained on the train transcripts: char or bpe<N> "
+                   f"(default {plan.units})")
     p.add_argument("--workers", type=int, default=max(1, os.cpu_count() or 1))
     p.add_argument("--no-features", action="store_true", help="skip computing and caching fbank features")
     p.add_argument("--quiet", action="store_true")
@@ -39,14 +44,18 @@ def _check_arguments(a: argparse.Namespace) -> None:
         ("--workers", a.workers, 1),
     ):
         check_int_at_least(flag, value, minimum)
+    parse_units(a.units)
     prepare_output_dir(a.out_dir, "--out-dir")
 
 
 def run(a: argparse.Namespace) -> int:
     """``dynenc data [--out-dir DIR] [--num-train N ...]``: synthesise (cached) + features.
 
+    Prints one line per split (manifest, utterances, hours, speakers) and the path of
+    ``stats.json``.  Returns the exit status.
+
     Raises:
-        ValueError: a flag is out of range, ``--out-dir`` is not writable, espeak-ng is
+        ValueError: a flag is out of range, ``--out-dir`` is not writable, an engine is
             missing, or the corpus holds bad audio or transcripts (all named).
     """
     _check_arguments(a)
@@ -54,17 +63,22 @@ def run(a: argparse.Namespace) -> int:
         manifests = synthesize_corpus(
             a.out_dir, a.num_train, a.num_dev, a.num_test, a.seed, a.workers, progress=not a.quiet
         )
-    except RuntimeError as e:  # espeak-ng itself failed
+    except RuntimeError as e:  # a synthesis engine itself failed
         print(f"error: {e}", file=sys.stderr)
         return 1
+    stats = corpus_statistics(a.out_dir)
+    tokenizer = prepare_units(a.out_dir, a.units)
     for split, path in manifests.items():
         if not a.no_features:
-            load_split(a.out_dir, split, progress=not a.quiet)
-        print(f"{split}: {path}")
+            load_split(a.out_dir, split, progress=not a.quiet, tokenizer=tokenizer)
+        s = stats["splits"][split]
+        print(f"{split}: {path} ({s['utterances']} utterances, {s['hours']:.2f} h, "
+              f"{s['speakers']['count']} speakers)")
+    print(f"stats: {stats_path(a.out_dir)}")
     return 0
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Synthesise the dynenc speech corpus with espeak-ng.")
+    parser = argparse.ArgumentParser(description="Synthesise the dynenc speech corpus (espeak-ng, flite, festival).")
     add_arguments(parser)
     sys.exit(run(parser.parse_args()))

@@ -20,19 +20,20 @@ from ..routing import valid_frames
 from ..validation import check_int
 from .batching import SpeechBatches, collate_batch
 from .features import load_split
-from .tokenizer import CharTokenizer
+from .tokenizer import Tokenizer, load_tokenizer
 
 
-def beam_decoder(tokenizer: CharTokenizer, beam_size: int):
-    """Lexicon-free CTC beam search (torchaudio / flashlight-text), no language model."""
+def beam_decoder(tokenizer: Tokenizer, beam_size: int):
+    """Lexicon-free CTC beam search (torchaudio / flashlight-text) over ``tokenizer``'s units,
+    no language model."""
     from torchaudio.models.decoder import ctc_decoder
 
-    tokens = ["-", "|"] + list(tokenizer.symbols[2:])  # blank, word boundary (space), ', a..z
-    return ctc_decoder(lexicon=None, tokens=tokens, lm=None, beam_size=beam_size, blank_token="-", sil_token="|")
+    return ctc_decoder(lexicon=None, tokens=tokenizer.decoder_tokens(), lm=None, beam_size=beam_size,
+                       blank_token="-", sil_token="|")
 
 
 @torch.no_grad()
-def decode_split(model: CTCModel, data: Sequence, tokenizer: CharTokenizer,
+def decode_split(model: CTCModel, data: Sequence, tokenizer: Tokenizer,
                  budget: Optional[Budget] = None, max_frames: int = 20000, beam=None,
                  timing_repeats: int = 1) -> Dict:
     """Decode ``data`` (``[(features, text)]``) under ``budget`` (default full depth).
@@ -49,12 +50,16 @@ def decode_split(model: CTCModel, data: Sequence, tokenizer: CharTokenizer,
     executed = full = 0
     seconds = 0.0
     exit_layers, skipped, frames, skips_frames, blank_frames = [], 0, 0, False, 0
+    device = next(model.parameters()).device
     for idx in SpeechBatches(data, tokenizer, max_frames=max_frames, shuffle=False).batch_indices():
         features, lengths, _, _ = collate_batch([data[i] for i in idx], tokenizer)
+        features, lengths = features.to(device), lengths.to(device)
         fastest = float("inf")
         for _ in range(max(timing_repeats, 1)):
             tic = time.perf_counter()
             result = infer(model, features, lengths, budget)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             fastest = min(fastest, time.perf_counter() - tic)
         seconds += fastest
         executed += result.report.executed_token_layers
@@ -65,15 +70,15 @@ def decode_split(model: CTCModel, data: Sequence, tokenizer: CharTokenizer,
         if decisions.skipped_frames is not None:
             skips_frames = True
             skipped += int(decisions.skipped_frames.sum())
-        frames += int(result.lengths.sum())
-        best = result.log_probs.argmax(-1)
-        blank_frames += int(((best == 0) & valid_frames(result.lengths, best.shape[1])).sum())
+        best = result.log_probs.argmax(-1).cpu()
+        result_lengths = result.lengths.cpu()
+        frames += int(result_lengths.sum())
+        blank_frames += int(((best == 0) & valid_frames(result_lengths, best.shape[1])).sum())
         if beam is None:
-            hypotheses += [tokenizer.decode_ctc(best[b, :n]) for b, n in enumerate(result.lengths.tolist())]
+            hypotheses += [tokenizer.decode_ctc(best[b, :n]) for b, n in enumerate(result_lengths.tolist())]
         else:
-            hits = beam(result.log_probs.float().contiguous(), result.lengths.to(torch.int32))
-            hypotheses += [" ".join(hit[0].words) if hit[0].words else
-                           tokenizer.decode(hit[0].tokens).strip() for hit in hits]
+            hits = beam(result.log_probs.float().cpu().contiguous(), result_lengths.to(torch.int32))
+            hypotheses += [tokenizer.decode(hit[0].tokens) for hit in hits]
         references += [data[i][1] for i in idx]
     return {
         "wer": jiwer.wer(references, [h.strip() for h in hypotheses]),
@@ -90,8 +95,8 @@ def sweep(runs: Path, data_dir: Path, method_names: Sequence[str], beam_size: in
           progress: bool = True, timing_repeats: int = 3) -> Dict:
     """Evaluate every ``runs/<method>/model.pt`` (or sharded ``model.dcp/``, from FSDP2
     training) found; returns the results dictionary."""
-    tokenizer = CharTokenizer()
-    test = load_split(data_dir, "test")[:limit]
+    tokenizer = load_tokenizer(data_dir)
+    test = load_split(data_dir, "test", tokenizer=tokenizer)[:limit]
     beam = beam_decoder(tokenizer, beam_size) if beam_size else None
     results: Dict = {"test_utterances": len(test), "threads": torch.get_num_threads(),
                      "timing": f"inference seconds over the test split (front-end + encoder + heads), best of "

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from ..fileio import atomic_write
 from .corpus import SAMPLE_RATE, check_split, feature_cache_path, manifest_path, read_manifest
-from .tokenizer import CharTokenizer
+from .tokenizer import CharTokenizer, Tokenizer
 
 __all__ = [
     "NUM_MEL_BINS",
@@ -151,7 +151,7 @@ def _cache_key(mpath: Path, records: list[dict]) -> str:
     return h.hexdigest()
 
 
-def _check_transcripts(mpath: Path, records: list[dict], tokenizer: CharTokenizer) -> None:
+def _check_transcripts(mpath: Path, records: list[dict], tokenizer: Tokenizer) -> None:
     """Fail on load, naming the utterance, rather than in some later training batch."""
     for rec in records:
         try:
@@ -172,7 +172,7 @@ def load_split(
     out_dir: str | os.PathLike,
     split: str,
     progress: bool = False,
-    tokenizer: CharTokenizer | None = None,
+    tokenizer: Tokenizer | None = None,
 ) -> list[tuple[torch.Tensor, str]]:
     """Features and transcripts of one split, computed once and cached.
 

@@ -28,14 +28,14 @@ from ..asr import CTCModel, load_checkpoint, save_checkpoint
 from ..asr.checkpoint import (SHARDED_SUFFIX, find_checkpoint, load_sharded_state, read_payload, restore_state,
                               save_sharded_checkpoint)
 from ..config import ModelConfig, load_config, save_config
-from ..validation import check_int, check_real
+from ..validation import check_device, check_int, check_real
 from ..methods import get_method, method_names
 from ..methods.base import Objective
 from ..methods.layer_drop import check_gating
 from .batching import SpeechBatches, collate_batch
 from .evaluate import decode_split
 from .features import load_split
-from .tokenizer import CharTokenizer
+from .tokenizer import load_tokenizer
 
 # What ``last.pt`` holds beyond the model for a bit-exact resume.
 RESUME_KEYS = ("optimizer", "scheduler", "rank_rng", "epoch", "best_wer", "train_seconds")
@@ -171,9 +171,9 @@ def spec_augment(features: Tensor, lengths: Tensor, generator: torch.Generator) 
     return features
 
 
-def _distributed() -> Tuple[int, int]:
+def _distributed(device: torch.device) -> Tuple[int, int]:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -207,20 +207,25 @@ def _unsharded_root(module: nn.Module, sharded: bool) -> Iterator[None]:
 
 def train(config: TrainConfig, data_dir: Path, out_dir: Path, resume: bool = False, progress: bool = True,
           limit_train: Optional[int] = None, limit_dev: Optional[int] = None,
-          stop_after: Optional[int] = None) -> Dict:
+          stop_after: Optional[int] = None, device: str = "cpu") -> Dict:
     """Train and return the final log record. ``limit_*`` truncate the splits and ``stop_after``
     ends after that many epochs as if interrupted (smoke tests). ``resume`` without
-    ``out_dir/last.pt`` is an error."""
-    rank, world = _distributed()
+    ``out_dir/last.pt`` is an error. ``device`` ``"cuda"`` trains on the GPU (under torchrun,
+    each rank on ``cuda:LOCAL_RANK``); checkpoints are the same either way (CPU tensors on load)."""
+    device = check_device("device", device)
+    rank, world = _distributed(device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
     sharded = world > 1 and config.strategy == "fsdp2"
     checkpoint_suffix = SHARDED_SUFFIX if sharded else ".pt"
     last = out_dir / f"last{checkpoint_suffix}"
     if resume and find_checkpoint(out_dir, "last") != last:
         raise ValueError(f"cannot resume: no checkpoint {last} (train without --resume to start afresh)")
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = CharTokenizer()
-    train_data = load_split(data_dir, "train", progress=progress and rank == 0)[:limit_train]
-    dev_data = load_split(data_dir, "dev")[:limit_dev]
+    tokenizer = load_tokenizer(data_dir)
+    train_data = load_split(data_dir, "train", progress=progress and rank == 0, tokenizer=tokenizer)[:limit_train]
+    dev_data = load_split(data_dir, "dev", tokenizer=tokenizer)[:limit_dev]
     torch.manual_seed(config.seed)
     model = CTCModel(config.model_config(tokenizer.vocab_size))
     if config.init:
@@ -228,6 +233,7 @@ def train(config: TrainConfig, data_dir: Path, out_dir: Path, resume: bool = Fal
         missing = model.load_state_dict(source.state_dict(), strict=False)
         print(f"initialised from {config.init} (new parameters: {len(missing.missing_keys)})")
     model.encoder.checkpoint_layers = config.checkpoint_layers
+    model.to(device)  # before the objective, which puts a teacher model beside it
     module: nn.Module = ObjectiveModule(model, get_method(config.method).objective(config, model))
     if world > 1:
         module = distribute(module, config.strategy)
@@ -271,7 +277,8 @@ def train(config: TrainConfig, data_dir: Path, out_dir: Path, resume: bool = Fal
             features, lengths, targets, target_lengths = collate_batch([train_data[i] for i in idx], tokenizer)
             if config.spec_augment:
                 features = spec_augment(features, lengths, augment_rng)
-            loss, logs = module((features, lengths, targets, target_lengths))
+            loss, logs = module(tuple(t.to(device, non_blocking=True) for t in
+                                      (features, lengths, targets, target_lengths)))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip)
@@ -338,6 +345,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="JSON file of TrainConfig fields (the model's under \"model\"); "
                         "flags override it")
     parser.add_argument("--resume", action="store_true", help="continue from <out>/last.pt (an error if there is none)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     parser.add_argument("--quiet", action="store_true")
     _add_field_flags(parser, TrainConfig, "", skip=("method",))
     # The vocabulary comes from the tokenizer.
@@ -360,5 +368,5 @@ def run(args: argparse.Namespace) -> int:
     if not Path(args.data, "train.jsonl").exists():
         raise ValueError(f"no corpus at {args.data}: run `dynenc data --out-dir {args.data}` first")
     out = Path(args.out or f"runs/{config.method}")
-    train(config, Path(args.data), out, resume=args.resume, progress=not args.quiet)
+    train(config, Path(args.data), out, resume=args.resume, progress=not args.quiet, device=args.device)
     return 0

@@ -1,11 +1,13 @@
 """Tests for dynenc.recipe.data, the ``dynenc data`` command: flag checks and a tiny run."""
 import argparse
+import json
 import shutil
 
 import pytest
 
 from dynenc.recipe import data, synthesis
 from dynenc.recipe.corpus import SPLITS
+from dynenc.recipe.reproduce import RecipePlan
 
 
 def _run(*argv):
@@ -48,11 +50,31 @@ def test_missing_espeak_is_a_value_error(tmp_path, monkeypatch):
         _run("--out-dir", str(tmp_path / "corpus"), "--quiet")
 
 
-@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
+@pytest.mark.skipif(any(shutil.which(e) is None for e in ("espeak-ng", "flite", "text2wave")),
+                    reason="speech engines not installed (make speech-engines)")
 def test_tiny_corpus_with_features(tmp_path, capsys):
     out = tmp_path / "corpus"
     assert _run("--out-dir", str(out), "--num-train", "2", "--num-dev", "1", "--num-test", "1",
-                "--workers", "1", "--quiet") == 0
+                "--workers", "1", "--units", "bpe32", "--quiet") == 0
     printed = capsys.readouterr().out.splitlines()
-    assert printed == [f"{split}: {out / f'{split}.jsonl'}" for split in SPLITS]
+    assert [line.split(" (")[0] for line in printed[:3]] == [f"{split}: {out / f'{split}.jsonl'}" for split in SPLITS]
+    assert "(2 utterances, " in printed[0]
+    assert printed[3] == f"stats: {out / 'stats.json'}"
     assert all((out / f"feats_{split}.pt").is_file() for split in SPLITS)
+    assert json.loads((out / "units.json").read_text())["units"] == "bpe32" and (out / "units.model").is_file()
+
+
+@pytest.mark.parametrize("units", ["words", "bpe2"])
+def test_bad_units_are_named(tmp_path, units):
+    out = tmp_path / "corpus"
+    with pytest.raises(ValueError, match=rf"units must be 'char' or 'bpe<N>'.*got '{units}'"):
+        _run("--out-dir", str(out), "--units", units, "--quiet")
+    assert not out.exists()
+
+
+def test_default_corpus_size():
+    parser = argparse.ArgumentParser(prog="dynenc data")
+    data.add_arguments(parser)
+    a = parser.parse_args([])
+    plan = RecipePlan()
+    assert (a.num_train, a.num_dev, a.num_test, a.units) == (plan.num_train, plan.num_dev, plan.num_test, plan.units)

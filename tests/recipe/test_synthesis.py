@@ -1,4 +1,5 @@
-"""Tests for dynenc.recipe.synthesis: the espeak-ng corpus (voices, manifests, determinism, cache)."""
+"""Tests for dynenc.recipe.synthesis: engines, speakers, reverberation, manifests, statistics,
+determinism and the cache of the v2 corpus."""
 import json
 import shutil
 from pathlib import Path
@@ -9,16 +10,18 @@ import soundfile as sf
 import torch
 
 from dynenc.recipe import synthesis as S
-from dynenc.recipe.corpus import SPLITS, read_manifest
+from dynenc.recipe.corpus import SPLITS, corpus_statistics, read_manifest
 from dynenc.recipe.features import load_split
+from dynenc.recipe.sentences import MAX_WORDS, MIN_WORDS, VOCABULARY
 
+_EXECUTABLES = ("espeak-ng", "flite", "festival", "text2wave")
 needs_espeak = pytest.mark.skipif(
-    shutil.which("espeak-ng") is None,
-    reason="espeak-ng not installed (apt-get install -y espeak-ng); corpus synthesis tests skipped",
+    any(shutil.which(e) is None for e in _EXECUTABLES),
+    reason="speech engines not installed (make speech-engines); corpus synthesis tests skipped",
 )
 
 COUNTS = {"train": 8, "dev": 2, "test": 4}
-FIELDS = {"path", "text", "duration", "voice", "speed", "pitch"}
+FIELDS = {"path", "text", "duration", "speaker", "engine", "voice", "tempo", "pitch", "rt60", "snr_db"}
 
 
 def _synth(out_dir, seed=0):
@@ -29,8 +32,8 @@ def _synth(out_dir, seed=0):
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    if shutil.which("espeak-ng") is None:
-        pytest.skip("espeak-ng not installed (apt-get install -y espeak-ng)")
+    if any(shutil.which(e) is None for e in _EXECUTABLES):
+        pytest.skip("speech engines not installed (make speech-engines)")
     out = tmp_path_factory.mktemp("corpus")
     manifests = _synth(out)
     return out, manifests
@@ -48,11 +51,13 @@ def test_manifests_counts_and_fields(corpus):
             assert FIELDS <= set(r)
             assert (out / r["path"]).is_file()
             words = r["text"].split()
-            assert S.MIN_WORDS <= len(words) <= S.MAX_WORDS
-            assert set(words) <= set(S.VOCABULARY)
-            assert S.SPEED_RANGE[0] <= r["speed"] <= S.SPEED_RANGE[1]
+            assert MIN_WORDS <= len(words) <= MAX_WORDS
+            assert set(words) <= set(VOCABULARY)
+            assert S.TEMPO_RANGE[0] <= r["tempo"] <= S.TEMPO_RANGE[1]
             assert S.PITCH_RANGE[0] <= r["pitch"] <= S.PITCH_RANGE[1]
-            assert r["voice"] in S.voices_for_split(split)
+            assert r["rt60"] is None or S.RT60_RANGE_S[0] <= r["rt60"] <= S.RT60_RANGE_S[1]
+            assert r["speaker"] == f"{r['engine']}:{r['voice']}"
+            assert r["speaker"] in S.speakers_for_split(split)
     assert json.loads((out / "config.json").read_text())["seed"] == 0
 
 
@@ -71,17 +76,139 @@ def test_wavs_are_16k_mono_nonsilent(corpus):
 
 
 @needs_espeak
-def test_test_voices_held_out(corpus):
+def test_test_speakers_held_out_in_corpus(corpus):
     out, _ = corpus
-    seen = {r["voice"] for s in ("train", "dev") for r in read_manifest(out, s)}
-    test = {r["voice"] for r in read_manifest(out, "test")}
-    assert seen.isdisjoint(test)
-    # Held out by construction in both factors (accent and variant), not just by pair.
-    train_all = set(S.voices_for_split("train"))
-    assert train_all.isdisjoint(S.voices_for_split("test"))
+    seen = {r["speaker"] for s in ("train", "dev") for r in read_manifest(out, s)}
+    test = {r["speaker"] for r in read_manifest(out, "test")}
+    assert test and seen.isdisjoint(test)
+
+
+@pytest.mark.parametrize("engine", [pytest.param(e, id=e) for e in S.ENGINES])
+def test_test_voices_held_out_by_construction(engine):
+    train = set(S.split_voices("train")[engine])
+    test = set(S.split_voices("test")[engine])
+    assert train and test and train.isdisjoint(test)
+    assert S.split_voices("dev") == S.split_voices("train")
+    # The SLT speaker is never in training, through either engine.
+    assert not any("slt" in s for s in S.speakers_for_split("train"))
+    # espeak: held out in both factors (accent and variant), not just by pair.
     assert set(S.TRAIN_ACCENTS).isdisjoint(S.TEST_ACCENTS)
     assert set(S.TRAIN_VARIANTS).isdisjoint(S.TEST_VARIANTS)
-    assert S.voices_for_split("dev") == S.voices_for_split("train")
+
+
+def test_engine_weights_cover_every_engine():
+    for split, weights in S.ENGINE_WEIGHTS.items():
+        assert set(weights) == set(S.ENGINES), split
+        assert abs(sum(weights.values()) - 1.0) < 1e-9 and min(weights.values()) >= 0.2
+
+
+def test_plans_draw_every_engine_and_reverb_about_half():
+    """Plans only (no audio): engine shares and the reverberated fraction match the design."""
+    plans = [S._plan_utterance(0, "test", i)[0] for i in range(600)]
+    shares = {e: sum(p["engine"] == e for p in plans) / len(plans) for e in S.ENGINES}
+    assert all(abs(share - 1 / 3) < 0.08 for share in shares.values()), shares
+    reverb = sum(p["rt60"] is not None for p in plans) / len(plans)
+    assert 0.4 < reverb < 0.6
+    assert {p["speaker"] for p in plans} == set(S.speakers_for_split("test"))
+
+
+def _voices_of_every_engine():
+    return [pytest.param(e, v, id=f"{e}:{v}") for e in S.ENGINES
+            for v in (S.split_voices("train")[e][0], S.split_voices("test")[e][0])]
+
+
+@needs_espeak
+@pytest.mark.parametrize("engine, voice", _voices_of_every_engine())
+def test_engine_synthesises_nonsilent_audio(engine, voice):
+    e = S.make_engine(engine)
+    assert e.version()
+    audio, rate = e.synthesize("the quiet farmer painted a fence", voice, tempo=1.1, pitch=0.9)
+    assert audio.dtype == np.float32 and audio.ndim == 1
+    assert rate in (8000, 16000, 22050, 32000, 48000)
+    assert 0.5 < len(audio) / rate < 6.0
+    assert np.sqrt(np.mean(audio**2)) > 0.01
+    slow, rate2 = e.synthesize("the quiet farmer painted a fence", voice, tempo=0.8, pitch=0.9)
+    assert rate2 == rate and len(slow) > len(audio)  # the engine-native rate is applied
+
+
+@needs_espeak
+def test_corpus_has_every_engine_at_16k(corpus):
+    out, _ = corpus
+    engines = {r["engine"] for s in SPLITS for r in read_manifest(out, s)}
+    assert engines == set(S.ENGINES)
+
+
+def test_reverberation_changes_signal_and_keeps_length():
+    x = torch.zeros(8000, dtype=torch.float64)
+    x[100] = 1.0  # impulse: the output is the room response itself
+    x[4000:4400] = torch.sin(torch.arange(400) * 0.3)
+    y = S.reverberate(x, 0.3, 6.0, np.random.default_rng(0))
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    assert not torch.allclose(x, y)
+    assert y[100] == pytest.approx(1.0)  # the direct path is kept
+    assert y[100 + 33 + 1000].abs() > 0  # the tail rings after the impulse (2 ms pre-delay)
+    tail = y[102:4000]
+    # energy of the reverberant part relative to the direct path is the drawn DRR
+    assert 10 * torch.log10(1.0 / tail.pow(2).sum()) == pytest.approx(6.0, abs=0.5)
+    again = S.reverberate(x, 0.3, 6.0, np.random.default_rng(0))
+    assert torch.equal(y, again)
+
+
+@needs_espeak
+def test_statistics_match_manifests(corpus):
+    out, _ = corpus
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats == corpus_statistics(out)
+    assert stats["vocabulary_size"] == len(VOCABULARY)
+    assert (out / "vocabulary.txt").read_text().split() == list(VOCABULARY)
+    for split in SPLITS:
+        recs = read_manifest(out, split)
+        st = stats["splits"][split]
+        words = [w for r in recs for w in r["text"].split()]
+        assert st["utterances"] == COUNTS[split]
+        assert st["hours"] == pytest.approx(sum(r["duration"] for r in recs) / 3600, abs=1e-4)
+        assert st["words"] == len(words) and st["distinct_words"] == len(set(words))
+        assert st["speakers"]["list"] == sorted({r["speaker"] for r in recs})
+        assert st["speakers"]["count"] == len(st["speakers"]["list"])
+        assert sum(st["engines"].values()) == COUNTS[split]
+    assert stats["held_out_speakers"] == stats["splits"]["test"]["speakers"]["list"]
+
+
+@pytest.mark.parametrize(
+    "engine, voice, error, message",
+    [
+        pytest.param("mbrola", None, ValueError, r"unknown synthesis engine 'mbrola'", id="unknown-engine"),
+        pytest.param("flite", "awb_time", ValueError, r"unknown flite voice 'awb_time'", id="flite-limited-domain"),
+        pytest.param("flite", "nobody", ValueError, r"unknown flite voice 'nobody'", id="flite-unknown-voice"),
+        pytest.param("festival", "nobody", ValueError, r"unknown festival voice 'nobody'", id="festival-unknown-voice"),
+        pytest.param("espeak", "xx-nobody", RuntimeError, r"espeak-ng \(voice='xx-nobody' text='go'\) failed",
+                     id="espeak-unknown-voice"),
+    ],
+)
+def test_bad_engine_or_voice_is_named(engine, voice, error, message):
+    if engine in S.ENGINES and any(shutil.which(e) is None for e in _EXECUTABLES):
+        pytest.skip("speech engines not installed")
+    with pytest.raises(error, match=message):
+        S.make_engine(engine).synthesize("go", voice)
+
+
+def test_hanging_engine_times_out(monkeypatch):
+    monkeypatch.setattr(S, "SYNTH_TIMEOUT_S", 0.2)
+    with pytest.raises(RuntimeError, match=r"sleep \(voice='v' text='t'\) did not finish within 0.2 s"):
+        S._run_engine("sleep", ["sleep", "5"], "v", "t")
+
+
+@pytest.mark.parametrize("executable, packages", [
+    pytest.param("espeak-ng", "espeak-ng", id="espeak"),
+    pytest.param("flite", "flite", id="flite"),
+    pytest.param("text2wave", "festival festvox-kallpc16k festvox-us-slt-hts", id="festival"),
+])
+def test_missing_engine_names_executable_and_apt(monkeypatch, executable, packages):
+    real = shutil.which
+    monkeypatch.setattr(S.shutil, "which", lambda name: None if name == executable else real(name))
+    name = {"espeak-ng": "espeak", "flite": "flite", "text2wave": "festival"}[executable]
+    with pytest.raises(ValueError, match=rf"{executable} is not on PATH.*apt-get install -y {packages}"):
+        S.make_engine(name)
 
 
 @needs_espeak

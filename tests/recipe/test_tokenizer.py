@@ -27,3 +27,99 @@ def test_tokenizer_round_trip_and_errors():
     path = [0, 9, 9, 0, 6, 0, 14, 14, 0, 14, 17, 0]  # g g _ d _ l l _ l o
     assert tok.decode_ctc(path) == "gdllo"
     assert tok.decode_ctc(torch.tensor(path)) == "gdllo"
+
+
+# ----------------------------------------------------------------------------- subword units
+
+import json
+
+from dynenc.recipe.evaluate import beam_decoder
+from dynenc.recipe.tokenizer import SubwordTokenizer, load_tokenizer, parse_units, prepare_units
+
+WORDS = ("the red door opens slowly near a quiet river while seven green birds sing about "
+         "winter morning light don't stop it's fine").split()
+
+
+def _corpus(tmp_path, sentences=200, seed=0):
+    rng = torch.Generator().manual_seed(seed)
+    with open(tmp_path / "train.jsonl", "w") as f:
+        for i in range(sentences):
+            n = int(torch.randint(3, 9, (), generator=rng))
+            text = " ".join(WORDS[int(j)] for j in torch.randint(0, len(WORDS), (n,), generator=rng))
+            f.write(json.dumps({"id": f"train_{i:05d}", "path": "x.wav", "text": text}) + "\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize("units, expected", [("char", ("char", 0)), ("bpe32", ("bpe", 32)), ("bpe256", ("bpe", 256))])
+def test_parse_units(units, expected):
+    assert parse_units(units) == expected
+
+
+@pytest.mark.parametrize("units", ["bpe", "bpe31", "BPE64", "word", "bpe-1", ""])
+def test_parse_units_rejects(units):
+    with pytest.raises(ValueError, match="units must be"):
+        parse_units(units)
+
+
+def test_subword_units_round_trip_and_cache(tmp_path):
+    corpus = _corpus(tmp_path)
+    tok = prepare_units(corpus, "bpe40")
+    assert isinstance(tok, SubwordTokenizer) and tok.vocab_size == 41 and tok.blank == 0
+    for line in (corpus / "train.jsonl").read_text().splitlines()[:50]:
+        text = json.loads(line)["text"]
+        ids = tok.encode(text)
+        assert 0 not in ids and max(ids) < tok.vocab_size
+        assert tok.decode(ids) == text
+    # A greedy CTC path: blanks separate a real repeat, repeats collapse.
+    a, b = tok.encode("the red")[:2]
+    assert tok.decode_ctc([0, a, a, 0, b, b, 0, b]) == tok.decode([a, b, b])
+    # Prepared once: the same units for the same transcripts are not retrained...
+    model = corpus / "units.model"
+    stamp = model.stat().st_mtime_ns
+    assert prepare_units(corpus, "bpe40").encode("the red door") == tok.encode("the red door")
+    assert model.stat().st_mtime_ns == stamp
+    assert load_tokenizer(corpus).encode("seven green birds") == tok.encode("seven green birds")
+    # ...new transcripts retrain them.
+    _corpus(tmp_path, seed=1)
+    prepare_units(corpus, "bpe40")
+    assert model.stat().st_mtime_ns != stamp
+
+
+def test_subword_units_errors(tmp_path):
+    corpus = _corpus(tmp_path)
+    tok = prepare_units(corpus, "bpe40")
+    assert tok.decode(tok.encode("zebra")) == "zebra"  # letters the transcripts never use are units too
+    with pytest.raises(ValueError, match="no units"):
+        tok.encode("café")
+    with pytest.raises(ValueError, match="out of range"):
+        tok.decode([tok.vocab_size])
+    with pytest.raises(ValueError, match="cannot train"):
+        prepare_units(corpus, "bpe5000")  # more units than the transcripts can make
+    (corpus / "units.json").write_text("{")
+    with pytest.raises(ValueError, match="units.json"):
+        load_tokenizer(corpus)
+    with pytest.raises(ValueError, match="sentencepiece model"):
+        SubwordTokenizer(corpus / "missing.model")
+
+
+def test_char_units_and_default(tmp_path):
+    corpus = _corpus(tmp_path)
+    assert isinstance(load_tokenizer(corpus), CharTokenizer)  # no units chosen: characters
+    assert isinstance(prepare_units(corpus, "char"), CharTokenizer)
+    assert isinstance(load_tokenizer(corpus), CharTokenizer)
+
+
+@pytest.mark.parametrize("units", ["char", "bpe40"])
+def test_beam_decoder_spells_the_path(tmp_path, units):
+    tok = prepare_units(_corpus(tmp_path), units)
+    tokens = tok.decoder_tokens()
+    assert len(tokens) == tok.vocab_size and tokens[0] == "-" and "|" in tokens
+    text = "the red door"
+    ids = tok.encode(text)
+    # Emissions that spell the ids, each frame followed by a blank frame.
+    log_probs = torch.full((1, 2 * len(ids), tok.vocab_size), -20.0)
+    for t, i in enumerate(ids):
+        log_probs[0, 2 * t, i] = 0.0
+        log_probs[0, 2 * t + 1, 0] = 0.0
+    hits = beam_decoder(tok, 4)(log_probs, torch.tensor([2 * len(ids)], dtype=torch.int32))
+    assert tok.decode(hits[0][0].tokens).strip() == text

@@ -1,0 +1,616 @@
+"""``docs/results.md`` and ``docs/results/wer_vs_compute.png`` from ``docs/results/results.json``.
+
+A pure function of the JSON (no model code): it can be regenerated at any time, also while
+runs are still missing. The seed papers' claims are data (:data:`CLAIMS`); each gets a verdict
+by one rule (:func:`verdict`, stated in the markdown) from the multi-seed results.
+
+    python -m dynenc.recipe.report [--results docs/results/results.json] [--out docs/results.md]
+                                   [--figure docs/results/wer_vs_compute.png]
+
+results.json: ``{"corpus": {...free-form statistics...}, "runs": [{"method", "protocol", "seed",
+"epochs", "init", "lr", "train_seconds", "epoch_seconds", "dev_wer_per_epoch", "best_epoch",
+"budgets": [{"budget", "wer", "executed", "rtf", "rtf_1thread"?, "speedup"?, ...}]}]}``; fields
+beyond a budget's ``budget``, ``wer``, ``executed`` and ``rtf`` may be missing or null.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..fileio import atomic_write
+
+#: Budget metrics aggregated over seeds (the per-budget table and the figure use them).
+BUDGET_METRICS = ("wer", "executed", "rtf", "rtf_1thread", "speedup")
+#: Required numeric fields of every budget row.
+REQUIRED_BUDGET_FIELDS = ("wer", "executed", "rtf")
+#: Fewer seeds than this on either side of a claim: no verdict.
+MIN_SEEDS = 3
+#: Layers assumed only when no budget label names a depth yet (no runs): the recipe's model.
+DEFAULT_LAYERS = 6
+#: Table order of the protocols; others follow in the order they appear.
+PROTOCOL_ORDER = ("static", "static_ft", "layer_drop", "layer_drop_small_lr", "dld", "selector",
+                  "early_exit_ft", "early_exit_scratch", "blank_skip")
+
+# Seed papers (arXiv ids).
+DLD, SELECTOR, BLANK_SKIP, EARLY_EXIT = "2601.16117", "2507.07954", "2401.02046", "2309.09546"
+
+#: The early-exit paper's WER per exit layer (12 layers, LibriSpeech-960, from scratch, test-clean).
+PAPER_EXIT_WER = {2: 31.0, 4: 11.7, 6: 7.1, 8: 5.8, 10: 5.3, 12: 5.1}
+
+DEVIATIONS = (
+    "A 6-layer, d = 144 Conformer instead of the papers' 12 or more layers.",
+    "Synthetic multi-engine speech (espeak-ng, flite, festival voices; held-out test voices) "
+    "instead of LibriSpeech.",
+    "DLD and LD are both fine-tuned from the same static model (the DLD paper does not state its "
+    "starting point).",
+    "The selector takes its budget k as an input (our choice, so one selector serves every k) and "
+    "is trained on the LD backbone.",
+    "Blank skipping is fine-tuned from the static model rather than trained from scratch.",
+    "Early-exit criterion rows (N-best posterior, entropy thresholds) as in the authors' code; "
+    "max_prob is ours.",
+    "Checkpoints are selected on full-depth dev WER.",
+)
+
+
+@dataclass(frozen=True)
+class Side:
+    """One side of a comparison: a protocol and a budget label. ``{L}``, ``{L/3}``, ``{2L/3}``
+    ... in the label are fractions of the model's depth L, resolved from the data."""
+
+    protocol: str
+    budget: str = ""  # "" for run-level metrics (training time)
+
+    def resolve(self, layers: int) -> "Side":
+        label = re.sub(r"\{(\d*)L(?:/(\d+))?\}",
+                       lambda m: str(round(int(m[1] or 1) * layers / int(m[2] or 1))), self.budget)
+        return Side(self.protocol, label)
+
+    def __str__(self) -> str:
+        return f"{self.protocol} {self.budget}".strip()
+
+
+@dataclass(frozen=True)
+class Metric:
+    """How a compared quantity is shown: ``value * scale`` with ``digits`` decimals + unit.
+    Lower is better for every metric here (WER, time)."""
+
+    name: str
+    scale: float
+    unit: str
+    digits: int
+
+    def show(self, value: float) -> str:
+        return f"{value * self.scale:.{self.digits}f}{self.unit}"
+
+
+KINDS = ("better", "faster", "on par or better", "context")
+METRICS = {
+    "wer": Metric("WER", 100.0, " %", 2),
+    "rtf": Metric("real-time factor", 1.0, "", 4),
+    "seconds_to_target": Metric("training time to the target dev WER", 1 / 60, " min", 1),
+}
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A paper's claim as a comparison of ``a`` against ``b`` (lower ``metric`` is better).
+
+    ``kind``: "better" / "faster" (A lower beyond the spread), "on par or better" (A not higher
+    beyond the spread) or "context" (numbers only, no verdict). ``target``: for the
+    ``seconds_to_target`` metric, the protocol whose final-epoch dev WER (same seed) each side
+    has to reach. ``operating_point`` is declared here, before any result is read.
+    """
+
+    id: str
+    group: str
+    source: str  # seed paper's arXiv id, or "" for our own controls
+    statement: str  # the paper's statement
+    paper_number: str  # the paper's number, as text ("" when it gives none)
+    a: Side
+    b: Side
+    operating_point: str
+    metric: str = "wer"
+    kind: str = "better"
+    target: Optional[str] = None
+
+    def __post_init__(self):
+        if self.kind not in KINDS or self.metric not in METRICS:
+            raise ValueError(f"claim {self.id}: kind must be one of {KINDS} and metric one of {list(METRICS)}")
+
+
+_DLD_GROUP = f"DLD vs plain layer dropping (arXiv {DLD})"
+_SELECTOR_GROUP = f"Input-conditioned layer selector (arXiv {SELECTOR})"
+_BLANK_GROUP = f"CTC-blank frame skipping (arXiv {BLANK_SKIP})"
+_EXIT_GROUP = f"Early exit: from scratch vs fine-tuned (arXiv {EARLY_EXIT})"
+_CONTEXT_GROUP = "Static control (same total epochs) vs each method at full depth"
+_EXITS = (("low", "L/3"), ("mid", "2L/3"), ("full", "L"))
+
+CLAIMS: Tuple[Claim, ...] = (
+    Claim("dld-none", _DLD_GROUP, DLD, "DLD lowers WER vs LD at no dropping", "-2.25 % relative WER",
+          Side("dld", "n={L}"), Side("layer_drop", "n={L}"), "all L layers (no dropping)"),
+    Claim("dld-mid", _DLD_GROUP, DLD, "DLD lowers WER vs LD at mid dropping (between the two gains)", "",
+          Side("dld", "n={2L/3}"), Side("layer_drop", "n={2L/3}"), "2L/3 evenly spaced layers"),
+    Claim("dld-high", _DLD_GROUP, DLD, "DLD lowers WER vs LD at high dropping", "-9.32 % relative WER",
+          Side("dld", "n={L/3}"), Side("layer_drop", "n={L/3}"), "L/3 evenly spaced layers"),
+    Claim("dld-train-time", _DLD_GROUP, DLD, "DLD needs less training time than LD", "33.3 % less training time",
+          Side("dld"), Side("layer_drop"), "wall time until dev WER <= LD's final-epoch dev WER (same seed)",
+          metric="seconds_to_target", kind="faster", target="layer_drop"),
+    Claim("ld-drift", _DLD_GROUP, "", "(our control) fine-tuning LD at the full lr keeps full-depth WER", "",
+          Side("layer_drop", "n={L}"), Side("layer_drop_small_lr", "n={L}"), "all L layers; lr vs lr/10",
+          kind="on par or better"),
+    Claim("selector-vs-random", _SELECTOR_GROUP, SELECTOR, "the selector clearly beats random dropping", "",
+          Side("selector", "k={L/2}"), Side("selector", "n={L/2} random"), "k = L/2, same backbone"),
+    Claim("selector-vs-spaced", _SELECTOR_GROUP, SELECTOR,
+          "the selector clearly beats random dropping (here: our fixed evenly spaced layers)", "",
+          Side("selector", "k={L/2}"), Side("selector", "n={L/2}"), "k = L/2, same backbone"),
+    *(Claim(f"selector-vs-exit-{name}", _SELECTOR_GROUP, SELECTOR,
+            "the selector is on par with or better than early exit at equal compute", "",
+            Side("selector", f"k={{{depth}}}"), Side("early_exit_scratch", f"exit={{{depth}}}"),
+            f"{depth} layers executed; early exit from scratch", kind="on par or better")
+      for name, depth in _EXITS[:2]),
+    Claim("blank-skip-speed", _BLANK_GROUP, BLANK_SKIP, "blank skipping speeds up inference", "29 % faster",
+          Side("blank_skip", "tau=0.9"), Side("blank_skip", "full"), "tau = 0.9 vs no skipping, same model",
+          metric="rtf", kind="faster"),
+    Claim("blank-skip-wer", _BLANK_GROUP, BLANK_SKIP, "blank skipping costs at most a minor WER loss", "minor WER loss",
+          Side("blank_skip", "tau=0.9"), Side("blank_skip", "full"), "tau = 0.9 vs no skipping, same model",
+          kind="on par or better"),
+    *(Claim(f"exit-scratch-{name}", _EXIT_GROUP, EARLY_EXIT, "training from scratch beats fine-tuning a "
+            "pre-trained backbone", "", Side("early_exit_scratch", f"exit={{{depth}}}"),
+            Side("early_exit_ft", f"exit={{{depth}}}"), f"exit after {depth} layers")
+      for name, depth in _EXITS),
+    *(Claim(f"static-vs-{side.protocol}", _CONTEXT_GROUP, "", "(context)", "", side, Side("static_ft", "full"),
+            "full depth", kind="context")
+      for side in (Side("static", "full"), Side("layer_drop", "n={L}"), Side("layer_drop_small_lr", "n={L}"),
+                   Side("dld", "n={L}"), Side("selector", "k={L}"), Side("early_exit_ft", "exit={L}"),
+                   Side("early_exit_scratch", "exit={L}"), Side("blank_skip", "full"))),
+)
+
+
+# ----------------------------------------------------------------------------- input
+
+
+def check_results(results: object, source: str = "results") -> Dict:
+    """Check the schema :func:`aggregate` and friends rely on; returns ``results``.
+
+    Raises:
+        ValueError: naming ``source`` and the offending run / field.
+    """
+    if not isinstance(results, dict) or not isinstance(results.get("runs"), list):
+        raise ValueError(f"{source}: expected a JSON object with a 'runs' list")
+    if not isinstance(results.get("corpus", {}), dict):
+        raise ValueError(f"{source}: 'corpus' must be an object")
+    seen = set()
+    for i, run in enumerate(results["runs"]):
+        where = f"{source}: runs[{i}]"
+        if not (isinstance(run, dict) and isinstance(run.get("protocol"), str)
+                and isinstance(run.get("budgets"), list)):
+            raise ValueError(f"{where}: expected an object with a 'protocol' string and a 'budgets' list")
+        if not _is_number(run.get("seed")):
+            raise ValueError(f"{where}: 'seed' must be a number, got {run.get('seed')!r}")
+        if (run["protocol"], run["seed"]) in seen:
+            raise ValueError(f"{where}: a second run of protocol {run['protocol']!r} with seed {run['seed']}")
+        seen.add((run["protocol"], run["seed"]))
+        for j, row in enumerate(run["budgets"]):
+            if not isinstance(row, dict) or not isinstance(row.get("budget"), str):
+                raise ValueError(f"{where}.budgets[{j}]: expected an object with a 'budget' label")
+            bad = [f for f in REQUIRED_BUDGET_FIELDS if not _is_number(row.get(f))]
+            if bad:
+                raise ValueError(f"{where}.budgets[{j}] ({row['budget']}): {', '.join(bad)} must be numbers")
+    return results
+
+
+def load_results(path: Path) -> Dict:
+    """Read and check ``path``. Raises ValueError (one line, naming the file) when it is
+    missing, unreadable, not JSON or not the results schema."""
+    try:
+        results = json.loads(Path(path).read_text())
+    except OSError as error:
+        raise ValueError(f"{path}: cannot read the results file ({error.strerror or error})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    return check_results(results, str(path))
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def num_layers(results: Dict) -> int:
+    """The model's depth L: the largest depth any budget label names (``n=6``, ``k=6``,
+    ``exit=6``; random-mask rows never run every layer); :data:`DEFAULT_LAYERS` when there is none yet."""
+    depths = [int(m[1]) for run in results["runs"] for row in run["budgets"]
+              if (m := re.fullmatch(r"(?:n|k|exit)=(\d+)", row["budget"]))]
+    return max(depths, default=DEFAULT_LAYERS)
+
+
+def _runs(results: Dict) -> Dict[str, Dict[float, Dict]]:
+    """``{protocol: {seed: run}}``, protocols in first-seen order."""
+    index: Dict[str, Dict[float, Dict]] = {}
+    for run in check_results(results)["runs"]:
+        index.setdefault(run["protocol"], {})[run["seed"]] = run
+    return index
+
+
+def _protocols(index: Dict[str, Dict]) -> List[str]:
+    return [p for p in PROTOCOL_ORDER if p in index] + [p for p in index if p not in PROTOCOL_ORDER]
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Mean and sample standard deviation (ddof = 1; NaN for one value) of ``n`` values."""
+
+    mean: float
+    std: float
+    n: int
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Optional["Stat"]:
+        """``None`` for no values."""
+        if not len(values):
+            return None
+        values = np.asarray(values, dtype=float)
+        return cls(float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else math.nan, len(values))
+
+    @property
+    def spread(self) -> float:
+        return 0.0 if math.isnan(self.std) else self.std
+
+
+def aggregate(results: Dict) -> Dict[str, Dict]:
+    """Statistics over seeds.
+
+    Returns ``{"budgets": {(protocol, budget): {"seeds": (seed, ...), metric: Stat | None for
+    metric in BUDGET_METRICS}}, "protocols": {protocol: {"method", "init", "seeds", "epochs"
+    (the distinct values), "train_minutes": Stat | None}}}``; a metric's Stat counts only the
+    seeds that report it.
+    """
+    index = _runs(results)
+    budgets: Dict[Tuple[str, str], Dict] = {}
+    protocols: Dict[str, Dict] = {}
+    for protocol in _protocols(index):
+        runs = index[protocol]
+        first = next(iter(runs.values()))
+        protocols[protocol] = {
+            "method": first.get("method", protocol), "init": first.get("init"), "seeds": tuple(sorted(runs)),
+            "epochs": tuple(sorted({r["epochs"] for r in runs.values() if r.get("epochs") is not None})),
+            "train_minutes": Stat.of([r["train_seconds"] / 60 for r in runs.values()
+                                      if _is_number(r.get("train_seconds"))]),
+        }
+        labels = list(dict.fromkeys(row["budget"] for run in runs.values() for row in run["budgets"]))
+        for label in labels:
+            rows = {seed: row for seed, run in runs.items() for row in run["budgets"] if row["budget"] == label}
+            budgets[protocol, label] = {"seeds": tuple(sorted(rows)), **{
+                metric: Stat.of([row[metric] for row in rows.values() if _is_number(row.get(metric))])
+                for metric in BUDGET_METRICS}}
+    return {"budgets": budgets, "protocols": protocols}
+
+
+# ----------------------------------------------------------------------------- verdicts
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A claim's outcome: ``verdict`` text, ``why`` (the numbers in words), ``magnitude``
+    (ours vs the paper's number) and each side's Stat over the compared seeds."""
+
+    claim: Claim
+    a: Side
+    b: Side
+    verdict: str
+    why: str
+    magnitude: str = ""
+    stat_a: Optional[Stat] = None
+    stat_b: Optional[Stat] = None
+
+
+def _seconds_to_reach(run: Dict, target: float) -> Optional[Tuple[float, bool]]:
+    """Wall seconds (cumulative ``epoch_seconds``) until ``run``'s dev WER first is <= target,
+    and whether it never got there (then: its whole training time, a lower bound)."""
+    wers, seconds = run.get("dev_wer_per_epoch") or [], run.get("epoch_seconds") or []
+    epochs = min(len(wers), len(seconds))
+    if not epochs:
+        return None
+    elapsed = np.cumsum(seconds[:epochs])
+    reached = np.flatnonzero(np.asarray(wers[:epochs], dtype=float) <= target)
+    return (float(elapsed[reached[0]]), False) if reached.size else (float(elapsed[-1]), True)
+
+
+def _values(index: Dict, claim: Claim, side: Side) -> Dict[float, Tuple[float, bool]]:
+    """``{seed: (value, censored)}`` of ``claim.metric`` for ``side`` (seeds lacking it left out)."""
+    values = {}
+    for seed, run in index.get(side.protocol, {}).items():
+        if claim.target is not None:
+            reference = index.get(claim.target, {}).get(seed, {}).get("dev_wer_per_epoch")
+            value = _seconds_to_reach(run, reference[-1]) if reference else None
+        else:
+            row = next((r for r in run["budgets"] if r["budget"] == side.budget), {})
+            value = (row[claim.metric], False) if _is_number(row.get(claim.metric)) else None
+        if value is not None:
+            values[seed] = value
+    return values
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def verdict(claim: Claim, results: Dict) -> Verdict:
+    """Judge ``claim`` on ``results`` (see :data:`VERDICT_RULE`)."""
+    index = _runs(results)
+    layers = num_layers(results)
+    a, b = claim.a.resolve(layers), claim.b.resolve(layers)
+    metric = METRICS[claim.metric]
+    values_a, values_b = _values(index, claim, a), _values(index, claim, b)
+    missing = [str(side) for side, values in ((a, values_a), (b, values_b)) if not values]
+    if missing:
+        return Verdict(claim, a, b, "not run yet", f"no results for {' or '.join(missing)}")
+    # Paired by seed where both sides have the seed; unpaired (every seed) when none is shared.
+    common = sorted(set(values_a) & set(values_b))
+    if common:
+        values_a, values_b = ({s: v[s] for s in common} for v in (values_a, values_b))
+    stat_a = Stat.of([v for v, _ in values_a.values()])
+    stat_b = Stat.of([v for v, _ in values_b.values()])
+    difference, spread = stat_a.mean - stat_b.mean, stat_a.spread + stat_b.spread
+    beyond = abs(difference) > spread
+    numbers = (f"{a} {_show(stat_a, metric)} vs {b} {_show(stat_b, metric)}: difference "
+               f"{metric.show(abs(difference))} {'>' if beyond else '<='} spread {metric.show(spread)}")
+    censored = sorted(s for s, (_, c) in values_a.items() if c)
+    if censored:
+        numbers += (f"; {a.protocol} never reached {claim.target}'s final dev WER in seed(s) "
+                    f"{', '.join(str(s) for s in censored)} (its whole training time counts, a lower bound)")
+    seeds = min(stat_a.n, stat_b.n)
+    magnitude = _magnitude(claim, stat_a, stat_b)
+    if claim.kind == "context":
+        return Verdict(claim, a, b, "context", numbers, magnitude, stat_a, stat_b)
+    if seeds < MIN_SEEDS:
+        return Verdict(claim, a, b, f"inconclusive ({_plural(seeds, 'seed')})",
+                       f"{numbers}; fewer than {MIN_SEEDS} seeds", magnitude, stat_a, stat_b)
+    worse_beyond = beyond and difference > 0  # lower is better for every metric
+    if claim.kind == "on par or better":
+        text = "not reproduced" if worse_beyond else "reproduced"
+    elif worse_beyond:
+        text = "not reproduced"
+    else:
+        # A censored time is a lower bound: it can refute a speed-up but never confirm one.
+        text = "reproduced" if beyond and not censored else "inconclusive"
+    return Verdict(claim, a, b, text, numbers, magnitude, stat_a, stat_b)
+
+
+def _show(stat: Stat, metric: Metric) -> str:
+    """``21.30 ± 0.40 % (n=3)`` (no ± for one seed)."""
+    return f"{_stat_cell(stat, metric.scale, metric.digits)}{metric.unit} (n={stat.n})"
+
+
+def _magnitude(claim: Claim, stat_a: Stat, stat_b: Stat) -> str:
+    """Ours as a relative change of A vs B (and a speed-up for "faster"), beside the paper's."""
+    if not stat_b.mean:
+        return ""
+    ours = f"ours {100 * (stat_a.mean / stat_b.mean - 1):+.1f} % relative"
+    if claim.kind == "faster" and stat_a.mean:
+        ours += f" ({stat_b.mean / stat_a.mean:.2f}x)"
+    return f"paper {claim.paper_number}; {ours}" if claim.paper_number else ours
+
+
+VERDICT_RULE = f"""\
+For every claim, each side is the mean ± sample standard deviation (ddof = 1) over seeds, paired
+by seed where both sides have the seed (the shared seeds only; every seed when none is shared).
+Lower is better for every compared metric (WER, real-time factor, training time). With
+difference = mean A - mean B and spread = std A + std B:
+
+- fewer than {MIN_SEEDS} seeds on either side: **inconclusive (k seeds)**;
+- "better" / "faster": **reproduced** when A is lower and |difference| > spread; **not
+  reproduced** when A is higher beyond the spread; otherwise **inconclusive**;
+- "on par or better": **reproduced** unless A is higher beyond the spread, then **not
+  reproduced**;
+- a side without results: **not run yet**; "context" rows give the numbers without a verdict.
+
+Training time is the cumulative epoch wall time until the dev WER first reaches the target (LD's
+final-epoch dev WER, same seed); a run that never reaches it counts its whole training time, a
+lower bound, so it can refute a speed-up but not confirm one. The magnitude beside the verdict
+(ours as a relative change of A vs B) is compared with the paper's number separately: it does
+not enter the verdict. Operating points are fixed in `dynenc/recipe/report.py` (`CLAIMS`), not
+chosen after seeing the results.
+"""
+
+
+# ----------------------------------------------------------------------------- figure
+
+
+def _is_control(label: str, labels: Sequence[str]) -> bool:
+    """Rows that are a protocol's controls rather than its method: random masks, and the fixed
+    evenly spaced ``n=`` layers on the selector's backbone (a protocol that also has ``k=`` rows)."""
+    return "random" in label or (label.startswith("n=") and any(other.startswith("k=") for other in labels))
+
+
+def figure(results: Dict, path: Path) -> None:
+    """Write one PNG: test WER (%) vs executed compute (fraction of full-depth token x layers),
+    one line per protocol through its budgets (control rows, see :func:`_is_control`, as faint
+    markers in the protocol's colour), error bars = std over seeds on both axes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    budgets = aggregate(results)["budgets"]
+    fig = Figure(figsize=(8, 5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for protocol in dict.fromkeys(p for p, _ in budgets):
+        labels = [label for p, label in budgets if p == protocol]
+        color = None  # the controls take their protocol's line colour
+        for control in (False, True):
+            stats = sorted((budgets[protocol, label] for label in labels if _is_control(label, labels) == control),
+                           key=lambda s: s["executed"].mean)
+            if not stats:
+                continue
+            x, y = (np.array([[s[m].mean, s[m].spread] for s in stats]) * scale
+                    for m, scale in (("executed", 1.0), ("wer", 100.0)))
+            style = (dict(fmt="x", alpha=0.35, label=f"{protocol} (controls)") if control
+                     else dict(fmt="o-", capsize=2, label=protocol))
+            bars = ax.errorbar(x[:, 0], y[:, 0], xerr=x[:, 1], yerr=y[:, 1], markersize=4, color=color, **style)
+            color = bars.lines[0].get_color()
+    ax.set_xlabel("executed compute (fraction of full-depth token x layers)")
+    ax.set_ylabel("test WER (%)")
+    ax.set_title("WER vs executed compute (mean ± std over seeds)")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    if budgets:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write({path: lambda file: fig.savefig(file, format="png", dpi=120)})
+
+
+# ----------------------------------------------------------------------------- markdown
+
+
+def _cell(value: object) -> str:
+    """A table cell: numbers to 4 significant digits, lists joined, nested objects as JSON."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_cell(v) for v in value)
+    if isinstance(value, dict):
+        return json.dumps(value, separators=(", ", ": "))
+    return str(value).replace("|", "\\|")
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def corpus_tables(corpus: Dict) -> str:
+    """The free-form corpus statistics: entries whose value is an object (per split) as one
+    table (a row per entry, a column per statistic), every other entry as statistic | value."""
+    nested = {k: v for k, v in corpus.items() if isinstance(v, dict)}
+    flat = [(k, v) for k, v in corpus.items() if k not in nested]
+    parts = [_table(("statistic", "value"), flat)] if flat else []
+    if nested:
+        columns = list(dict.fromkeys(c for v in nested.values() for c in v))
+        parts.append(_table(("", *columns), [(k, *(v.get(c) for c in columns)) for k, v in nested.items()]))
+    return "\n".join(parts) or "No corpus statistics in results.json yet.\n"
+
+
+def _stat_cell(stat: Optional[Stat], scale: float = 1.0, digits: int = 3) -> str:
+    if stat is None:
+        return ""
+    spread = "" if math.isnan(stat.std) else f" ± {stat.std * scale:.{digits}f}"
+    return f"{stat.mean * scale:.{digits}f}{spread}"
+
+
+def claim_table(verdicts: Sequence[Verdict]) -> str:
+    """One table for a group of claims: claim, paper, ours, verdict, why, magnitude."""
+    rows = []
+    for v in verdicts:
+        c, metric = v.claim, METRICS[v.claim.metric]
+        paper = f"{c.statement}" + (f" ({c.paper_number})" if c.paper_number else "") + \
+            (f", arXiv {c.source}" if c.source else "")
+        ours = "" if v.stat_a is None else f"{_show(v.stat_a, metric)} vs {_show(v.stat_b, metric)}"
+        rows.append((f"**{c.id}**: {v.a} vs {v.b}, {metric.name}, {c.kind}; at {c.operating_point}",
+                     paper, ours, f"**{v.verdict}**", v.why, v.magnitude))
+    return _table(("claim", "paper", "ours (mean ± std, n)", "verdict", "why", "magnitude"), rows)
+
+
+def paper_exit_table(results: Dict) -> str:
+    """The early-exit paper's per-exit WER beside ours (scratch and fine-tuned), as context."""
+    budgets = aggregate(results)["budgets"]
+    exits = sorted(set(PAPER_EXIT_WER) | {int(m[1]) for _, label in budgets
+                                          if (m := re.fullmatch(r"exit=(\d+)", label))})
+    rows = [(e, f"{PAPER_EXIT_WER[e]:.1f}" if e in PAPER_EXIT_WER else "",
+             *(_stat_cell(budgets.get((p, f"exit={e}"), {}).get("wer"), 100, 1)
+               for p in ("early_exit_scratch", "early_exit_ft"))) for e in exits]
+    return (_table(("exit layer", "paper WER % (12 layers, LibriSpeech test-clean, scratch)",
+                    "ours scratch WER %", "ours fine-tuned WER %"), rows) +
+            f"\nContext only: the paper's model has 12 layers and LibriSpeech-960; ours has "
+            f"{num_layers(results)} layers and synthetic speech, so exit k is a different fraction of "
+            f"the depth and the scales differ.\n")
+
+
+def markdown(results: Dict, figure_path: str = "results/wer_vs_compute.png") -> str:
+    """The whole ``docs/results.md``: corpus, verdict rule, one table per claim group, runs,
+    every budget, deviations. ``figure_path``: the PNG, relative to the markdown file."""
+    agg = aggregate(results)
+    layers = num_layers(results)
+    corpus = results.get("corpus", {})
+    out = ["# Results: the seed papers' claims, reproduced in miniature\n",
+           f"Generated by `python -m dynenc.recipe.report` from `results/results.json` "
+           f"({_plural(len(results['runs']), 'run')}; model depth L = {layers}, the deepest budget label"
+           f"{'' if results['runs'] else ' (the default until runs exist)'}); regenerate it at any time: "
+           f"missing runs show as *not run yet*.\n",
+           f"![WER vs executed compute]({figure_path})\n",
+           "Lines: each protocol's budgets, mean ± std over seeds on both axes; faint x: controls "
+           "(random masks; on the selector's backbone also its fixed evenly spaced layers).\n",
+           "## Corpus\n", corpus_tables(corpus),
+           "## Verdict rule\n", VERDICT_RULE,
+           "## Claims\n"]
+    verdicts = [verdict(c, results) for c in CLAIMS]
+    for group in dict.fromkeys(c.group for c in CLAIMS):
+        out += [f"### {group}\n", claim_table([v for v in verdicts if v.claim.group == group])]
+        if group == _EXIT_GROUP:
+            out.append(paper_exit_table(results))
+    out += ["## Runs\n", _table(("protocol", "method", "init", "epochs", "seeds", "train minutes"), [
+        (p, e["method"], e["init"], e["epochs"], f"{len(e['seeds'])} ({_cell(e['seeds'])})",
+         _stat_cell(e["train_minutes"], digits=1)) for p, e in agg["protocols"].items()]),
+        "## Every budget\n",
+        "Test WER, executed compute (fraction of full-depth token x layers), real-time factor "
+        "(all threads and 1 thread) and speed-up over the method's full-depth row: mean ± std over seeds.\n",
+        _table(("protocol", "budget", "WER % (n)", "executed", "rtf", "rtf 1 thread", "speed-up"), [
+            (p, label, f"{_stat_cell(s['wer'], 100, 2)} ({len(s['seeds'])})", _stat_cell(s["executed"]),
+             _stat_cell(s["rtf"], digits=4), _stat_cell(s["rtf_1thread"], digits=4), _stat_cell(s["speedup"], digits=2))
+            for (p, label), s in agg["budgets"].items()]),
+        "## Deviations from the papers\n", "\n".join(f"- {d}" for d in DEVIATIONS) + "\n"]
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--results", default="docs/results/results.json", help="the multi-seed results JSON")
+    parser.add_argument("--out", default="docs/results.md", help="where the markdown report goes")
+    parser.add_argument("--figure", default="docs/results/wer_vs_compute.png", help="where the PNG goes")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Write ``args.out`` and ``args.figure`` from ``args.results``.
+
+    Raises:
+        ValueError: the results file is missing, unreadable or malformed (naming it).
+    """
+    results = load_results(Path(args.results))
+    out, png = Path(args.out), Path(args.figure)
+    figure(results, png)
+    text = markdown(results, Path(os.path.relpath(png.resolve(), out.resolve().parent)).as_posix())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write({out: lambda file: file.write(text.encode())})
+    print(f"wrote {out} and {png}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="dynenc report", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    try:
+        return run(parser.parse_args(argv))
+    except (ValueError, OSError) as error:
+        print(f"{parser.prog}: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,318 @@
+"""``dynenc recipe``: the seed papers' protocols, every one for several seeds, resumable.
+
+One run = one protocol (a method, where it starts, how long and how fast it trains) for one
+seed, in ``<runs>/<protocol>/seed<k>/``: ``dynenc train``'s checkpoints and log, then
+``result.json`` (the test-split budget sweep: WER, executed compute, real-time factor at 2
+and 1 threads). A run whose ``result.json`` exists is skipped; one with a ``last.pt``
+resumes; so ``make recipe`` can be stopped anywhere and started again. After every run
+the results of all finished runs are gathered into ``results.json`` and the report
+(:mod:`dynenc.recipe.report`) is regenerated.
+
+Protocols (:data:`PROTOCOLS`): every compared model gets the same number of epochs in total
+(``scratch + finetune``), and every fine-tuned one starts from the same static model of its
+seed; checkpoints are chosen on full-depth dev WER (``dynenc train``'s ``model.pt``).
+
+Typical use::
+
+    dynenc recipe --seeds 0 1 2              # corpus, units, every run, the report
+    dynenc recipe --status                   # what is done, what is left
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from tqdm import tqdm
+
+from ..asr import load_checkpoint
+from ..asr.checkpoint import find_checkpoint
+from ..config import ModelConfig, config_json, load_config, save_config
+from ..fileio import atomic_write
+from ..methods import get_method
+from ..validation import check_device, check_int, check_real
+from .corpus import corpus_statistics
+from .evaluate import decode_split
+from .features import FBANK_OPTIONS, load_split, torch_threads
+from .synthesis import synthesize_corpus
+from .tokenizer import load_tokenizer, parse_units, prepare_units
+from .train import TrainConfig, recipe_model, train
+
+__all__ = ["Protocol", "PROTOCOLS", "RecipePlan", "run_dir", "run_one", "gather_results", "add_arguments", "run"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+    """How one kind of run trains.
+
+    Attributes:
+        name: the run's name (``<runs>/<name>/seed<k>``).
+        method: the registered method it trains.
+        init: the protocol (same seed) whose ``model.pt`` initialises it; None = from scratch.
+        epochs: ``"scratch"``, ``"finetune"``, ``"selector"`` or ``"total"`` (scratch +
+            finetune): which of :class:`RecipePlan`'s epoch counts it trains for.
+        lr_scale: times the plan's learning rate for its stage.
+        teacher_from_init: DLD: the ``init`` model is also the frozen teacher.
+        train: other :class:`TrainConfig` fields.
+        why: the paper or control it stands for (the report and ``--status`` print it).
+    """
+
+    name: str
+    method: str
+    init: Optional[str]
+    epochs: str
+    lr_scale: float = 1.0
+    teacher_from_init: bool = False
+    train: Tuple[Tuple[str, Any], ...] = ()
+    why: str = ""
+
+
+# In dependency order: a protocol's init comes before it.
+PROTOCOLS: Tuple[Protocol, ...] = (
+    Protocol("static", "static", None, "scratch", why="the shared start of every fine-tuned run"),
+    Protocol("layer_drop", "layer_drop", "static", "finetune", why="LD baseline (seed 000/001 authors)"),
+    Protocol("dld", "dld", "static", "finetune", teacher_from_init=True,
+             why="DLD: LD + KD from the frozen static model (seed 000)"),
+    Protocol("static_ft", "static", "static", "finetune", why="control: static with the same total epochs"),
+    Protocol("layer_drop_small_lr", "layer_drop", "static", "finetune", lr_scale=0.1,
+             why="control: LD drift away from its start at a 10x smaller lr"),
+    Protocol("selector", "selector", "layer_drop", "selector",
+             why="input-conditioned selector on the LD backbone (seed 001)"),
+    Protocol("early_exit_scratch", "early_exit", None, "total", why="early exits trained from scratch (seed 003)"),
+    Protocol("early_exit_ft", "early_exit", "static", "finetune", why="early exits fine-tuned (seed 003's contrast)"),
+    Protocol("blank_skip", "blank_skip", "static", "finetune", train=(("skip_threshold", 0.9),),
+             why="CTC-blank frame skipping, trained with skipping active (seed 002)"),
+)
+_BY_NAME = {protocol.name: protocol for protocol in PROTOCOLS}
+
+
+@dataclasses.dataclass
+class RecipePlan:
+    """Everything the recipe's numbers depend on (a JSON file via ``--plan``).
+
+    Sized so one run takes at most ~20 min on a 2-core CPU (the longest, ``total`` epochs).
+
+    Attributes:
+        num_train, num_dev, num_test: corpus utterances per split (test: held-out voices).
+        units: CTC units, ``"char"`` or ``"bpe<N>"`` (:func:`~dynenc.recipe.tokenizer.parse_units`).
+        scratch_epochs, finetune_epochs, selector_epochs: epochs per stage.
+        lr, finetune_lr: peak learning rates from scratch / when starting from a model.
+        max_frames: padded feature frames per training batch.
+        timing_utterances: the first N test utterances are timed (best of ``timing_repeats``,
+            at 2 and at 1 thread); WER uses the whole test split.
+        model: the model every protocol trains.
+    """
+
+    num_train: int = 2400
+    num_dev: int = 300
+    num_test: int = 1000
+    units: str = "bpe256"
+    scratch_epochs: int = 10
+    finetune_epochs: int = 3
+    selector_epochs: int = 2
+    lr: float = 2e-3
+    finetune_lr: float = 1e-3
+    max_frames: int = 5000
+    timing_utterances: int = 200
+    timing_repeats: int = 3
+    model: ModelConfig = dataclasses.field(default_factory=recipe_model)
+
+    def __post_init__(self) -> None:
+        for name, low in (("num_train", 1), ("num_dev", 1), ("num_test", 1), ("scratch_epochs", 1),
+                          ("finetune_epochs", 1), ("selector_epochs", 1), ("max_frames", 1),
+                          ("timing_utterances", 1), ("timing_repeats", 1)):
+            check_int(f"RecipePlan.{name}", getattr(self, name), low=low)
+        for name in ("lr", "finetune_lr"):
+            if check_real(f"RecipePlan.{name}", getattr(self, name), 0.0) == 0:
+                raise ValueError(f"RecipePlan.{name} must be > 0, got 0")
+        parse_units(self.units)
+
+    def epochs(self, protocol: Protocol) -> int:
+        return {"scratch": self.scratch_epochs, "finetune": self.finetune_epochs, "selector": self.selector_epochs,
+                "total": self.scratch_epochs + self.finetune_epochs}[protocol.epochs]
+
+    def train_config(self, protocol: Protocol, seed: int, runs: Path) -> TrainConfig:
+        """The :class:`TrainConfig` of ``protocol`` for ``seed``."""
+        start = None if protocol.init is None else run_dir(runs, protocol.init, seed) / "model.pt"
+        lr = (self.finetune_lr if start else self.lr) * protocol.lr_scale
+        fields: Dict[str, Any] = dict(method=protocol.method, epochs=self.epochs(protocol), lr=lr, seed=seed,
+                                      max_frames=self.max_frames, warmup=0.2 if start else 0.1,
+                                      init=str(start or ""), model=self.model, **dict(protocol.train))
+        if protocol.teacher_from_init:
+            fields["teacher"] = str(start)
+        return TrainConfig(**fields)
+
+
+def run_dir(runs: Path, protocol: str, seed: int) -> Path:
+    return Path(runs) / protocol / f"seed{seed}"
+
+
+def _audio_seconds(data: Sequence) -> float:
+    """Audio seconds behind fbank features (one frame per ``frame_shift`` ms)."""
+    return sum(features.shape[0] for features, _ in data) * FBANK_OPTIONS["frame_shift"] / 1000.0
+
+
+def sweep_budgets(model, method: str, test: Sequence, timing: Sequence, tokenizer, repeats: int,
+                  progress: bool) -> List[Dict]:
+    """Every budget of ``method``: test WER, executed fraction, blank / skip / exit statistics,
+    and the real-time factor (inference seconds / audio seconds, best of ``repeats``) on the
+    ``timing`` utterances at 2 threads (``rtf``) and 1 thread (``rtf_1thread``)."""
+    rows = []
+    timing_audio = _audio_seconds(timing)
+    for label, budget in tqdm(get_method(method).budgets(model), desc=f"eval {method}", disable=not progress):
+        torch.manual_seed(0)  # the random-subset budgets draw the same masks in every run
+        scores = decode_split(model, test, tokenizer, budget)
+        row = {"budget": label, "wer": scores["wer"], "executed": scores["executed_fraction"],
+               **{key: scores[key] for key in ("blank_fraction", "skipped_frame_fraction", "mean_exit_layer")}}
+        for key, threads in (("rtf", 2), ("rtf_1thread", 1)):
+            torch.manual_seed(0)
+            with torch_threads(threads):
+                seconds = decode_split(model, timing, tokenizer, budget, timing_repeats=repeats)["seconds"]
+            row[key] = seconds / timing_audio
+        rows.append(row)
+    full = next((row for row in rows if row["executed"] >= 0.999), rows[0])
+    for row in rows:
+        row["speedup"] = full["rtf"] / max(row["rtf"], 1e-12)
+    return rows
+
+
+def _check_same_config(out: Path, config: TrainConfig) -> None:
+    """A run directory belongs to one configuration: resuming it under another plan would mix them."""
+    path = out / "run_config.json"
+    if path.is_file():
+        if load_config(TrainConfig, path) != config:
+            raise ValueError(f"{out} was started with another configuration ({path}); remove the directory "
+                             "to rerun it under the current plan")
+    else:
+        save_config(config, path)
+
+
+def run_one(plan: RecipePlan, protocol: Protocol, seed: int, data: Path, runs: Path, device: str = "cpu",
+            progress: bool = True) -> Dict:
+    """Train (or resume) and evaluate one run; returns its record (also ``result.json``)."""
+    out = run_dir(runs, protocol.name, seed)
+    result_path = out / "result.json"
+    if result_path.is_file():
+        return json.loads(result_path.read_text())
+    config = plan.train_config(protocol, seed, runs)
+    if config.init and not Path(config.init).is_file():
+        raise ValueError(f"{protocol.name} (seed {seed}) starts from {config.init}, which does not exist: run "
+                         f"{protocol.init} first")
+    out.mkdir(parents=True, exist_ok=True)
+    _check_same_config(out, config)
+    train(config, data, out, resume=find_checkpoint(out, "last") is not None, progress=progress, device=device)
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    model, payload = load_checkpoint(find_checkpoint(out, "model"))
+    model.to(check_device("device", device))
+    tokenizer = load_tokenizer(data)
+    test = load_split(data, "test", tokenizer=tokenizer)
+    cumulative = [entry["train_seconds"] for entry in log]
+    record = {
+        "method": protocol.method, "protocol": protocol.name, "seed": seed, "epochs": config.epochs,
+        "init": protocol.init, "lr": config.lr, "device": str(device),
+        "train_seconds": cumulative[-1],
+        "epoch_seconds": [round(b - a, 1) for a, b in zip([0.0] + cumulative, cumulative)],
+        "dev_wer_per_epoch": [entry["dev_wer"] for entry in log],
+        "best_epoch": payload.get("epoch", -1) + 1,
+        "budgets": sweep_budgets(model, protocol.method, test, test[:plan.timing_utterances], tokenizer,
+                                 plan.timing_repeats, progress),
+    }
+    atomic_write({result_path: lambda file: file.write(json.dumps(record, indent=1).encode())})
+    return record
+
+
+def runs_to_do(seeds: Sequence[int], protocols: Sequence[Protocol]) -> Iterator[Tuple[Protocol, int]]:
+    """Seed-major order, so each finished seed is a complete set of protocols."""
+    for seed in seeds:
+        for protocol in protocols:
+            yield protocol, seed
+
+
+def corpus_summary(data: Path, units: str) -> Dict:
+    """The corpus as the report shows it: engines, units, the test size, held-out speakers,
+    and one row of statistics per split (speakers counted, engines as utterance counts)."""
+    stats = corpus_statistics(data)
+    splits = {split: {**entry, "speakers": entry["speakers"]["count"],
+                      "engines": ", ".join(f"{engine} {n}" for engine, n in entry["engines"].items())}
+              for split, entry in stats["splits"].items()}
+    engines = sorted({engine for entry in stats["splits"].values() for engine in entry["engines"]})
+    return {"engines": engines, "units": units, "vocabulary_size": stats["vocabulary_size"],
+            "test_utterances": splits["test"]["utterances"],
+            "held_out_speakers": ", ".join(stats["held_out_speakers"]), **splits}
+
+
+def gather_results(plan: RecipePlan, data: Path, runs: Path) -> Dict:
+    """``{"corpus": :func:`corpus_summary`, "plan": ..., "runs": [every finished run's record]}``."""
+    records = [json.loads(path.read_text()) for path in sorted(Path(runs).glob("*/seed*/result.json"))]
+    order = {protocol.name: i for i, protocol in enumerate(PROTOCOLS)}
+    records.sort(key=lambda r: (order.get(r["protocol"], len(order)), r["seed"]))
+    return {"corpus": corpus_summary(data, plan.units),
+            "plan": json.loads(config_json(plan)), "runs": records}
+
+
+def write_report(results: Dict, results_json: Path, report_md: Path) -> None:
+    from . import report
+
+    figure = results_json.parent / "wer_vs_compute.png"
+    results_json.parent.mkdir(parents=True, exist_ok=True)
+    report.figure(results, figure)
+    atomic_write({results_json: lambda file: file.write(json.dumps(results, indent=1).encode()),
+                  report_md: lambda file: file.write(report.markdown(results).encode())})
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", default="data/speech", help="corpus directory (made if missing)")
+    parser.add_argument("--runs", default="runs/recipe", help="where the runs go (<runs>/<protocol>/seed<k>)")
+    parser.add_argument("--plan", help="JSON file of RecipePlan fields (default: the recipe's plan)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--protocols", nargs="+", choices=list(_BY_NAME), help="only these (default: all)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] for training and evaluation")
+    parser.add_argument("--results", default="docs/results/results.json", help="gathered results (JSON)")
+    parser.add_argument("--report", default="docs/results.md", help="the report regenerated after every run")
+    parser.add_argument("--status", action="store_true", help="list the runs and whether each is done, then exit")
+    parser.add_argument("--report-only", action="store_true",
+                        help="gather the finished runs into --results and --report, run nothing")
+    parser.add_argument("--workers", type=int, default=2, help="synthesis processes")
+    parser.add_argument("--quiet", action="store_true")
+
+
+def _status(plan: RecipePlan, runs: Path, todo: Sequence[Tuple[Protocol, int]]) -> str:
+    lines = []
+    for protocol, seed in todo:
+        out = run_dir(runs, protocol.name, seed)
+        state = ("done" if (out / "result.json").is_file() else
+                 "started" if find_checkpoint(out, "last") is not None else "to do")
+        lines.append(f"{protocol.name:<20} seed {seed}  {plan.epochs(protocol):>3} epochs  {state:<8} {protocol.why}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    plan = load_config(RecipePlan, Path(args.plan)) if args.plan else RecipePlan()
+    for seed in args.seeds:
+        check_int("--seeds", seed, low=0)
+    check_device("--device", args.device)
+    check_int("--workers", args.workers, low=1)
+    data, runs = Path(args.data), Path(args.runs)
+    protocols = [_BY_NAME[name] for name in args.protocols] if args.protocols else list(PROTOCOLS)
+    todo = list(runs_to_do(args.seeds, protocols))
+    if args.status:
+        print(_status(plan, runs, todo))
+        return 0
+    if args.report_only:
+        write_report(gather_results(plan, data, runs), Path(args.results), Path(args.report))
+        return 0
+    progress = not args.quiet
+    synthesize_corpus(data, plan.num_train, plan.num_dev, plan.num_test, workers=args.workers, progress=progress)
+    tokenizer = prepare_units(data, plan.units)
+    for split in ("train", "dev", "test"):
+        load_split(data, split, progress=progress, tokenizer=tokenizer)  # features once, before the runs
+    for protocol, seed in todo:
+        tic = time.perf_counter()
+        run_one(plan, protocol, seed, data, runs, args.device, progress)
+        write_report(gather_results(plan, data, runs), Path(args.results), Path(args.report))
+        print(f"recipe: {protocol.name} seed {seed} done ({time.perf_counter() - tic:.0f} s)")
+    return 0

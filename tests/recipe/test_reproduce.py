@@ -1,0 +1,124 @@
+"""Tests for ``dynenc recipe`` (dynenc.recipe.reproduce): protocols, resumability, results."""
+import dataclasses
+import json
+import shutil
+
+import pytest
+
+from dynenc import cli
+from dynenc.config import ModelConfig
+from dynenc.methods import method_names
+from dynenc.recipe.reproduce import PROTOCOLS, Protocol, RecipePlan, gather_results, run_dir, run_one
+from dynenc.recipe.synthesis import synthesize_corpus
+from dynenc.recipe.tokenizer import prepare_units
+
+needs_engines = pytest.mark.skipif(any(shutil.which(e) is None for e in ("espeak-ng", "flite", "text2wave")),
+                                   reason="the speech engines are not installed")
+
+TINY = RecipePlan(num_train=24, num_dev=4, num_test=6, units="bpe40", scratch_epochs=1, finetune_epochs=1,
+                  selector_epochs=1, max_frames=1500, timing_utterances=2, timing_repeats=1,
+                  model=ModelConfig(dim=32, num_layers=2, num_heads=2, ffn_dim=64, kernel_size=5, dropout=0.0))
+_BY_NAME = {p.name: p for p in PROTOCOLS}
+
+
+def test_protocols_are_in_dependency_order_and_registered():
+    seen = set()
+    for protocol in PROTOCOLS:
+        assert protocol.method in method_names()
+        assert protocol.init is None or protocol.init in seen, protocol.name
+        seen.add(protocol.name)
+    assert len(seen) == len(PROTOCOLS)
+
+
+def test_every_compared_model_gets_the_same_total_epochs():
+    plan = RecipePlan()
+    total = {p.name: plan.epochs(p) + (plan.epochs(_BY_NAME[p.init]) if p.init else 0) for p in PROTOCOLS}
+    compared = {name: epochs for name, epochs in total.items() if name not in ("static", "selector")}
+    assert len(set(compared.values())) == 1, compared
+
+
+def test_train_config_follows_the_protocol(tmp_path):
+    plan = RecipePlan()
+    dld = plan.train_config(_BY_NAME["dld"], 2, tmp_path)
+    assert dld.seed == 2 and dld.init == dld.teacher == str(run_dir(tmp_path, "static", 2) / "model.pt")
+    assert dld.lr == plan.finetune_lr and dld.epochs == plan.finetune_epochs
+    small = plan.train_config(_BY_NAME["layer_drop_small_lr"], 0, tmp_path)
+    assert small.lr == pytest.approx(plan.finetune_lr / 10)
+    scratch = plan.train_config(_BY_NAME["early_exit_scratch"], 0, tmp_path)
+    assert scratch.init == "" and scratch.epochs == plan.scratch_epochs + plan.finetune_epochs
+    assert plan.train_config(_BY_NAME["blank_skip"], 0, tmp_path).skip_threshold > 0
+
+
+@pytest.mark.parametrize("field, value", [("num_test", 0), ("finetune_lr", 0.0), ("units", "words"),
+                                          ("timing_repeats", 0)])
+def test_plan_rejects(field, value):
+    with pytest.raises(ValueError, match=field if field != "units" else "units"):
+        dataclasses.replace(RecipePlan(), **{field: value})
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("speech")
+    synthesize_corpus(root, TINY.num_train, TINY.num_dev, TINY.num_test, seed=3, progress=False)
+    prepare_units(root, TINY.units)
+    return root
+
+
+@needs_engines
+def test_runs_resume_and_gather(corpus, tmp_path):
+    runs = tmp_path / "runs"
+    with pytest.raises(ValueError, match="run static first"):
+        run_one(TINY, _BY_NAME["layer_drop"], 0, corpus, runs, progress=False)
+    static = run_one(TINY, _BY_NAME["static"], 0, corpus, runs, progress=False)
+    assert static["protocol"] == "static" and static["epochs"] == 1 and static["init"] is None
+    assert [row["budget"] for row in static["budgets"]] == ["full"]
+    row = static["budgets"][0]
+    assert 0 <= row["wer"] and row["executed"] == pytest.approx(1.0) and row["rtf"] > 0 and row["rtf_1thread"] > 0
+    assert len(static["epoch_seconds"]) == len(static["dev_wer_per_epoch"]) == 1
+
+    layer_drop = run_one(TINY, _BY_NAME["layer_drop"], 0, corpus, runs, progress=False)
+    labels = [row["budget"] for row in layer_drop["budgets"]]
+    assert labels[:2] == ["n=2", "n=1"] and "n=1 random" in labels
+    assert {row["budget"]: row["executed"] for row in layer_drop["budgets"]}["n=1"] == pytest.approx(0.5)
+
+    # Finished runs are skipped: the record is read back, nothing retrained.
+    result = run_dir(runs, "static", 0) / "result.json"
+    stamp = result.stat().st_mtime_ns
+    assert run_one(TINY, _BY_NAME["static"], 0, corpus, runs, progress=False) == static
+    assert result.stat().st_mtime_ns == stamp
+
+    # A run directory belongs to one plan.
+    (run_dir(runs, "static", 0) / "result.json").unlink()
+    with pytest.raises(ValueError, match="another configuration"):
+        run_one(dataclasses.replace(TINY, lr=1e-2), _BY_NAME["static"], 0, corpus, runs, progress=False)
+
+    results = gather_results(TINY, corpus, runs)
+    assert [r["protocol"] for r in results["runs"]] == ["layer_drop"]
+    corpus_row = results["corpus"]
+    assert corpus_row["test_utterances"] == TINY.num_test and corpus_row["units"] == "bpe40"
+    assert set(corpus_row["engines"]) == {"espeak", "flite", "festival"}
+
+
+@needs_engines
+def test_cli_status_and_report_only(corpus, tmp_path, capsys):
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps(dataclasses.asdict(TINY)))
+    common = ["recipe", "--plan", str(plan), "--data", str(corpus), "--runs", str(tmp_path / "runs"),
+              "--results", str(tmp_path / "results.json"), "--report", str(tmp_path / "results.md"), "--quiet"]
+    assert cli.main(common + ["--status", "--seeds", "0", "1", "--protocols", "static", "dld"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4 and all("to do" in line for line in lines)
+    assert cli.main(common + ["--report-only"]) == 0
+    assert "not run yet" in (tmp_path / "results.md").read_text()
+    assert json.loads((tmp_path / "results.json").read_text())["runs"] == []
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--seeds", "-1"], "--seeds"),
+    (["--device", "tpu"], "--device"),
+    (["--protocols", "nope"], "invalid choice"),
+])
+def test_cli_rejects(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["recipe", "--status"] + flags)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
