@@ -364,6 +364,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_device("--device", args.device)
     config = config_from_args(args)
     if not Path(args.data, "train.jsonl").exists():
         raise ValueError(f"no corpus at {args.data}: run `dynenc data --out-dir {args.data}` first")

@@ -4,6 +4,7 @@ import argparse
 import dataclasses
 
 import pytest
+import torch
 
 from dynenc import cli
 from dynenc.config import ModelConfig, save_config
@@ -105,3 +106,17 @@ def test_cli_resume_without_a_checkpoint_is_a_one_line_error(tmp_path, capsys):
         cli.main(["train", "--resume", "--data", str(tmp_path), "--out", str(tmp_path / "run")])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.startswith("dynenc train: error: cannot resume: no checkpoint")
+
+
+@pytest.mark.parametrize("device, message", [
+    pytest.param("tpu", "must be 'cpu' or 'cuda", id="unknown-device"),
+    pytest.param("cuda", "CUDA is not available", id="cuda-without-gpu",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")),
+])
+def test_cli_device_is_checked_first(tmp_path, capsys, device, message):
+    (tmp_path / "train.jsonl").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--device", device, "--data", str(tmp_path), "--out", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dynenc train: error: --device") and message in err
