@@ -110,13 +110,13 @@ class RecipePlan:
     num_train: int = 2400
     num_dev: int = 300
     num_test: int = 1000
-    units: str = "bpe256"
+    units: str = "bpe128"
     scratch_epochs: int = 10
     finetune_epochs: int = 3
     selector_epochs: int = 2
     lr: float = 2e-3
     finetune_lr: float = 1e-3
-    max_frames: int = 5000
+    max_frames: int = 2500
     timing_utterances: int = 200
     timing_repeats: int = 3
     model: ModelConfig = dataclasses.field(default_factory=recipe_model)
