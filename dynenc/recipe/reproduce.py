@@ -193,12 +193,20 @@ def _check_same_config(out: Path, config: TrainConfig) -> None:
 
 def run_one(plan: RecipePlan, protocol: Protocol, seed: int, data: Path, runs: Path, device: str = "cpu",
             progress: bool = True) -> Dict:
-    """Train (or resume) and evaluate one run; returns its record (also ``result.json``)."""
+    """Train (or resume) and evaluate one run; returns its record (also ``result.json``).
+
+    Raises:
+        ValueError: the run's directory was made under another plan (finished or not: a
+            result must never be reused for a different configuration), or its ``init`` run
+            has no model yet.
+    """
     out = run_dir(runs, protocol.name, seed)
     result_path = out / "result.json"
+    config = plan.train_config(protocol, seed, runs)
+    if (out / "run_config.json").is_file():
+        _check_same_config(out, config)
     if result_path.is_file():
         return json.loads(result_path.read_text())
-    config = plan.train_config(protocol, seed, runs)
     if config.init and not Path(config.init).is_file():
         raise ValueError(f"{protocol.name} (seed {seed}) starts from {config.init}, which does not exist: run "
                          f"{protocol.init} first")

@@ -87,10 +87,12 @@ def test_runs_resume_and_gather(corpus, tmp_path):
     assert run_one(TINY, _BY_NAME["static"], 0, corpus, runs, progress=False) == static
     assert result.stat().st_mtime_ns == stamp
 
-    # A run directory belongs to one plan.
-    (run_dir(runs, "static", 0) / "result.json").unlink()
-    with pytest.raises(ValueError, match="another configuration"):
-        run_one(dataclasses.replace(TINY, lr=1e-2), _BY_NAME["static"], 0, corpus, runs, progress=False)
+    # A run directory belongs to one plan, finished or not.
+    for finished in (True, False):
+        if not finished:
+            (run_dir(runs, "static", 0) / "result.json").unlink()
+        with pytest.raises(ValueError, match="another configuration"):
+            run_one(dataclasses.replace(TINY, lr=1e-2), _BY_NAME["static"], 0, corpus, runs, progress=False)
 
     results = gather_results(TINY, corpus, runs)
     assert [r["protocol"] for r in results["runs"]] == ["layer_drop"]
