@@ -17,7 +17,7 @@ import os
 import time
 import typing
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -171,6 +171,15 @@ def spec_augment(features: Tensor, lengths: Tensor, generator: torch.Generator) 
     return features
 
 
+def rank_batches(batches: SpeechBatches, epoch: int, rank: int, world: int) -> List[List[int]]:
+    """This rank's batches of ``epoch``. Length bucketing makes the batch count vary from
+    epoch to epoch (so the schedule's total is summed over epochs), and every rank takes
+    the same number (a rank with one more step would wait forever in its all-reduce)."""
+    batches.set_epoch(epoch)
+    every = batches.batch_indices()
+    return every[:len(every) - len(every) % world][rank::world]
+
+
 def _distributed(device: torch.device) -> Tuple[int, int]:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -238,9 +247,9 @@ def train(config: TrainConfig, data_dir: Path, out_dir: Path, resume: bool = Fal
     if world > 1:
         module = distribute(module, config.strategy)
     batches = SpeechBatches(train_data, tokenizer, max_frames=config.max_frames, shuffle=True, seed=config.seed)
-    steps_per_epoch = len(batches.batch_indices()[rank::world])
+    total_steps = sum(len(rank_batches(batches, epoch, rank, world)) for epoch in range(config.epochs))
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=config.epochs * steps_per_epoch,
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=total_steps,
                                                     pct_start=config.warmup)
     start_epoch, best_wer, train_seconds = 0, float("inf"), 0.0
     augment_rng = torch.Generator().manual_seed(config.seed)
@@ -268,8 +277,7 @@ def train(config: TrainConfig, data_dir: Path, out_dir: Path, resume: bool = Fal
     record: Dict = {}
     for epoch in range(start_epoch, min(config.epochs, stop_after or config.epochs)):
         module.train()
-        batches.set_epoch(epoch)
-        indices = batches.batch_indices()[rank::world]
+        indices = rank_batches(batches, epoch, rank, world)
         tic = time.perf_counter()
         bar = tqdm(indices, desc=f"{config.method} epoch {epoch + 1}/{config.epochs}", disable=not progress or rank)
         totals: Dict[str, float] = {}

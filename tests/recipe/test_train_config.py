@@ -120,3 +120,20 @@ def test_cli_device_is_checked_first(tmp_path, capsys, device, message):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("dynenc train: error: --device") and message in err
+
+
+def test_rank_batches_cover_each_epoch_evenly():
+    from dynenc.recipe.batching import SpeechBatches
+    from dynenc.recipe.train import rank_batches
+
+    generator = torch.Generator().manual_seed(0)
+    data = [(torch.zeros(int(n), 80), "a") for n in torch.randint(50, 400, (2001,), generator=generator)]
+    batches = SpeechBatches(data, max_frames=2500, shuffle=True, seed=0)
+    counts = [len(rank_batches(batches, epoch, 0, 1)) for epoch in range(8)]
+    assert len(set(counts)) > 1  # bucketing varies the count: a total of epochs x first count would be wrong
+    for world in (2, 3):
+        for epoch in range(3):
+            per_rank = [rank_batches(batches, epoch, rank, world) for rank in range(world)]
+            assert len({len(b) for b in per_rank}) == 1
+            used = sorted(i for b in per_rank for batch in b for i in batch)
+            assert len(used) == len(set(used)) and len(per_rank[0]) * world >= counts[epoch] - world + 1
