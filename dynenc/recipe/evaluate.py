@@ -7,7 +7,7 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import jiwer
 import torch
@@ -91,6 +91,13 @@ def decode_split(model: CTCModel, data: Sequence, tokenizer: Tokenizer,
     }
 
 
+def speedups(rows: Sequence[Dict], seconds_key: str, executed_key: str) -> List[float]:
+    """Each row's speed-up over the method's full-depth row (the first whose executed fraction
+    is ~1, else the first row): ``full time / row time``."""
+    full = next((row for row in rows if row[executed_key] >= 0.999), rows[0])[seconds_key]
+    return [full / max(row[seconds_key], 1e-9) for row in rows]
+
+
 def sweep(runs: Path, data_dir: Path, method_names: Sequence[str], beam_size: int = 0, limit: Optional[int] = None,
           progress: bool = True, timing_repeats: int = 3) -> Dict:
     """Evaluate every ``runs/<method>/model.pt`` (or sharded ``model.dcp/``, from FSDP2
@@ -114,9 +121,8 @@ def sweep(runs: Path, data_dir: Path, method_names: Sequence[str], beam_size: in
             if beam is not None and label in ("full", "n=%d" % model.config.num_layers, "exit=%d" % model.config.num_layers):
                 row["wer_beam"] = decode_split(model, test, tokenizer, budget, beam=beam)["wer"]
             rows.append(row)
-        full_seconds = next((r["seconds"] for r in rows if r["executed_fraction"] >= 0.999), rows[0]["seconds"])
-        for row in rows:
-            row["speedup"] = full_seconds / max(row["seconds"], 1e-9)
+        for row, speedup in zip(rows, speedups(rows, "seconds", "executed_fraction")):
+            row["speedup"] = speedup
         log = runs / method / "log.jsonl"
         train_log = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
         results["methods"][method] = {"rows": rows, "num_layers": model.config.num_layers,

@@ -36,7 +36,7 @@ from ..fileio import atomic_write
 from ..methods import get_method
 from ..validation import check_device, check_int, check_real
 from .corpus import corpus_statistics
-from .evaluate import decode_split
+from .evaluate import decode_split, speedups
 from .features import FBANK_OPTIONS, load_split, torch_threads
 from .synthesis import synthesize_corpus
 from .tokenizer import load_tokenizer, parse_units, prepare_units
@@ -174,9 +174,8 @@ def sweep_budgets(model, method: str, test: Sequence, timing: Sequence, tokenize
                 seconds = decode_split(model, timing, tokenizer, budget, timing_repeats=repeats)["seconds"]
             row[key] = seconds / timing_audio
         rows.append(row)
-    full = next((row for row in rows if row["executed"] >= 0.999), rows[0])
-    for row in rows:
-        row["speedup"] = full["rtf"] / max(row["rtf"], 1e-12)
+    for row, speedup in zip(rows, speedups(rows, "rtf", "executed")):
+        row["speedup"] = speedup
     return rows
 
 
@@ -203,19 +202,17 @@ def run_one(plan: RecipePlan, protocol: Protocol, seed: int, data: Path, runs: P
     out = run_dir(runs, protocol.name, seed)
     result_path = out / "result.json"
     config = plan.train_config(protocol, seed, runs)
-    if (out / "run_config.json").is_file():
-        _check_same_config(out, config)
-    if result_path.is_file():
-        return json.loads(result_path.read_text())
-    if config.init and not Path(config.init).is_file():
+    if not result_path.is_file() and config.init and not Path(config.init).is_file():
         raise ValueError(f"{protocol.name} (seed {seed}) starts from {config.init}, which does not exist: run "
                          f"{protocol.init} first")
     out.mkdir(parents=True, exist_ok=True)
-    _check_same_config(out, config)
+    _check_same_config(out, config)  # also for a finished run: its result belongs to its own plan
+    if result_path.is_file():
+        return json.loads(result_path.read_text())
     train(config, data, out, resume=find_checkpoint(out, "last") is not None, progress=progress, device=device)
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     model, payload = load_checkpoint(find_checkpoint(out, "model"))
-    model.to(check_device("device", device))
+    model.to(device)
     tokenizer = load_tokenizer(data)
     test = load_split(data, "test", tokenizer=tokenizer)
     cumulative = [entry["train_seconds"] for entry in log]
