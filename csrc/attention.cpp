@@ -62,6 +62,10 @@ void for_each_sequence(const std::vector<int32_t>& cu, int64_t heads, int64_t he
 
 // Rows [start, start + len) of a packed [N, H, ...] tensor as the [1, H, len, ...] view the
 // flash kernels take.
+// q/k/v as the CPU flash kernel reads them: any row and head strides (views of one packed
+// [N, 3, H, Dh] projection need no copy), contiguous columns.
+at::Tensor columns_contiguous(const at::Tensor& t) { return t.stride(2) == 1 ? t : t.contiguous(); }
+
 at::Tensor seq_view(const at::Tensor& t, int64_t start, int64_t len) {
   return t.narrow(0, start, len).unsqueeze(0).transpose(1, 2);
 }
@@ -94,8 +98,8 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention(const at::Tensor& q, const a
                                                     const at::Tensor& cu_seqlens, int64_t max_seqlen, double scale) {
   constexpr const char* op = "varlen_attention";
   const std::vector<int32_t> cu = check_qkv(q, k, v, cu_seqlens, max_seqlen, op);
-  const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
-  at::Tensor out = at::empty_like(qc);
+  const at::Tensor qc = columns_contiguous(q), kc = columns_contiguous(k), vc = columns_contiguous(v);
+  at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(1)}, q.options().dtype(at::kFloat));
   for_each_sequence(cu, q.size(1), q.size(2), [&](int64_t start, int64_t len) {
     auto [o, l] = at::_scaled_dot_product_flash_attention_for_cpu(
@@ -122,9 +126,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_backward(
   // The float64 kernel reads a float64 logsumexp; widening the stored float32 one would cost
   // float64 its precision, so that (test-only) dtype recomputes it per sequence instead.
   const bool recompute_lse = q.scalar_type() == at::kDouble;
-  const at::Tensor go = grad_out.contiguous(), qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous(),
-                   oc = out.contiguous(), lc = logsumexp.contiguous();
-  at::Tensor grad_q = at::empty_like(qc), grad_k = at::empty_like(kc), grad_v = at::empty_like(vc);
+  const at::Tensor go = grad_out.contiguous(), qc = columns_contiguous(q), kc = columns_contiguous(k),
+                   vc = columns_contiguous(v), oc = out.contiguous(), lc = logsumexp.contiguous();
+  at::Tensor grad_q = at::empty(q.sizes(), q.options()), grad_k = at::empty(k.sizes(), k.options()),
+             grad_v = at::empty(v.sizes(), v.options());
   for_each_sequence(cu, q.size(1), q.size(2), [&](int64_t start, int64_t len) {
     const at::Tensor qs = seq_view(qc, start, len), ks = seq_view(kc, start, len), vs = seq_view(vc, start, len);
     const at::Tensor lse =

@@ -65,17 +65,16 @@ def varlen_group_norm(x: Tensor, batch: VarlenBatch, norm: nn.GroupNorm) -> Tens
 
 def batch_norm_rows(x: Tensor, norm: nn.BatchNorm1d) -> Tensor:
     """BatchNorm1d on ``[N, C]`` rows; statistics over the valid rows in training. In eval
-    mode the affine form is written out (``F.batch_norm`` guards on N > 0, which
-    torch.compile cannot decide for a data-dependent N)."""
+    mode one ATen op (one launch) that, unlike ``F.batch_norm``, does not guard on N > 0,
+    which torch.compile cannot decide for a data-dependent N."""
     if norm.training or norm.running_mean is None:
         if guard_or_false(x.shape[0] == 1) and norm.training:
             raise ValueError("BatchNorm1d in training needs more than one active frame in a layer, got one (a layer "
                              "that runs on a single one-frame sample); drop that mask, use use_group_norm=True, "
                              "or run in eval mode")
         return norm(x)
-    scale = torch.rsqrt(norm.running_var + norm.eps) * norm.weight
-    # One fused pass over the rows: x * scale + (bias - mean * scale).
-    return torch.addcmul(norm.bias - norm.running_mean * scale, x, scale)
+    return torch.ops.aten._native_batch_norm_legit_no_training(x, norm.weight, norm.bias, norm.running_mean,
+                                                                norm.running_var, 0.0, norm.eps)[0]
 
 
 class _ConvolutionModule(nn.Module):
@@ -155,7 +154,7 @@ class DynamicConformerLayer(nn.Module):
             return self._attention_as_module(x, batch)
         num_rows, dim = x.shape
         qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).view(num_rows, 3, attn.num_heads, attn.head_dim)
-        q, k, v = (t.contiguous() for t in qkv.unbind(1))
+        q, k, v = qkv.unbind(1)  # views: both backends read the packed rows in place
         out = ops.varlen_attention(q, k, v, batch.cu_seqlens, batch.max_seqlen)
         return F.linear(out.reshape(num_rows, dim), attn.out_proj.weight, attn.out_proj.bias)
 

@@ -196,11 +196,12 @@ class Schedule:
             row_mask = row_mask & self.row_alive.unsqueeze(0)
         indices, offsets, active_cu = ops.build_plan(row_mask.contiguous(), full.cu_seqlens)
         bounds = offsets.tolist()
+        all_seq_ids = full.seq_ids.index_select(0, indices)  # once for every layer: one launch, not L
         routes = []
         for i in range(num_layers):
             index = indices[bounds[i] : bounds[i + 1]]
             sub = VarlenBatch(active_cu[i], full.max_seqlen, bounds[i + 1] - bounds[i])
-            seq_ids = full.seq_ids.index_select(0, index)
+            seq_ids = all_seq_ids[bounds[i] : bounds[i + 1]]
             sub._seq_ids = seq_ids
             routes.append(LayerRoute(index, sub, self._gate(start + i, seq_ids)))
         return routes

@@ -100,11 +100,12 @@ def _block_coords(cu_seqlens, cu_blocks, num_seqs, num_steps, BLOCK: tl.constexp
 
 
 @triton.jit
-def _head_tile(rows, row_ok, num_heads, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Offsets and mask of the ``[rows, BLOCK_D]`` tile of head ``program_id(1)`` in a
-    contiguous ``[N, H, HEAD_DIM]`` tensor (columns past ``HEAD_DIM`` masked)."""
+def _head_tile(rows, row_ok, row_stride, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Offsets and mask of the ``[rows, BLOCK_D]`` tile of head ``program_id(1)`` in an
+    ``[N, H, HEAD_DIM]`` tensor with heads and columns contiguous and rows ``row_stride``
+    apart (columns past ``HEAD_DIM`` masked)."""
     cols = tl.arange(0, BLOCK_D)
-    offs = rows.to(tl.int64)[:, None] * (num_heads * HEAD_DIM) + tl.program_id(1) * HEAD_DIM + cols[None, :]
+    offs = rows.to(tl.int64)[:, None] * row_stride + tl.program_id(1) * HEAD_DIM + cols[None, :]
     return offs, row_ok[:, None] & (cols < HEAD_DIM)[None, :]
 
 
@@ -116,12 +117,13 @@ def _row_stats(stats, rows, row_ok, num_heads, ACC: tl.constexpr):
 
 @triton.jit(do_not_specialize=RAGGED_INTS)
 def _attn_fwd_kernel(
-    q, k, v, out, lse, cu_seqlens, cu_blocks, num_seqs, num_steps, scale, num_heads, HEAD_DIM: tl.constexpr,
-    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    q, k, v, out, lse, cu_seqlens, cu_blocks, num_seqs, num_steps, scale, num_heads, qkv_stride,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Online-softmax forward of one ``[BLOCK, Dh]`` query block of one head.
 
-    Shapes: ``q``/``k``/``v``/``out`` ``[N, H, Dh]``, ``lse`` fp32 ``[N, H]``. Grid
+    Shapes: ``q``/``k``/``v``/``out`` ``[N, H, Dh]`` (``q``/``k``/``v`` rows ``qkv_stride``
+    apart, e.g. views of one packed projection; ``out`` contiguous), ``lse`` fp32 ``[N, H]``. Grid
     ``(num_block_programs, H)``. Traffic: reads the query block once and the sequence's K/V
     once per query block (``T / BLOCK`` times per K/V element, mostly from L2), writes ``out``
     once and 4 B of ``lse`` per (row, head). FLOPs ``4 * T^2 * Dh`` per sequence and head.
@@ -133,7 +135,7 @@ def _attn_fwd_kernel(
         return
     lanes = tl.arange(0, BLOCK)
     rows_m = m0 + lanes
-    q_offs, q_mask = _head_tile(rows_m, rows_m < end, num_heads, HEAD_DIM, BLOCK_D)
+    q_offs, q_mask = _head_tile(rows_m, rows_m < end, qkv_stride, HEAD_DIM, BLOCK_D)
     q_tile = tl.load(q + q_offs, mask=q_mask, other=0.0)
     qk_scale = scale * LOG2E  # softmax via exp2
     m_i = tl.full([BLOCK], float("-inf"), dtype=ACC)
@@ -142,7 +144,7 @@ def _attn_fwd_kernel(
     for n0 in range(start, end, BLOCK):
         rows_n = n0 + lanes
         n_ok = rows_n < end
-        kv_offs, kv_mask = _head_tile(rows_n, n_ok, num_heads, HEAD_DIM, BLOCK_D)
+        kv_offs, kv_mask = _head_tile(rows_n, n_ok, qkv_stride, HEAD_DIM, BLOCK_D)
         k_tile = tl.load(k + kv_offs, mask=kv_mask, other=0.0)
         s = tl.dot(q_tile, tl.trans(k_tile), input_precision=DOT_PRECISION, out_dtype=ACC) * qk_scale
         s = tl.where(n_ok[None, :], s, float("-inf"))  # every key block has a valid key: m_new is finite
@@ -154,7 +156,8 @@ def _attn_fwd_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile, input_precision=DOT_PRECISION, out_dtype=ACC)
         m_i = m_new
     acc = acc / l_i[:, None]
-    tl.store(out + q_offs, acc.to(out.dtype.element_ty), mask=q_mask)
+    out_offs = _head_tile(rows_m, rows_m < end, num_heads * HEAD_DIM, HEAD_DIM, BLOCK_D)[0]
+    tl.store(out + out_offs, acc.to(out.dtype.element_ty), mask=q_mask)
     lse_m = (m_i + tl.log2(l_i)) * LN2
     tl.store(lse + rows_m.to(tl.int64) * num_heads + tl.program_id(1), lse_m.to(tl.float32), mask=rows_m < end)
 
@@ -192,7 +195,7 @@ def _probs_and_dscores(q_tile, k_tile, v_tile, do_tile, lse_m, delta_m, valid, q
 @triton.jit(do_not_specialize=RAGGED_INTS)
 def _attn_bwd_dkdv_kernel(
     q, k, v, grad_out, lse, delta, grad_k, grad_v, cu_seqlens, cu_blocks, num_seqs, num_steps, scale, num_heads,
-    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    qkv_stride,    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """``dV = P^T dO`` and ``dK = scale * dS^T Q`` for one key block of one head, looping over
     the sequence's query blocks (no atomics). Grid ``(num_block_programs, H)``. Traffic: reads
@@ -205,7 +208,7 @@ def _attn_bwd_dkdv_kernel(
     lanes = tl.arange(0, BLOCK)
     rows_n = n0 + lanes
     n_ok = rows_n < end
-    kv_offs, kv_mask = _head_tile(rows_n, n_ok, num_heads, HEAD_DIM, BLOCK_D)
+    kv_offs, kv_mask = _head_tile(rows_n, n_ok, qkv_stride, HEAD_DIM, BLOCK_D)
     k_tile = tl.load(k + kv_offs, mask=kv_mask, other=0.0)
     v_tile = tl.load(v + kv_offs, mask=kv_mask, other=0.0)
     qk_scale = scale * LOG2E
@@ -214,21 +217,23 @@ def _attn_bwd_dkdv_kernel(
     for m0 in range(start, end, BLOCK):
         rows_m = m0 + lanes
         m_ok = rows_m < end
-        q_offs, q_mask = _head_tile(rows_m, m_ok, num_heads, HEAD_DIM, BLOCK_D)
+        q_offs, q_mask = _head_tile(rows_m, m_ok, qkv_stride, HEAD_DIM, BLOCK_D)
+        do_offs = _head_tile(rows_m, m_ok, num_heads * HEAD_DIM, HEAD_DIM, BLOCK_D)[0]
         q_tile = tl.load(q + q_offs, mask=q_mask, other=0.0)
-        do_tile = tl.load(grad_out + q_offs, mask=q_mask, other=0.0)
+        do_tile = tl.load(grad_out + do_offs, mask=q_mask, other=0.0)
         p, ds = _probs_and_dscores(q_tile, k_tile, v_tile, do_tile, _row_stats(lse, rows_m, m_ok, num_heads, ACC),
                                    _row_stats(delta, rows_m, m_ok, num_heads, ACC), m_ok[:, None] & n_ok[None, :],
                                    qk_scale, DOT_PRECISION)
         dv += tl.dot(tl.trans(p.to(do_tile.dtype)), do_tile, input_precision=DOT_PRECISION, out_dtype=ACC)
         dk += tl.dot(tl.trans(ds.to(q_tile.dtype)), q_tile, input_precision=DOT_PRECISION, out_dtype=ACC)
-    tl.store(grad_k + kv_offs, (dk * scale).to(grad_k.dtype.element_ty), mask=kv_mask)
-    tl.store(grad_v + kv_offs, dv.to(grad_v.dtype.element_ty), mask=kv_mask)
+    grad_offs = _head_tile(rows_n, n_ok, num_heads * HEAD_DIM, HEAD_DIM, BLOCK_D)[0]
+    tl.store(grad_k + grad_offs, (dk * scale).to(grad_k.dtype.element_ty), mask=kv_mask)
+    tl.store(grad_v + grad_offs, dv.to(grad_v.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit(do_not_specialize=RAGGED_INTS)
 def _attn_bwd_dq_kernel(
-    q, k, v, grad_out, lse, delta, grad_q, cu_seqlens, cu_blocks, num_seqs, num_steps, scale, num_heads,
+    q, k, v, grad_out, lse, delta, grad_q, cu_seqlens, cu_blocks, num_seqs, num_steps, scale, num_heads, qkv_stride,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """``dQ = scale * dS K`` for one query block of one head, looping over the sequence's key
@@ -242,9 +247,10 @@ def _attn_bwd_dq_kernel(
     lanes = tl.arange(0, BLOCK)
     rows_m = m0 + lanes
     m_ok = rows_m < end
-    q_offs, q_mask = _head_tile(rows_m, m_ok, num_heads, HEAD_DIM, BLOCK_D)
+    q_offs, q_mask = _head_tile(rows_m, m_ok, qkv_stride, HEAD_DIM, BLOCK_D)
+    out_offs = _head_tile(rows_m, m_ok, num_heads * HEAD_DIM, HEAD_DIM, BLOCK_D)[0]
     q_tile = tl.load(q + q_offs, mask=q_mask, other=0.0)
-    do_tile = tl.load(grad_out + q_offs, mask=q_mask, other=0.0)
+    do_tile = tl.load(grad_out + out_offs, mask=q_mask, other=0.0)
     lse_m = _row_stats(lse, rows_m, m_ok, num_heads, ACC)
     delta_m = _row_stats(delta, rows_m, m_ok, num_heads, ACC)
     qk_scale = scale * LOG2E
@@ -252,13 +258,13 @@ def _attn_bwd_dq_kernel(
     for n0 in range(start, end, BLOCK):
         rows_n = n0 + lanes
         n_ok = rows_n < end
-        kv_offs, kv_mask = _head_tile(rows_n, n_ok, num_heads, HEAD_DIM, BLOCK_D)
+        kv_offs, kv_mask = _head_tile(rows_n, n_ok, qkv_stride, HEAD_DIM, BLOCK_D)
         k_tile = tl.load(k + kv_offs, mask=kv_mask, other=0.0)
         v_tile = tl.load(v + kv_offs, mask=kv_mask, other=0.0)
         _, ds = _probs_and_dscores(q_tile, k_tile, v_tile, do_tile, lse_m, delta_m, m_ok[:, None] & n_ok[None, :],
                                    qk_scale, DOT_PRECISION)
         dq += tl.dot(ds.to(k_tile.dtype), k_tile, input_precision=DOT_PRECISION, out_dtype=ACC)
-    tl.store(grad_q + q_offs, (dq * scale).to(grad_q.dtype.element_ty), mask=q_mask)
+    tl.store(grad_q + out_offs, (dq * scale).to(grad_q.dtype.element_ty), mask=q_mask)
 
 
 def _launch_plan(q: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int):
@@ -278,21 +284,31 @@ def _launch_plan(q: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int):
     return (programs, num_heads), args, config, constexprs
 
 
+def _qkv_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """``(q, k, v, row_stride)`` with heads and columns contiguous and one row stride: views of
+    one packed ``[N, 3, H, Dh]`` projection qualify as they are (no copy), others are copied."""
+    if not (q.stride(0) == k.stride(0) == v.stride(0)
+            and all(t.stride(2) == 1 and t.stride(1) == t.shape[2] for t in (q, k, v))):
+        q, k, v = (t.contiguous() for t in (q, k, v))
+    return q, k, v, q.stride(0)
+
+
 @on_device_of_first_arg
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
                      scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """-> ``(out [N, H, Dh], logsumexp fp32 [N, H])``; ``max_seqlen`` must bound every length."""
-    q, k, v, cu_seqlens = (t.contiguous() for t in (q, k, v, cu_seqlens))
+    q, k, v, qkv_stride = _qkv_rows(q, k, v)
+    cu_seqlens = cu_seqlens.contiguous()
     num_rows, num_heads, head_dim = q.shape
     if uses_flash_attention(q.dtype, head_dim, device_arch(q)) and num_rows:
         out, lse = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
                                return_aux=AuxRequest(lse=True), scale=float(scale))
         return out, lse.t().contiguous()  # FlashAttention's logsumexp is [H, N]
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((num_rows, num_heads), dtype=torch.float32, device=q.device)
     grid, seq_args, config, constexprs = _launch_plan(q, cu_seqlens, max_seqlen)
     if out.numel() and grid[0] > 0:
-        _attn_fwd_kernel[grid](q, k, v, out, lse, *seq_args, float(scale), num_heads, **constexprs,
+        _attn_fwd_kernel[grid](q, k, v, out, lse, *seq_args, float(scale), num_heads, qkv_stride, **constexprs,
                                **config.launch(config.forward))
     return out, lse
 
@@ -302,8 +318,8 @@ def varlen_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.
                               out: torch.Tensor, logsumexp: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
                               scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> ``(grad_q, grad_k, grad_v)``, each ``[N, H, Dh]``."""
-    grad_out, q, k, v, out, cu_seqlens = (t.contiguous() for t in (grad_out, q, k, v, out, cu_seqlens))
-    logsumexp = logsumexp.contiguous()
+    q, k, v, qkv_stride = _qkv_rows(q, k, v)
+    grad_out, out, cu_seqlens, logsumexp = (t.contiguous() for t in (grad_out, out, cu_seqlens, logsumexp))
     num_rows, num_heads, head_dim = q.shape
     if uses_flash_attention(q.dtype, head_dim, device_arch(q)) and num_rows:
         # varlen_attn's own backward op; its rng state is unused without dropout (varlen_attn saves zeros).
@@ -312,14 +328,14 @@ def varlen_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.
             grad_out, q, k, v, out, logsumexp.t().contiguous(), cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
             False, no_dropout_rng, float(scale))
         return tuple(grads)
-    grad_q, grad_k, grad_v = (torch.empty_like(t) for t in (q, k, v))
+    grad_q, grad_k, grad_v = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
     grid, seq_args, config, constexprs = _launch_plan(q, cu_seqlens, max_seqlen)
     if q.numel() == 0 or grid[0] == 0:
         return grad_q, grad_k, grad_v
     delta = torch.empty((num_rows, num_heads), dtype=opmath_dtype(q.dtype), device=q.device)
     _attn_bwd_delta_kernel[(triton.cdiv(num_rows * num_heads, DELTA_BLOCK_R),)](
         out, grad_out, delta, num_rows * num_heads, HEAD_DIM=head_dim, BLOCK_R=DELTA_BLOCK_R, BLOCK_D=config.block_d)
-    scalars = (float(scale), num_heads)
+    scalars = (float(scale), num_heads, qkv_stride)
     launch = dict(**constexprs, **config.launch(config.backward))
     _attn_bwd_dkdv_kernel[grid](q, k, v, grad_out, logsumexp, delta, grad_k, grad_v, *seq_args, *scalars, **launch)
     _attn_bwd_dq_kernel[grid](q, k, v, grad_out, logsumexp, delta, grad_q, *seq_args, *scalars, **launch)
@@ -344,7 +360,7 @@ def aot_calls(arch: str, dtypes=AOT_DTYPES, head_dims=AOT_HEAD_DIMS):
             t = torch.empty((1, AOT_HEADS, head_dim), dtype=dtype, device="meta")
             stats = torch.empty((1, AOT_HEADS), dtype=torch.float32, device="meta")
             cu = torch.empty(2, dtype=torch.int32, device="meta")
-            seq = (cu, cu, 3, 2, 0.125, AOT_HEADS)
+            seq = (cu, cu, 3, 2, 0.125, AOT_HEADS, 3 * AOT_HEADS * head_dim)  # q/k/v: packed projection views
             variant = f"{str(dtype).removeprefix('torch.')},d{head_dim}"
             backward = dict(**constexprs, **config.launch(config.backward))
             calls += [

@@ -77,12 +77,12 @@ register_autocast("varlen_attention", "lower")
 
 @torch.library.register_fake("dynenc::varlen_attention")
 def _(q, k, v, cu_seqlens, max_seqlen, scale):
-    return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
 @torch.library.register_fake("dynenc::varlen_attention_backward")
 def _(grad_out, q, k, v, out, logsumexp, cu_seqlens, max_seqlen, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup(ctx, inputs, output):

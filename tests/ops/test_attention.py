@@ -95,6 +95,26 @@ def test_cpp_non_contiguous_inputs():
                  1e-5)
 
 
+def packed_projection(q, k, v):
+    """q, k, v as views of one ``[N, 3, H, Dh]`` projection (the layer's layout: rows 3 * H * Dh apart)."""
+    return torch.stack((q, k, v), 1).unbind(1)
+
+
+def test_cpp_reads_packed_projection_views_as_contiguous_inputs():
+    q, k, v, cu, scale = attention_case(3, torch.float32)
+    views = packed_projection(q, k, v)
+    assert not views[0].is_contiguous()
+    grad_out = torch.randn_like(q)
+    out, lse = ops.varlen_attention(q, k, v, cu, 200, scale)
+    packed_out, packed_lse = ops.varlen_attention(*views, cu, 200, scale)
+    assert packed_out.is_contiguous()
+    assert torch.equal(out, packed_out) and torch.equal(lse, packed_lse)
+    grads = ops.varlen_attention_backward(grad_out, q, k, v, out, lse, cu, 200, scale)
+    packed_grads = ops.varlen_attention_backward(grad_out, *views, out, lse, cu, 200, scale)
+    for name, want, got in zip(GRAD_NAMES, grads, packed_grads):
+        assert got.is_contiguous() and torch.equal(want, got), name
+
+
 # ----------------------------------------------------------------------------- Triton vs reference
 # Multi-block sequences (> 64 rows, exact multiples of 64), T = 1, zero lengths, Dh padded to 16 /
 # not a power of two, Dh > 64 (32-row blocks, 128-wide head tiles).
@@ -142,11 +162,28 @@ def test_triton_varlen_attention_backward(dtype, case):
         assert_close_float64(name, want, got, TOLERANCES[dtype])
 
 
+@pytest.mark.parametrize("case", ATTENTION_CASES[:3], ids=ATTENTION_IDS[:3])
+def test_triton_reads_packed_projection_views_as_contiguous_inputs(case):
+    q, k, v, cu_seqlens, max_seqlen, scale = attention_inputs(case, torch.float32)
+    views = packed_projection(q, k, v)
+    out, lse = launcher("varlen_attention")(q, k, v, cu_seqlens, max_seqlen, scale)
+    packed_out, packed_lse = launcher("varlen_attention")(*views, cu_seqlens, max_seqlen, scale)
+    assert packed_out.is_contiguous()
+    assert torch.equal(out, packed_out) and torch.equal(lse, packed_lse)
+    grad_out = randn(generator(1), *q.shape, device=DEVICE)
+    backward = launcher("varlen_attention_backward")
+    grads = backward(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, scale)
+    packed_grads = backward(grad_out, *views, out, lse, cu_seqlens, max_seqlen, scale)
+    for name, want, got in zip(GRAD_NAMES, grads, packed_grads):
+        assert got.is_contiguous() and torch.equal(want, got), name
+
+
 # ----------------------------------------------------------------------------- registered autograd
 def autograd_samples():
     gen, cu, _, _ = float64_sample(0)
     q, k, v = (torch.randn(11, 2, 4, dtype=torch.float64, generator=gen, requires_grad=True) for _ in range(3))
-    return {"varlen_attention": [(q, k, v, cu, 6, 0.5)]}
+    qkv = torch.randn(11, 3, 2, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    return {"varlen_attention": [(q, k, v, cu, 6, 0.5), (*qkv.unbind(1), cu, 6, 0.5)]}
 
 
 class TestAutograd(AutogradChecks):
