@@ -110,8 +110,8 @@ class RecipePlan:
     num_train: int = 2400
     num_dev: int = 300
     num_test: int = 1000
-    units: str = "bpe128"
-    scratch_epochs: int = 10
+    units: str = "bpe64"
+    scratch_epochs: int = 12
     finetune_epochs: int = 3
     selector_epochs: int = 2
     lr: float = 2e-3
