@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from . import ops, validation
 from .padded import PaddedConformer
 from .layer import DynamicConformerLayer
-from .routing import LayerRoute, PackedBatch, Schedule, VarlenBatch, pack, row_depth
+from .routing import HostSizes, LayerRoute, PackedBatch, Schedule, VarlenBatch, pack, row_depth
 
 
 SKIP_MODES = ("identity", "final_norm")
@@ -253,8 +253,12 @@ class DynamicConformer(nn.Module):
         """
         if torch.jit.is_tracing():
             return self._traced_forward(input, lengths, layer_mask, depth, gates, policy, return_report or return_hidden)
-        frames = validation.check_encoder_inputs(input, lengths, self.input_dim, self.num_layers, self._weight_dtype(),
-                                                 layer_mask, depth, gates, policy)
+        # The forward's one host sync (outside torch.compile; a policy's decisions add their
+        # own): it reads lengths, depth and layer_mask, which size the packing and the routes.
+        frames, host = validation.check_encoder_inputs(input, lengths, self.input_dim, self.num_layers,
+                                                       self._weight_dtype(), layer_mask, depth, gates, policy)
+        sizes = None if host is None else HostSizes.from_inputs(host.lengths, self.num_layers, host.depth,
+                                                                host.layer_mask)
         # Every index and cu_seqlens below is built here, right by construction: the CUDA ops
         # skip their value checks (a host sync each). Not entered while compiling: a compiled
         # graph calls the ops from outside this frame, and there the checks run.
@@ -262,13 +266,14 @@ class DynamicConformer(nn.Module):
         with trust:
             with torch.profiler.record_function("dynenc.pack"):
                 order = None if depth is None else torch.sort(depth, descending=True, stable=True).indices
-                packed = pack(input, frames, order)
+                packed = pack(input, frames, order, None if sizes is None else sizes.num_rows)
             schedule = Schedule(
                 packed.batch,
                 self.num_layers,
                 depth=None if depth is None else packed.to_packed_order(depth.to(torch.int64)),
                 sample_mask=None if layer_mask is None else packed.to_packed_order(layer_mask),
                 gates=None if gates is None else packed.to_packed_order(gates),
+                sizes=sizes,
             )
             hidden: Optional[List[Tensor]] = [] if return_hidden else None
             x, routes, decisions = self.forward_packed(packed.x, schedule, policy, hidden)

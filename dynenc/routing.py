@@ -6,14 +6,16 @@ which (sample, layer) and (frame, layer) pairs execute; :meth:`Schedule.routes` 
 into one :class:`LayerRoute` per layer — the active rows (an index vector, or a prefix when
 samples were sorted by depth) plus the ``cu_seqlens`` of the compact active sub-batch.
 Routes are computed on the device with one host sync per decision point (to learn the
-sizes of the active sets).
+sizes of the active sets), none when their :class:`HostSizes` are known from the forward's
+one read of its inputs.
 """
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -96,16 +98,18 @@ class PackedBatch:
         return torch.empty_like(per_sample).index_copy_(0, self.order, per_sample)
 
 
-def pack(input: Tensor, lengths: Tensor, order: Optional[Tensor] = None) -> PackedBatch:
+def pack(input: Tensor, lengths: Tensor, order: Optional[Tensor] = None, num_rows: Optional[int] = None) -> PackedBatch:
     """Pack the valid frames of ``input [B, T, D]`` (``lengths`` int ``[B]``) into ``[N, D]``.
 
     ``order`` (a permutation of the samples) sets the packed sequence order. One host sync
-    (for N). Lengths must already be validated; T is the ``max_seqlen`` bound.
+    (for N) unless ``num_rows`` gives N (``lengths.sum()``). Lengths must already be
+    validated; T is the ``max_seqlen`` bound.
     """
     batch_size, max_frames, _ = input.shape
     lengths = lengths.to(torch.int64)
     packed_lengths = lengths if order is None else lengths.index_select(0, order)
-    num_rows = lengths.sum().item()
+    if num_rows is None:
+        num_rows = lengths.sum().item()
     torch._check(num_rows >= 0)
     cu_seqlens = F.pad(packed_lengths.cumsum(0), (1, 0)).to(torch.int32)
     batch = VarlenBatch(cu_seqlens, max_frames, num_rows)
@@ -131,6 +135,40 @@ class LayerRoute:
         return self.batch.num_rows
 
 
+@dataclass(frozen=True)
+class HostSizes:
+    """The sizes of a forward's packing and routing plan, computed on the host from its
+    inputs (read in the forward's one sync), so that :func:`pack` and :meth:`Schedule.routes`
+    need no sync of their own. Per layer l:
+
+    * ``layer_seqs[l]``: sequences in the route's sub-batch: with ``depth``, the prefix of
+      samples with ``depth > l`` (packed in non-increasing depth order); otherwise B;
+    * ``layer_rows[l]``: rows that run layer l: ``sum(lengths[b])`` over the samples with
+      ``depth[b] > l`` (the prefix's ``cu_seqlens[layer_seqs[l]]``) or with
+      ``layer_mask[b][l]`` (the ``build_plan`` offsets are their cumulative sum); N at full depth.
+    """
+
+    num_rows: int
+    layer_seqs: Tuple[int, ...]
+    layer_rows: Tuple[int, ...]
+
+    @classmethod
+    def from_inputs(cls, lengths: Sequence[int], num_layers: int, depth: Optional[Sequence[int]] = None,
+                    layer_mask: Optional[Sequence[Sequence[int]]] = None) -> "HostSizes":
+        """From the valid frames per sample and at most one of ``depth`` (per sample) and
+        ``layer_mask`` (``[B][L]``, truthy = runs), all host values in original sample order."""
+        num_rows, num_seqs = sum(lengths), len(lengths)
+        if depth is not None:
+            seqs = [sum(d > layer for d in depth) for layer in range(num_layers)]
+            rows = [sum(n for n, d in zip(lengths, depth) if d > layer) for layer in range(num_layers)]
+        elif layer_mask is not None:
+            seqs = [num_seqs] * num_layers
+            rows = [sum(n for n, m in zip(lengths, layer_mask) if m[layer]) for layer in range(num_layers)]
+        else:
+            seqs, rows = [num_seqs] * num_layers, [num_rows] * num_layers
+        return cls(num_rows, tuple(seqs), tuple(rows))
+
+
 @dataclass
 class Schedule:
     """What executes, in packed order.
@@ -143,6 +181,8 @@ class Schedule:
         sample_mask: bool ``[B, L]`` per-(sample, layer) execution mask, or None.
         row_alive: bool ``[N]`` frames still in the sequence (frame skipping), or None.
         gates: ``[B, L]`` per-(sample, layer) gate values, or None (= 1).
+        sizes: the routes' sizes when known on the host (then :meth:`routes` makes no host
+            sync), or None. They must describe ``depth`` / ``sample_mask`` and no ``row_alive``.
     """
 
     batch: VarlenBatch
@@ -151,8 +191,12 @@ class Schedule:
     sample_mask: Optional[Tensor] = None
     row_alive: Optional[Tensor] = None
     gates: Optional[Tensor] = None
+    sizes: Optional[HostSizes] = None
 
     def replace(self, **changes) -> "Schedule":
+        """A copy with ``changes``; ``sizes`` is dropped (unless given) when what runs changes."""
+        if changes.keys() - {"gates", "sizes"}:
+            changes.setdefault("sizes", None)
         return dataclasses.replace(self, **changes)
 
     def routes(self, start: int = 0) -> List[Optional[LayerRoute]]:
@@ -172,6 +216,8 @@ class Schedule:
         layers = range(start, self.num_layers)
         if self.depth is None:
             counts = [(full.num_seqs, full.num_rows)] * len(layers)
+        elif self.sizes is not None:
+            counts = list(zip(self.sizes.layer_seqs[start:], self.sizes.layer_rows[start:]))
         else:
             thresholds = torch.arange(start, self.num_layers, device=self.depth.device)
             active_seqs = (self.depth.unsqueeze(0) > thresholds.unsqueeze(1)).sum(1)
@@ -195,7 +241,10 @@ class Schedule:
         if self.row_alive is not None:
             row_mask = row_mask & self.row_alive.unsqueeze(0)
         indices, offsets, active_cu = ops.build_plan(row_mask.contiguous(), full.cu_seqlens)
-        bounds = offsets.tolist()
+        if self.sizes is not None and self.row_alive is None:
+            bounds = [0, *itertools.accumulate(self.sizes.layer_rows[start:])]
+        else:
+            bounds = offsets.tolist()
         all_seq_ids = full.seq_ids.index_select(0, indices)  # once for every layer: one launch, not L
         routes = []
         for i in range(num_layers):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -168,8 +168,21 @@ def check_range(ranges: Sequence[tuple]) -> None:
     found = torch.stack([e.to(torch.int64) for _, values, _, _, _ in ranges
                          for e in (values.min(), values.max())]).tolist()
     for (name, _, low, high, high_name), lo, hi in zip(ranges, found[::2], found[1::2]):
-        if lo < low or hi > high:
-            raise ValueError(f"{name} must lie in [{low}, {high_name}={high}], got min {lo} max {hi}")
+        _check_found_range(name, lo, hi, low, high, high_name)
+
+
+def _check_found_range(name: str, lo: int, hi: int, low: int, high: int, high_name: str) -> None:
+    if lo < low or hi > high:
+        raise ValueError(f"{name} must lie in [{low}, {high_name}={high}], got min {lo} max {hi}")
+
+
+class HostInputs(NamedTuple):
+    """The host copies of ``DynamicConformer.forward``'s integer inputs, read in its one sync:
+    valid frames per sample, depth per sample (or None) and layer_mask rows as 0/1 (or None)."""
+
+    lengths: List[int]
+    depth: Optional[List[int]]
+    layer_mask: Optional[List[List[int]]]
 
 
 def integer_lengths(lengths: Tensor) -> Tensor:
@@ -179,9 +192,14 @@ def integer_lengths(lengths: Tensor) -> Tensor:
 
 
 def check_encoder_inputs(input: Any, lengths: Any, input_dim: int, num_layers: int, weight_dtype: torch.dtype,
-                         layer_mask: Any = None, depth: Any = None, gates: Any = None, policy: Any = None) -> Tensor:
+                         layer_mask: Any = None, depth: Any = None, gates: Any = None,
+                         policy: Any = None) -> Tuple[Tensor, Optional[HostInputs]]:
     """The arguments of ``DynamicConformer.forward`` (see its docstring); one host sync.
-    Returns the valid-frame counts as int64 ``[B]`` (:func:`integer_lengths`)."""
+
+    Returns the valid-frame counts as int64 ``[B]`` (:func:`integer_lengths`) and the
+    :class:`HostInputs` read in that sync, from which the forward sizes its packing and
+    routing plan without syncing again (None while compiling: the ranges become runtime
+    assertions and the plan reads its sizes as data-dependent ints)."""
     check_tensor("input", input, dim=3, layout=f"[B, T, {input_dim}]")
     if input.shape[2] != input_dim:
         raise ValueError(f"input must be a [B, T, {input_dim}] tensor, got {tuple(input.shape)}")
@@ -221,8 +239,19 @@ def check_encoder_inputs(input: Any, lengths: Any, input_dim: int, num_layers: i
         raise TypeError(f"policy must be a routing policy (a tuple decision_layers and a decide(layer, x, schedule) "
                         f"method), got {type(policy).__name__}")
     frames = integer_lengths(lengths)
-    ranges = [("lengths", frames, 0, max_frames, "T")]
-    if depth is not None:
-        ranges.append(("depth", depth, 0, num_layers, "num_layers"))
-    check_range(ranges)
-    return frames
+    if torch.compiler.is_compiling():
+        ranges = [("lengths", frames, 0, max_frames, "T")]
+        if depth is not None:
+            ranges.append(("depth", depth, 0, num_layers, "num_layers"))
+        check_range(ranges)
+        return frames, None
+    parts = [frames] + [t.to(torch.int64).reshape(-1) for t in (depth, layer_mask) if t is not None]
+    values = (torch.cat(parts) if len(parts) > 1 else frames).tolist()  # the one host sync
+    rest = values[batch_size:]
+    host = HostInputs(values[:batch_size], rest if depth is not None else None,
+                      [rest[b * num_layers:(b + 1) * num_layers] for b in range(batch_size)]
+                      if layer_mask is not None else None)
+    _check_found_range("lengths", min(host.lengths), max(host.lengths), 0, max_frames, "T")
+    if host.depth is not None:
+        _check_found_range("depth", min(host.depth), max(host.depth), 0, num_layers, "num_layers")
+    return frames, host
