@@ -35,8 +35,13 @@ class _FeedForwardModule(nn.Module):
 
     @torch.jit.unused
     def _forward_eager(self, x: Tensor) -> Tensor:
-        norm, linear1, activation, dropout1, linear2, dropout2 = self.sequential
-        return dropout2(linear2(dropout1(_activation(activation, linear1(norm(x))))))
+        return self.after_norm(self.sequential[0](x))
+
+    @torch.jit.unused
+    def after_norm(self, h: Tensor) -> Tensor:
+        """The module after its LayerNorm, on the normalised rows ``h``."""
+        _, linear1, activation, dropout1, linear2, dropout2 = self.sequential
+        return dropout2(linear2(dropout1(_activation(activation, linear1(h)))))
 
 
 def _activation(module: nn.Module, h: Tensor) -> Tensor:
@@ -98,13 +103,22 @@ class _ConvolutionModule(nn.Module):
         )
 
     def forward(self, x: Tensor, batch: VarlenBatch) -> Tensor:
+        return self.after_norm(self.layer_norm(x), batch)
+
+    def after_norm(self, h: Tensor, batch: VarlenBatch) -> Tensor:
+        """The module after its LayerNorm, on the normalised rows ``h``."""
         pointwise1, _, depthwise, norm, activation, pointwise2, dropout = self.sequential
-        h = self.layer_norm(x)
         h = F.glu(F.linear(h, pointwise1.weight.squeeze(-1), pointwise1.bias), dim=-1)
         h = ops.varlen_dwconv1d(h, batch.cu_seqlens, depthwise.weight.squeeze(1), depthwise.bias)
         h = varlen_group_norm(h, batch, norm) if isinstance(norm, nn.GroupNorm) else batch_norm_rows(h, norm)
         h = F.linear(_activation(activation, h), pointwise2.weight.squeeze(-1), pointwise2.bias)
         return dropout(h)
+
+
+def _listened(module: nn.Module) -> bool:
+    """Whether calls of ``module`` are observed (its own or global forward hooks)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or nn.modules.module._global_forward_hooks
+                or nn.modules.module._global_forward_pre_hooks)
 
 
 def _attention_is_plain(attn: nn.Module) -> bool:
@@ -113,8 +127,36 @@ def _attention_is_plain(attn: nn.Module) -> bool:
     its calls (no forward hooks): then the fast path may skip calling it."""
     return (isinstance(attn, nn.MultiheadAttention) and type(attn).forward is nn.MultiheadAttention.forward
             and attn._qkv_same_embed_dim and attn.bias_k is None and not attn.add_zero_attn
-            and not (attn._forward_hooks or attn._forward_pre_hooks or nn.modules.module._global_forward_hooks
-                     or nn.modules.module._global_forward_pre_hooks))
+            and not _listened(attn))
+
+
+def _plain_layer_norm(norm: nn.Module, x: Tensor, out: Tensor) -> Optional[nn.LayerNorm]:
+    """``norm`` when ``ops.add_layer_norm(x, out, alpha, norm.weight, norm.bias, norm.eps)``
+    computes what ``x + alpha * out`` followed by ``norm`` computes: an ``nn.LayerNorm``
+    (parametrized or not) over x's last dim with its own forward, nobody listening to its
+    calls (no forward hooks), and one dtype for the stream, the block output and the affine
+    parameters (or autocast, which the op follows); else None (call it as a module)."""
+    if not (isinstance(norm, nn.LayerNorm) and type(norm).forward is nn.LayerNorm.forward
+            and tuple(norm.normalized_shape) == (x.shape[-1],) and not _listened(norm)):
+        return None
+    params = [p for p in (norm.weight, norm.bias) if p is not None]
+    if all(t.dtype == x.dtype for t in (out, *params)) or torch.is_autocast_enabled(x.device.type):
+        return norm
+    return None
+
+
+def _block_norm(block: nn.Module, x: Tensor, out: Tensor) -> Optional[nn.LayerNorm]:
+    """The LayerNorm that starts ``block`` (a feed-forward or convolution module of this file,
+    or a bare LayerNorm) when the residual add ``x + alpha * out`` before it may compute it
+    too (``ops.add_layer_norm``) and the block then run from its normalised input
+    (``after_norm``): the block keeps its own forward, nobody listens to its calls and the
+    norm is plain (:func:`_plain_layer_norm`). None: call the block as a module."""
+    if type(block) in (_FeedForwardModule, _ConvolutionModule):
+        if _listened(block):
+            return None
+        norm = block.sequential[0] if type(block) is _FeedForwardModule else block.layer_norm
+        return _plain_layer_norm(norm, x, out)
+    return _plain_layer_norm(block, x, out)
 
 
 class DynamicConformerLayer(nn.Module):
@@ -134,6 +176,12 @@ class DynamicConformerLayer(nn.Module):
     as torchaudio calls it, on a padded ``[T, B, D]`` view of the sub-batch. Attention dropout
     on the probabilities is not applied on the fused path (the varlen attention op has none);
     the output dropouts are.
+
+    Each residual add is fused with the LayerNorm that reads its sum (``ops.add_layer_norm``:
+    ``self_attn_layer_norm``, ``conv_module.layer_norm``, ``ffn2.sequential[0]``,
+    ``final_layer_norm``) when that norm is a plain ``nn.LayerNorm`` without forward hooks and
+    its feed-forward / convolution module is this file's, unhooked; a replaced, subclassed or
+    hooked norm (or module) is called as a module instead.
     """
 
     def __init__(self, input_dim: int, ffn_dim: int, num_attention_heads: int, depthwise_conv_kernel_size: int,
@@ -192,12 +240,30 @@ class DynamicConformerLayer(nn.Module):
         packed = pack(input.transpose(0, 1), lengths)
         return packed.unpack(self._forward_packed(packed.x, packed.batch)).transpose(0, 1)
 
+    def _attention_block(self, h: Tensor, batch: VarlenBatch) -> Tensor:
+        """The attention block after its LayerNorm (``self_attn_layer_norm``)."""
+        return self.self_attn_dropout(self._attention(h, batch))
+
     def _forward_packed(self, x: Tensor, batch: VarlenBatch) -> Tensor:
-        x = torch.add(x, self.ffn1(x), alpha=0.5)
-        if self.convolution_first:
-            x = x + self.conv_module(x, batch)
-        x = x + self.self_attn_dropout(self._attention(self.self_attn_layer_norm(x), batch))
-        if not self.convolution_first:
-            x = x + self.conv_module(x, batch)
-        x = torch.add(x, self.ffn2(x), alpha=0.5)
-        return self.final_layer_norm(x)
+        # Four residual blocks: (module that starts with the block's LayerNorm, the block on x,
+        # the block after its LayerNorm, residual scale). Each residual add is followed by a
+        # LayerNorm of its sum (the next block's, finally final_layer_norm); when that norm is
+        # plain (_block_norm), both are one op (ops.add_layer_norm) and the next block starts
+        # from its output h.
+        attn_norm = self.self_attn_layer_norm
+        ffn1 = (self.ffn1, self.ffn1, self.ffn1.after_norm, 0.5)
+        conv = (self.conv_module, lambda x: self.conv_module(x, batch),
+                lambda h: self.conv_module.after_norm(h, batch), 1.0)
+        attention = (attn_norm, lambda x: self._attention_block(attn_norm(x), batch),
+                     lambda h: self._attention_block(h, batch), 1.0)
+        ffn2 = (self.ffn2, self.ffn2, self.ffn2.after_norm, 0.5)
+        blocks = [ffn1, conv, attention, ffn2] if self.convolution_first else [ffn1, attention, conv, ffn2]
+        h: Optional[Tensor] = None
+        for i, (_, block, after_norm, alpha) in enumerate(blocks):
+            out = block(x) if h is None else after_norm(h)
+            norm = _block_norm(blocks[i + 1][0] if i + 1 < len(blocks) else self.final_layer_norm, x, out)
+            if norm is None:
+                x, h = torch.add(x, out, alpha=alpha), None
+            else:
+                x, h = ops.add_layer_norm(x, out, alpha, norm.weight, norm.bias, norm.eps)
+        return self.final_layer_norm(x) if h is None else h

@@ -130,6 +130,19 @@ def _plan(kind: str) -> Builder:
     return _op(make)
 
 
+def _add_layer_norm(native: bool) -> Builder:
+    def make(w: Workload) -> Callable[[], Any]:
+        x = w.op_rows["packed"].x
+        generator = torch.Generator().manual_seed(w.config.seed + 7)
+        residual, weight, bias = (torch.randn(shape, generator=generator).to(w.device)
+                                  for shape in (x.shape, x.shape[1:], x.shape[1:]))
+        # the reference is x + 0.5 * residual, then F.layer_norm of the sum
+        impl = native_ops.add_layer_norm if native else native_ops.reference("add_layer_norm")
+        return lambda: impl(x, residual, 0.5, weight, bias, 1e-5)
+
+    return _op(make)
+
+
 #: op name (dynenc.ops.OPS) -> (label, ((implementation, builder), ...)); the first implementation
 #: is the native op, the others the eager torch compositions it replaces.
 OP_BENCHMARKS: Dict[str, Tuple[str, Tuple[Tuple[str, Builder], ...]]] = {
@@ -141,6 +154,8 @@ OP_BENCHMARKS: Dict[str, Tuple[str, Tuple[Tuple[str, Builder], ...]]] = {
     "varlen_attention": ("attention", (("native", _attention("native")), ("eager padded SDPA", _attention("padded")),
                                        ("eager per-sequence SDPA", _attention("per-sequence")))),
     "build_plan": ("plan", (("native", _plan("native")), ("eager reference", _plan("reference")))),
+    "add_layer_norm": ("add + layer norm", (("native", _add_layer_norm(True)),
+                                            ("eager add + layer_norm", _add_layer_norm(False)))),
 }
 assert set(OP_BENCHMARKS) <= set(native_ops.OPS), "OP_BENCHMARKS must use the op table's names"
 OPS = dict(OP_BENCHMARKS.values())  # label -> implementations

@@ -19,8 +19,15 @@ from __future__ import annotations
 import importlib
 from typing import Callable
 
+import torch
+
 from .. import _C  # noqa: F401  (registers the dynenc:: schemas and CPU kernels)
 from .registry import BACKENDS, OPS, current_backend, use_backend
+
+_missing = [name for name in OPS if not hasattr(torch.ops.dynenc, name)]
+if _missing:
+    raise ImportError(f"dynenc._C registers no {', '.join(_missing)}: the C++ extension is older than csrc/; "
+                      "rebuild it (pip install --no-build-isolation -e .)")
 
 MODULES = {name: importlib.import_module(f"{__name__}.{name}") for name in dict.fromkeys(OPS.values())}
 

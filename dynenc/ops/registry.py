@@ -28,6 +28,8 @@ OPS: Dict[str, str] = {
     "varlen_attention": "attention",
     "varlen_attention_backward": "attention",
     "build_plan": "plan",
+    "add_layer_norm": "norm",
+    "add_layer_norm_backward": "norm",
 }
 
 BACKENDS = ("native", "reference")

@@ -189,21 +189,32 @@ def tensor_arguments(name: str, args: Sequence) -> list:
     return [(a.name, v) for a, v in zip(schema.arguments, args) if isinstance(v, Tensor) and v.requires_grad]
 
 
-def first_output(fn: Callable) -> Callable:
+def leading_outputs(fn: Callable, count: int = 1) -> Callable:
+    """``fn`` returning its first ``count`` outputs only (the differentiable ones of an op
+    whose further outputs are statistics for its backward, e.g. a logsumexp)."""
     def call(*args):
         out = fn(*args)
-        return out[0] if isinstance(out, tuple) else out
+        if not isinstance(out, tuple):
+            return out
+        return out[0] if count == 1 else out[:count]
 
     return call
+
+
+def as_outputs(out) -> tuple:
+    """A public function's result as a tuple of tensors (most return one tensor)."""
+    return out if isinstance(out, tuple) else (out,)
 
 
 class AutogradChecks:
     """The registered autograd of differentiable ops, on small float64 samples. An op file
     subclasses it as ``TestAutograd``, setting ``samples`` (``{op name: [args, ...]}``, the
     floating tensors requiring grad) and ``double_backward_refused(name, args)``: whether the
-    native backward is a ``*_backward`` op, which refuses double backward."""
+    native backward is a ``*_backward`` op, which refuses double backward; ``outputs``
+    (``{op name: count}``, default 1): how many leading outputs of the op are differentiable."""
 
     samples: dict = {}
+    outputs: dict = {}
 
     @staticmethod
     def double_backward_refused(name: str, args: Sequence) -> bool:
@@ -218,7 +229,8 @@ class AutogradChecks:
         torch.library.opcheck(getattr(torch.ops.dynenc, name).default, args)
 
     def test_gradcheck_through_registered_autograd(self, name, args):
-        assert torch.autograd.gradcheck(first_output(getattr(torch.ops.dynenc, name)), args, atol=1e-6)
+        op = leading_outputs(getattr(torch.ops.dynenc, name), self.outputs.get(name, 1))
+        assert torch.autograd.gradcheck(op, args, atol=1e-6)
 
     def test_native_backward_matches_reference_autograd(self, name, args):
         """The registered autograd (the C++ ``*_backward`` ops) gives the reference's autograd gradients."""
@@ -226,8 +238,8 @@ class AutogradChecks:
         grads = {}
         for backend in ("native", "reference"):
             with dynenc.use_backend(backend):
-                out = getattr(dynenc.ops, name)(*args)
-            grads[backend] = torch.autograd.grad(out, [t for _, t in inputs], torch.ones_like(out))
+                outs = as_outputs(getattr(dynenc.ops, name)(*args))
+            grads[backend] = torch.autograd.grad(outs, [t for _, t in inputs], [torch.ones_like(o) for o in outs])
         for (arg, _), reference, native in zip(inputs, grads["reference"], grads["native"]):
             assert_close(f"grad_{arg}", reference, native, atol=1e-10, rtol=1e-10)
 
@@ -239,8 +251,8 @@ class AutogradChecks:
         refused = self.double_backward_refused(name, args)
         if refused:
             inputs = [t for _, t in tensor_arguments(name, args)]
-            out = public(*args)
-            grads = torch.autograd.grad(out, inputs, torch.ones_like(out), create_graph=True)
+            outs = as_outputs(public(*args))
+            grads = torch.autograd.grad(outs, inputs, [torch.ones_like(o) for o in outs], create_graph=True)
             with pytest.raises(RuntimeError, match="double backward"):
                 torch.autograd.grad(sum(g.sum() for g in grads), inputs, allow_unused=True)
         for backend in ("reference",) if refused else ("native", "reference"):

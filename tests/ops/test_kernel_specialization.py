@@ -71,3 +71,16 @@ def test_row_ops_compile_once_per_case(recorded):
     assert len(recorded["_row_merge_kernel"]) == 3  # scatter, gated with index, ungated prefix
     assert len(recorded["_gated_scatter_bwd_kernel"]) == 1
     assert len(recorded["_inverse_index_kernel"]) == 1
+
+
+def test_add_layer_norm_compiles_once_per_dtype_and_width(recorded):
+    configs = [(dtype, dim) for dtype in (torch.float32, torch.float16) for dim in (96, 144)]
+    for dtype, dim in configs:
+        weight = torch.randn(dim).to(dtype)
+        for cu_seqlens in _ragged_batches():
+            x = torch.randn(int(cu_seqlens[-1]) + 1, dim).to(dtype)
+            stats = torch.zeros(x.shape[0])
+            kernels.add_layer_norm(x, x, 0.5, weight, weight, 1e-5)
+            kernels.add_layer_norm_backward(x, x, x, stats, stats, weight, 0.5)
+    assert len(recorded["_add_layer_norm_fwd_kernel"]) == len(configs)
+    assert len(recorded["_add_layer_norm_bwd_kernel"]) == len(configs)

@@ -161,7 +161,7 @@ def test_native_forward_calls_the_cpp_ops():
     names = {event.key for event in prof.key_averages()}
     for expected in ("dynenc::gather_rows", "dynenc::scatter_rows", "dynenc::gated_residual_scatter",
                      "dynenc::varlen_dwconv1d", "dynenc::varlen_attention", "dynenc::build_plan",
-                     "dynenc.plan", "dynenc.pack", "dynenc.unpack", "dynenc.layer0", "dynenc.layer1"):
+                     "dynenc::add_layer_norm", "dynenc.plan", "dynenc.pack", "dynenc.unpack", "dynenc.layer0", "dynenc.layer1"):
         assert expected in names, expected
 
 
