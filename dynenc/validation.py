@@ -239,10 +239,10 @@ def check_encoder_inputs(input: Any, lengths: Any, input_dim: int, num_layers: i
         raise TypeError(f"policy must be a routing policy (a tuple decision_layers and a decide(layer, x, schedule) "
                         f"method), got {type(policy).__name__}")
     frames = integer_lengths(lengths)
+    ranges = [("lengths", frames, 0, max_frames, "T")]
+    if depth is not None:
+        ranges.append(("depth", depth, 0, num_layers, "num_layers"))
     if torch.compiler.is_compiling():
-        ranges = [("lengths", frames, 0, max_frames, "T")]
-        if depth is not None:
-            ranges.append(("depth", depth, 0, num_layers, "num_layers"))
         check_range(ranges)
         return frames, None
     parts = [frames] + [t.to(torch.int64).reshape(-1) for t in (depth, layer_mask) if t is not None]
@@ -251,7 +251,6 @@ def check_encoder_inputs(input: Any, lengths: Any, input_dim: int, num_layers: i
     host = HostInputs(values[:batch_size], rest if depth is not None else None,
                       [rest[b * num_layers:(b + 1) * num_layers] for b in range(batch_size)]
                       if layer_mask is not None else None)
-    _check_found_range("lengths", min(host.lengths), max(host.lengths), 0, max_frames, "T")
-    if host.depth is not None:
-        _check_found_range("depth", min(host.depth), max(host.depth), 0, num_layers, "num_layers")
+    for (name, _, low, high, high_name), found in zip(ranges, (host.lengths, host.depth)):
+        _check_found_range(name, min(found), max(found), low, high, high_name)
     return frames, host
