@@ -43,6 +43,8 @@ def run_case(benchmark, workload):
     with the run's repeats after its warm-up rounds (they take up to seconds each)."""
 
     def run(case):
+        if not case.runs_on(workload.device):
+            pytest.skip(f"{case.key} does not run on {workload.device}")
         prepared = case.build(workload)
         benchmark.group = f"{workload.device.type}:{case.figure}"
         benchmark.extra_info.update(peer=case.peer, **prepared.info)

@@ -1,4 +1,5 @@
-"""Timing and the machine header.
+"""Timing, the work model of micro-benchmarks with the GPUs' datasheet peaks, and the machine
+header.
 
 Cases of a figure are timed round-robin by a hand-written loop rather than
 ``torch.utils.benchmark.Timer.blocked_autorange``: the Timer measures one statement in its
@@ -12,9 +13,10 @@ from __future__ import annotations
 import math
 import os
 import platform
+import re
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -72,6 +74,28 @@ class TrainStep:
         return sum(storages.values())
 
 
+@dataclass(frozen=True)
+class Work:
+    """The least work one call of a micro-benchmark must do, for its throughput: ``bytes`` read
+    + written (memory-bound ops) or ``flops`` (compute-bound ones, held against the peak of the
+    ``math`` mode, a key of :attr:`DevicePeak.tflops`). Every implementation of an op is
+    credited with the same work, so the rows compare useful throughput."""
+
+    bytes: Optional[int] = None
+    flops: Optional[float] = None
+    math: Optional[str] = None
+
+    def rates(self, seconds: float, peak: Optional[DevicePeak]) -> Dict[str, Optional[float]]:
+        """``gb_per_s`` or ``tflop_per_s`` (the other None) of this work done in ``seconds``,
+        and ``peak_fraction``: that rate over the device's peak (None without a known peak)."""
+        if self.flops is not None:
+            rate = self.flops / seconds / 1e12
+            ceiling = peak.tflops.get(self.math) if peak is not None else None
+            return dict(gb_per_s=None, tflop_per_s=rate, peak_fraction=rate / ceiling if ceiling else None)
+        rate = self.bytes / seconds / 1e9
+        return dict(gb_per_s=rate, tflop_per_s=None, peak_fraction=rate / peak.gb_per_s if peak is not None else None)
+
+
 @dataclass
 class Prepared:
     """A case ready to run: ``run()`` is what gets timed; ``info`` are per-case facts
@@ -80,6 +104,7 @@ class Prepared:
     run: Callable[[], Any]
     info: Dict[str, Any] = field(default_factory=dict)
     repeat_inside: bool = False  # micro-benchmarks: repeat run() inside one measurement
+    work: Optional[Work] = None  # micro-benchmarks: the least work of one call (throughput rows)
 
 
 @dataclass
@@ -136,6 +161,52 @@ def measure(prepared: Dict[str, Prepared], repeats: int, warmup: int, device: to
     return timings
 
 
+# ============================================================================ device peaks
+@dataclass(frozen=True)
+class DevicePeak:
+    """Datasheet peaks of a GPU: memory bandwidth (GB/s) and dense TFLOP/s per math mode —
+    ``fp32`` on the CUDA cores, ``tf32``, ``bf16``, ``fp16`` on the tensor cores (no sparsity)."""
+
+    name: str
+    gb_per_s: float
+    tflops: Dict[str, float]
+
+
+def _gpu(name: str, gb_per_s: float, fp32: float, tf32: float, half: float) -> DevicePeak:
+    return DevicePeak(name, gb_per_s, dict(fp32=fp32, tf32=tf32, bf16=half, fp16=half))  # bf16 = fp16 on all of them
+
+
+#: Name tokens of ``torch.cuda.get_device_name()`` -> peaks. Sources: NVIDIA's datasheets ("H100
+#: Tensor Core GPU", "H200 Tensor Core GPU", "A100 Tensor Core GPU", "L4 Tensor Core GPU", "A10
+#: Tensor Core GPU", "L40S GPU"); where a datasheet gives tensor-core figures only with sparsity
+#: (H100, H200, L4) the dense ones are half of them. A100 PCIe parts list the SXM compute figures.
+GPU_PEAKS: Dict[Tuple[str, ...], DevicePeak] = {
+    ("H100", "HBM3"): _gpu("H100 SXM", 3350, 67, 494.5, 989.5),  # "NVIDIA H100 80GB HBM3"
+    ("H100", "PCIE"): _gpu("H100 PCIe", 2000, 51, 378, 756.5),
+    ("H100", "NVL"): _gpu("H100 NVL", 3900, 60, 417.5, 835.5),
+    ("H200",): _gpu("H200 SXM", 4800, 67, 494.5, 989.5),
+    ("H200", "NVL"): _gpu("H200 NVL", 4800, 60, 417.5, 835.5),
+    ("A100", "SXM4", "40GB"): _gpu("A100 SXM 40GB", 1555, 19.5, 156, 312),
+    ("A100", "SXM4", "80GB"): _gpu("A100 SXM 80GB", 2039, 19.5, 156, 312),
+    ("A100", "PCIE", "40GB"): _gpu("A100 PCIe 40GB", 1555, 19.5, 156, 312),
+    ("A100", "PCIE", "80GB"): _gpu("A100 PCIe 80GB", 1935, 19.5, 156, 312),
+    ("L4",): _gpu("L4", 300, 30.3, 60, 121),
+    ("A10",): _gpu("A10", 600, 31.2, 62.5, 125),
+    ("L40S",): _gpu("L40S", 864, 91.6, 183, 362.05),
+}
+
+
+def gpu_peak(device_name: Optional[str]) -> Optional[DevicePeak]:
+    """The :data:`GPU_PEAKS` entry of a device name, or None (unknown devices are not guessed).
+
+    Matched on whole tokens (``"A10"`` is not ``"A100"``, ``"L4"`` not ``"L40S"``); of the
+    entries whose tokens all occur in the name, the one with the most tokens wins
+    (``"NVIDIA H200 NVL"`` -> H200 NVL, ``"NVIDIA H200"`` -> H200 SXM)."""
+    tokens = set(re.findall(r"[A-Z0-9]+", (device_name or "").upper()))
+    matches = [key for key in GPU_PEAKS if tokens.issuperset(key)]
+    return GPU_PEAKS[max(matches, key=len)] if matches else None
+
+
 # ============================================================================ machine header
 def _git_commit() -> str:
     root = Path(__file__).resolve().parent.parent
@@ -187,7 +258,8 @@ def _cpu_busy(seconds: float = 0.5) -> Optional[float]:
 
 
 def machine_info() -> Dict[str, Any]:
-    """CPU model and threads, GPU if any, library versions, dynenc commit."""
+    """CPU model and threads, GPU if any (and its :data:`GPU_PEAKS` entry), library versions,
+    dynenc commit."""
     import torchaudio
 
     try:
@@ -196,13 +268,16 @@ def machine_info() -> Dict[str, Any]:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    peak = gpu_peak(gpu)
     return {
         "cpu_busy_before": _cpu_busy(),
         "load_avg_1m": load_average(),
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "gpu": gpu,
+        "gpu_peak": None if peak is None else asdict(peak),  # what the ops rows' fractions of peak are of
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torchaudio": torchaudio.__version__,

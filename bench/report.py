@@ -22,6 +22,14 @@ def _table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(cells) for cells in body])
 
 
+def _throughput(row: Row) -> str:
+    """``"1,234 GB/s"``, ``"0.0123 TFLOP/s"`` (3 significant digits), or blank."""
+    for rate, unit in ((row.gb_per_s, "GB/s"), (row.tflop_per_s, "TFLOP/s")):
+        if rate is not None:
+            return f"{rate:,.0f} {unit}" if rate >= 100 else f"{rate:.3g} {unit}"
+    return ""
+
+
 def format_rows(rows: Sequence[Row]) -> str:
     body = []
     for row in rows:
@@ -31,8 +39,10 @@ def format_rows(rows: Sequence[Row]) -> str:
         body.append([
             f"{row.device}:{row.figure}", row.case, median_ms, f"{row.tokens_per_s:,.0f}" if row.tokens_per_s else "",
             *(f"{info[key]:.2f}" if key in info else "" for key in ("active", "flops", "computed")),
-            phases, f"{info['saved_mb']:.1f}" if "saved_mb" in info else ""])
-    header = ["figure", "case", "median ms", "tokens/s", "active", "flops", "computed", "fwd / bwd ms", "saved MB"]
+            phases, f"{info['saved_mb']:.1f}" if "saved_mb" in info else "", _throughput(row),
+            "" if row.peak_fraction is None else f"{row.peak_fraction:.1%}"])
+    header = ["figure", "case", "median ms", "tokens/s", "active", "flops", "computed", "fwd / bwd ms", "saved MB",
+              "throughput", "of peak"]
     return _table(header, body)
 
 
@@ -43,10 +53,12 @@ def format_results(results: Sequence[RatioResult]) -> str:
 
 
 def format_machine(machine: Dict[str, Any]) -> str:
-    busy = machine["cpu_busy_before"]
+    busy, gpu, peak = machine["cpu_busy_before"], machine["gpu"], machine["gpu_peak"]
+    if gpu:  # which peaks the ops rows' fractions are of
+        gpu += " (not in the peak table)" if peak is None else f" (peak table: {peak['name']})"
     return (f"CPU: {machine['cpu']} ({machine['cpu_count']} cores, torch threads {machine['torch_threads']}; "
             f"busy before the run {'?' if busy is None else f'{busy:.0%}'}, load {machine['load_avg_1m']})  "
-            f"GPU: {machine['gpu'] or 'none'}\n"
+            f"GPU: {gpu or 'none'}\n"
             f"torch {machine['torch']}  torchaudio {machine['torchaudio']}  triton {machine['triton']}  "
             f"dynenc {machine['dynenc']} ({machine['dynenc_commit']})  python {machine['python']}")
 
@@ -187,6 +199,12 @@ def write_outputs(out_dir: Path, config: BenchConfig, machine: Dict[str, Any], r
             "saved_mb": "bytes of the distinct storages autograd saves for backward in one forward (parameters "
                         "excluded): the activation memory of a training step",
             "tokens_per_s": "valid input frames per second",
+            "work": "ops rows: the least work of one call (bytes read + written by a memory-bound op, FLOPs of "
+                    "attention and the layer: packed, unpadded sequences), credited to every implementation alike",
+            "gb_per_s": "ops rows: work bytes over the median (useful throughput of a memory-bound op)",
+            "tflop_per_s": "ops rows: work FLOPs over the median (useful throughput of attention, the layer)",
+            "peak_fraction": "that throughput over the GPU's datasheet peak (machine.gpu_peak: memory bandwidth, or "
+                             "the dense TFLOP/s of the work's math mode); null on CPUs and GPUs not in the table",
         },
         "rows": [dataclasses.asdict(r) for r in rows],
         "ratios": [dataclasses.asdict(r) for r in results],

@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .figures import FIGURES, Ratio, all_cases, weighted_terms
-from .harness import measure, median
+from .harness import Work, gpu_peak, measure, median
 from .workload import BenchConfig, Workload
 
 
@@ -23,6 +23,12 @@ class Row:
     tokens_per_s: Optional[float]
     phases_ms: Dict[str, float]
     info: Dict[str, Any]
+    # micro-benchmarks: the least work of one call, and the rate it was done at (GB/s for
+    # memory-bound ops, TFLOP/s for compute-bound ones) over the device's peak (None if unknown)
+    work: Optional[Work] = None
+    gb_per_s: Optional[float] = None
+    tflop_per_s: Optional[float] = None
+    peak_fraction: Optional[float] = None
 
 
 @dataclass
@@ -58,10 +64,11 @@ def evaluate(ratios: Sequence[Ratio], rows: Dict[str, Row], device: str) -> List
 
 
 def run_figure(figure: str, config: BenchConfig, workload: Workload, progress=None) -> Dict[str, Row]:
-    """Prepare and time every case of ``figure``; rows keyed by case key. ``progress``: a
-    tqdm bar counting cases, advanced by fractions of a case per timed round."""
+    """Prepare and time every case of ``figure`` that runs on the workload's device; rows keyed
+    by case key. ``progress``: a tqdm bar counting cases, advanced by fractions of a case per
+    timed round."""
     spec = FIGURES[figure]
-    cases = spec.cases(config)
+    cases = [case for case in spec.cases(config) if case.runs_on(workload.device)]
     prepared = {}
     for case in cases:
         if progress is not None:
@@ -77,16 +84,19 @@ def run_figure(figure: str, config: BenchConfig, workload: Workload, progress=No
 
     # op_min_time only lengthens the micro-benchmarks (cases that repeat inside a measurement).
     timings = measure(prepared, config.repeats, config.warmup, workload.device, config.op_min_time, on_round)
+    # no peak table for CPUs: their rows have no fraction of peak
+    peak = gpu_peak(torch.cuda.get_device_name(workload.device)) if workload.device.type == "cuda" else None
     rows = {}
     for case in cases:
         timing = timings[case.key]
         seconds = timing.median
+        work = prepared[case.key].work
         rows[case.key] = Row(
             device=workload.device.type, figure=figure, case=case.name, peer=case.peer, median_ms=seconds * 1e3,
             times_ms=[t * 1e3 for t in timing.seconds],
             tokens_per_s=workload.valid_tokens / seconds if spec.per_token and seconds > 0 else None,
             phases_ms={phase: median(values) * 1e3 for phase, values in timing.phases.items()},
-            info=prepared[case.key].info)
+            info=prepared[case.key].info, work=work, **(work.rates(seconds, peak) if work and seconds > 0 else {}))
     return rows
 
 
@@ -95,7 +105,7 @@ def run_benchmarks(config: BenchConfig, figures: Sequence[str], devices: Sequenc
     """Every figure on every device; returns ``(rows, ratio results)``."""
     from tqdm.auto import tqdm
 
-    total = len(devices) * len(all_cases(config, figures))
+    total = sum(case.runs_on(torch.device(device)) for device in devices for case in all_cases(config, figures))
     rows: List[Row] = []
     results: List[RatioResult] = []
     with tqdm(total=total, desc="dynenc bench", unit="case", disable=not show_progress,

@@ -75,10 +75,8 @@ std::vector<int32_t> check_qkv(const at::Tensor& q, const at::Tensor& k, const a
                                const at::Tensor& cu_seqlens, int64_t max_seqlen, const char* op) {
   check_rank(q, 3, op, "q");
   check_floating(q, op, "q");
-  check_like(k, q, op, "k", "q");
-  check_like(v, q, op, "v", "q");
-  check_shape(k, q.sizes(), op, "k");
-  check_shape(v, q.sizes(), op, "v");
+  check_matches(k, q, q.sizes(), op, "k", "q");
+  check_matches(v, q, q.sizes(), op, "v", "q");
   TORCH_CHECK_VALUE(q.size(1) >= 1 && q.size(2) >= 1, op,
                     ": q must have at least one head and head_dim >= 1, got shape ", q.sizes());
   const at::Tensor cu = check_cu_seqlens(cu_seqlens, q.size(0), q, op);
@@ -116,10 +114,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_backward(
     const at::Tensor& logsumexp, const at::Tensor& cu_seqlens, int64_t max_seqlen, double scale) {
   constexpr const char* op = "varlen_attention_backward";
   const std::vector<int32_t> cu = check_qkv(q, k, v, cu_seqlens, max_seqlen, op);
-  check_like(grad_out, q, op, "grad_out", "q");
-  check_shape(grad_out, q.sizes(), op, "grad_out");
-  check_like(out, q, op, "out", "q");
-  check_shape(out, q.sizes(), op, "out");
+  check_matches(grad_out, q, q.sizes(), op, "grad_out", "q");
+  check_matches(out, q, q.sizes(), op, "out", "q");
   TORCH_CHECK_TYPE(logsumexp.scalar_type() == at::kFloat, op, ": logsumexp must be float32, got ",
               logsumexp.scalar_type());
   check_shape(logsumexp, {q.size(0), q.size(1)}, op, "logsumexp");

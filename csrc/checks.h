@@ -44,6 +44,13 @@ inline void check_shape(const at::Tensor& t, at::IntArrayRef shape, const char* 
   TORCH_CHECK_VALUE(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
 }
 
+// `t` must be a companion of `ref`: on its device, of its dtype, and of the given shape.
+inline void check_matches(const at::Tensor& t, const at::Tensor& ref, at::IntArrayRef shape, const char* op,
+                          const char* name, const char* ref_name) {
+  check_like(t, ref, op, name, ref_name);
+  check_shape(t, shape, op, name);
+}
+
 // Validates cu_seqlens (int32 [B + 1], cu[0] == 0, non-decreasing, cu[B] == num_rows) and
 // returns it contiguous. The kernels index rows through it, so this is what keeps them in bounds.
 inline at::Tensor check_cu_seqlens(const at::Tensor& cu_seqlens, int64_t num_rows, const at::Tensor& ref,

@@ -142,8 +142,7 @@ at::Tensor varlen_dwconv1d(const at::Tensor& x, const at::Tensor& cu_seqlens, co
   const int64_t N = x.size(0), C = x.size(1), K = weight.size(1), B = cu.numel() - 1;
   at::Tensor b;
   if (bias) {
-    check_like(*bias, x, op, "bias", "x");
-    check_shape(*bias, {C}, op, "bias");
+    check_matches(*bias, x, {C}, op, "bias", "x");
     b = bias->to(at::toOpMathType(x.scalar_type())).contiguous();
   }
   const at::Tensor xc = x.contiguous(), w = taps_major(weight, false);
@@ -173,8 +172,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_dwconv1d_backward(const at
                                                                         const at::Tensor& weight) {
   constexpr const char* op = "varlen_dwconv1d_backward";
   const at::Tensor cu = check_conv_args(x, cu_seqlens, weight, op);
-  check_like(grad_out, x, op, "grad_out", "x");
-  check_shape(grad_out, x.sizes(), op, "grad_out");
+  check_matches(grad_out, x, x.sizes(), op, "grad_out", "x");
   const int64_t N = x.size(0), C = x.size(1), K = weight.size(1), B = cu.numel() - 1;
   const at::Tensor go = grad_out.contiguous(), xc = x.contiguous(), w_flip = taps_major(weight, true);
   at::Tensor grad_x = at::empty_like(xc);

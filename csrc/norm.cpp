@@ -111,9 +111,7 @@ DYNENC_MULTIVERSION void backward_row(scalar_t* gx, scalar_t* gr, opmath_t* pw, 
 // A [D] affine parameter of x's dtype and device, as a contiguous opmath copy (undefined if absent).
 at::Tensor prepare_param(const std::optional<at::Tensor>& p, const at::Tensor& x, const char* op, const char* name) {
   if (!p) return at::Tensor();
-  check_rank(*p, 1, op, name);
-  check_like(*p, x, op, name, "x");
-  check_shape(*p, {x.size(1)}, op, name);
+  check_matches(*p, x, {x.size(1)}, op, name, "x");
   return p->to(at::toOpMathType(x.scalar_type())).contiguous();
 }
 
@@ -135,9 +133,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm(
   check_rank(x, 2, op, "x");
   check_floating(x, op, "x");
   TORCH_CHECK_VALUE(x.size(1) >= 1, op, ": x must have at least one feature, got shape ", x.sizes());
-  check_rank(residual, 2, op, "residual");
-  check_like(residual, x, op, "residual", "x");
-  check_shape(residual, x.sizes(), op, "residual");
+  check_matches(residual, x, x.sizes(), op, "residual", "x");
   TORCH_CHECK_VALUE(std::isfinite(alpha), op, ": alpha must be finite, got ", alpha);
   TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, op, ": eps must be finite and >= 0, got ", eps);
   const at::Tensor w = prepare_param(weight, x, op, "weight"), b = prepare_param(bias, x, op, "bias");
@@ -179,13 +175,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_backwa
   check_rank(sum, 2, op, "sum");
   check_floating(sum, op, "sum");
   TORCH_CHECK_VALUE(sum.size(1) >= 1, op, ": sum must have at least one feature, got shape ", sum.sizes());
-  check_rank(grad_out, 2, op, "grad_out");
-  check_like(grad_out, sum, op, "grad_out", "sum");
-  check_shape(grad_out, sum.sizes(), op, "grad_out");
+  check_matches(grad_out, sum, sum.sizes(), op, "grad_out", "sum");
   if (grad_sum) {
-    check_rank(*grad_sum, 2, op, "grad_sum");
-    check_like(*grad_sum, sum, op, "grad_sum", "sum");
-    check_shape(*grad_sum, sum.sizes(), op, "grad_sum");
+    check_matches(*grad_sum, sum, sum.sizes(), op, "grad_sum", "sum");
   }
   check_stat(mean, sum, op, "mean");
   check_stat(rstd, sum, op, "rstd");

@@ -188,8 +188,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_residual_scatter_backward(
     const std::optional<at::Tensor>& index) {
   constexpr const char* op = "gated_residual_scatter_backward";
   check_rows_pair(x, y, op);
-  check_like(grad_out, x, op, "grad_out", "x");
-  check_shape(grad_out, x.sizes(), op, "grad_out");
+  check_matches(grad_out, x, x.sizes(), op, "grad_out", "x");
   const int64_t N = x.size(0), D = x.size(1), M = y.size(0);
   const ActiveRows rows = active_rows(index, M, N, x, op);
   const at::Tensor g = prepare_gate(gate, M, x, op);

@@ -19,12 +19,15 @@ Builder = Callable[[Workload], Prepared]
 
 @dataclass(frozen=True)
 class Case:
-    """One benchmark: ``build(workload)`` returns the :class:`Prepared` callable to time."""
+    """One benchmark: ``build(workload)`` returns the :class:`Prepared` callable to time.
+    ``runs_on(device)``: whether the case exists on a device (a CUDA-only kernel is skipped
+    elsewhere, not failed)."""
 
     figure: str
     name: str
     peer: str
     build: Builder = field(compare=False)
+    runs_on: Callable[[torch.device], bool] = field(default=lambda device: True, compare=False)
 
     @property
     def key(self) -> str:

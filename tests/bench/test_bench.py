@@ -4,8 +4,10 @@ import json
 import re
 
 import pytest
+import torch
 
 from dynenc import bench
+from dynenc.bench.harness import Work, gpu_peak
 from dynenc.cli import main
 from dynenc.config import config_from_dict
 
@@ -19,7 +21,7 @@ def test_bench_quick_writes_json_and_png(tmp_path, capsys):
     assert config_from_dict(bench.BenchConfig, payload["config"], "bench.json") == bench.QUICK
 
     rows = {(r["figure"], r["case"]): r for r in payload["rows"]}
-    expected = {(case.figure, case.name) for case in bench.all_cases(bench.QUICK)}
+    expected = {(case.figure, case.name) for case in bench.all_cases(bench.QUICK) if case.runs_on(torch.device("cpu"))}
     assert set(rows) == expected
     assert {r["peer"] for r in payload["rows"]} >= {"torchaudio", "masked", "dynenc", "dynenc-reference", "eager"}
     for row in payload["rows"]:
@@ -121,3 +123,68 @@ def test_op_figure_covers_the_op_table():
 
     forward = {name for name in dynenc.ops.OPS if not name.endswith("_backward")}
     assert set(OP_BENCHMARKS) == forward - {"scatter_rows"}
+
+
+def test_op_work_models_by_hand():
+    """The least work credited to each op case, on 2 sequences of 2 and 4 rows (N = 6) at D = 4
+    channels, 2 heads, fp32, whose LD route runs rows 0, 1 (M = 2); every implementation of an
+    op is credited with the same work."""
+    import dataclasses
+
+    from dynenc.bench.figures.ops import OPS, cases
+
+    config = dataclasses.replace(bench.QUICK, batch=2, frames=4, min_length=0.5, op_dim=4, seed=2)
+    workload = bench.Workload(config, torch.device("cpu"))
+    assert workload.input[1].tolist() == [2, 4] and workload.op_rows["route"].index.tolist() == [0, 1]
+    works = {label: {build(workload).work for _, build in impls} for label, impls in OPS.items()}
+    assert all(len(work) == 1 for work in works.values())
+    # read 2 rows of 4 fp32 + 2 int64 indices, write 2 rows
+    assert works["gather"] == {Work(bytes=2 * 16 + 2 * 8 + 2 * 16)}
+    # read x (6 rows), y (2 rows), 2 fp32 gates, 2 indices; write 6 rows
+    assert works["gated scatter"] == {Work(bytes=96 + 32 + 8 + 16 + 96)}
+    # QK^T and PV: 2 * L^2 * Dh FLOPs each, per sequence and head; fp32 is held against the TF32 peak
+    assert works["attention"] == {Work(flops=2 * 2 * (2 ** 2 + 4 ** 2) * 2 * 2, math="tf32")}
+    torch_kernels = {case.name: case for case in cases(config) if case.peer == "torch"}
+    varlen = torch_kernels["attention torch varlen_attn (bf16)"]
+    assert not varlen.runs_on(torch.device("cpu"))  # CUDA only: skipped on CPU
+    assert varlen.build(workload).work == Work(flops=320.0, math="bf16")  # built (not run) on CPU
+    assert torch_kernels["gated scatter torch clone+index_copy_ (no gate)"].build(workload).work == Work(
+        bytes=96 + 32 + 16 + 96)
+
+
+def test_ops_quick_reports_throughput(tmp_path, capsys):
+    """Every ops row reports one positive rate (GB/s or TFLOP/s); on CPU no fraction of peak."""
+    assert main(["bench", "--quick", "--no-progress", "--modes", "ops", "--devices", "cpu", "--out", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "bench.json").read_text())
+    rows = payload["rows"]
+    assert {r["case"] for r in rows} >= {"gather eager index_select", "dwconv eager padded conv1d",
+                                          "gated scatter torch clone+index_copy_ (no gate)"}
+    assert "attention torch varlen_attn (bf16)" not in {r["case"] for r in rows}
+    for row in rows:
+        rates = [rate for rate in (row["gb_per_s"], row["tflop_per_s"]) if rate is not None]
+        assert len(rates) == 1 and rates[0] > 0, row["case"]
+        assert row["peak_fraction"] is None
+    assert rows[0]["work"]["bytes"] > 0
+    out = capsys.readouterr().out
+    assert "throughput" in out and "GB/s" in out and "TFLOP/s" in out
+
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H100 80GB HBM3", "H100 SXM"), ("NVIDIA H100 PCIe", "H100 PCIe"), ("NVIDIA H200", "H200 SXM"),
+    ("NVIDIA H200 NVL", "H200 NVL"), ("NVIDIA A100-SXM4-40GB", "A100 SXM 40GB"),
+    ("NVIDIA A100 80GB PCIe", "A100 PCIe 80GB"), ("NVIDIA A10", "A10"), ("NVIDIA L4", "L4"), ("NVIDIA L40S", "L40S"),
+    ("NVIDIA A10G", None), ("NVIDIA L40", None), ("NVIDIA GeForce RTX 4090", None), (None, None),
+])
+def test_gpu_peak_lookup(name, peak):
+    """Whole-token matches, the most specific entry wins; unknown devices get no peak."""
+    found = gpu_peak(name)
+    assert (found and found.name) == peak
+
+
+def test_work_rates_against_a_peak():
+    h100 = gpu_peak("NVIDIA H100 80GB HBM3")
+    assert Work(bytes=670 * 10 ** 9).rates(0.5, h100) == pytest.approx(
+        dict(gb_per_s=1340.0, tflop_per_s=None, peak_fraction=0.4))
+    assert Work(flops=4.945e12, math="tf32").rates(0.1, h100) == pytest.approx(
+        dict(gb_per_s=None, tflop_per_s=49.45, peak_fraction=0.1))
+    assert Work(bytes=10 ** 9).rates(1.0, None)["peak_fraction"] is None

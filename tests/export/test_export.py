@@ -17,6 +17,8 @@ from dynenc.methods import (BlankSkipBudget, EarlyExitBudget, FullBudget, LayerD
                             SelectorBudget, frame_confidence, infer)
 from dynenc.routing import valid_frames
 
+from dispatch_counting import SYNCS, CountOps, counting
+
 # 3 layers, an exit after layer 1: n=2 every-other runs layers 2 and 3 (layer 1 skipped).
 CONFIG = ModelConfig(vocab_size=12, num_features=16, dim=32, num_heads=2, ffn_dim=64, num_layers=3, kernel_size=5,
                      dropout=0.0, exit_layers=(1,))
@@ -98,6 +100,54 @@ def test_fixed_budget_pt2_equals_eager(fixed, model):
     skipped = ("encoder.conformer_layers.0.", "exit_heads.")
     executed = [name for name in model.state_dict() if not name.startswith(skipped)]
     assert len(program.state_dict) == len(executed)
+
+
+def test_fixed_budget_graph_needs_no_host_sync_and_no_dynenc_op(model):
+    """The capturable path (CUDA graphs, ``mode="reduce-overhead"``): a fixed budget runs
+    with static shapes, so nothing in it waits for the device or needs a dynenc op."""
+    features, lengths = _batch([90, 41])
+    graph = export.fixed_budget_graph(model, LayerDropBudget(2))
+    with torch.no_grad(), counting(CountOps()) as counter:
+        graph(features, lengths)
+    assert counter.syncs == 0, {op: n for op, n in counter.ops.items() if op in SYNCS | {"tolist"}}
+    assert not [op for op in counter.ops if op.startswith("dynenc.")]
+
+
+def test_fixed_budget_graph_compiles_to_one_graph(model):
+    """``fullgraph=True`` fails on any graph break, so capture never falls back to eager."""
+    features, lengths = _batch([90, 41])
+    graph = export.fixed_budget_graph(model, LayerDropBudget(2))
+    compiled = torch.compile(graph, fullgraph=True, dynamic=False, backend="aot_eager")
+    with torch.no_grad():
+        (got, got_lengths), (expected, expected_lengths) = compiled(features, lengths), graph(features, lengths)
+    assert got_lengths.tolist() == expected_lengths.tolist()
+    torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fixed_budget_graph_replays_in_a_cuda_graph():
+    """Captured once, replayed on new inputs of the same shape: equals eager inference."""
+    model = _model().cuda()  # not the shared fixture: the graph shares (moves) its parameters
+    graph = export.fixed_budget_graph(model, LayerDropBudget(2))
+    static_features, static_lengths = (t.cuda() for t in _batch([90, 41], seed=1))
+    with torch.no_grad():
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up outside the capture, as CUDA graphs require
+            graph(static_features, static_lengths)
+        torch.cuda.current_stream().wait_stream(stream)
+        captured = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(captured):
+            static_log_probs, static_out_lengths = graph(static_features, static_lengths)
+        features, lengths = _batch([90, 67], seed=2)
+        static_features.copy_(features)
+        static_lengths.copy_(lengths)
+        captured.replay()
+        expected = infer(model, features.cuda(), lengths.cuda(), LayerDropBudget(2))
+    assert static_out_lengths.tolist() == expected.lengths.tolist()
+    _assert_close_on_valid_frames(static_log_probs.cpu(), expected.log_probs.cpu(), expected.lengths.cpu(),
+                                  FP32_TOLERANCE)
 
 
 def _nodes(graph):
