@@ -1,4 +1,4 @@
-"""``dynenc`` command line: bench, profile, data, train, eval, export.
+"""``dynenc`` command line: bench, profile, data, train, eval, export, deploy.
 
 Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args)``.
 """
@@ -17,6 +17,7 @@ COMMANDS = {
     "eval": ("dynenc.recipe.evaluate", "sweep budgets: WER vs executed compute for every method"),
     "recipe": ("dynenc.recipe.reproduce", "reproduce the seed papers' claims: every protocol x seed, resumable"),
     "export": ("dynenc.export", "export a checkpoint at a fixed budget or with runtime early exit (ONNX, .pt2, .pte)"),
+    "deploy": ("dynenc.recipe.deploy", "WER and batch-1 latency per budget on the CPU: eager vs ORT fp32/int8"),
 }
 
 

@@ -11,7 +11,7 @@ import copy
 import functools
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import torch
 
@@ -27,12 +27,16 @@ THREADS = (1, 2)
 PRECISIONS = ("fp32", "int8")
 
 
+def layer_counts(num_layers: int, fractions: Sequence[float]) -> List[int]:
+    """n layers per budget: ``round(f * L)`` (at least 1) for each fraction, distinct,
+    deepest first (also ``dynenc deploy``'s default budgets)."""
+    return sorted({max(1, round(f * num_layers)) for f in fractions}, reverse=True)
+
+
 def budget_layers(config: BenchConfig) -> List[int]:
-    """n layers per budget: ``round(f * L)`` (at least 1) for each fraction, deepest first.
-    At the smoke sizes (``--quick``'s model) only the deepest and the shallowest: each budget
-    costs an export."""
-    layers = config.model.num_layers
-    budgets = sorted({max(1, round(f * layers)) for f in config.fractions}, reverse=True)
+    """:func:`layer_counts` of the bench model and fractions. At the smoke sizes (``--quick``'s
+    model) only the deepest and the shallowest: each budget costs an export."""
+    budgets = layer_counts(config.model.num_layers, config.fractions)
     return sorted({budgets[0], budgets[-1]}, reverse=True) if config.model == QUICK.model else budgets
 
 

@@ -7,10 +7,11 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import jiwer
 import torch
+from torch import Tensor
 from tqdm import tqdm
 
 from ..asr import CTCModel, load_checkpoint
@@ -32,6 +33,26 @@ def beam_decoder(tokenizer: Tokenizer, beam_size: int):
                        blank_token="-", sil_token="|")
 
 
+def split_batches(data: Sequence, tokenizer: Tokenizer,
+                  max_frames: int = 20000) -> Iterator[Tuple[List[int], Tensor, Tensor]]:
+    """``data`` (``[(features [T, F], text)]``) in length-bucketed batches, in a fixed order:
+    ``(indices into data, features [B, T, F], lengths [B])`` on the CPU."""
+    for indices in SpeechBatches(data, tokenizer, max_frames=max_frames, shuffle=False).batch_indices():
+        features, lengths, _, _ = collate_batch([data[i] for i in indices], tokenizer)
+        yield indices, features, lengths
+
+
+def greedy_transcripts(best: Tensor, lengths: Tensor, tokenizer: Tokenizer) -> List[str]:
+    """Greedy CTC transcripts of the frame-wise best labels ``best [B, T']`` (argmax ids) over
+    each utterance's ``lengths [B]`` valid frames."""
+    return [tokenizer.decode_ctc(best[b, :n]) for b, n in enumerate(lengths.tolist())]
+
+
+def word_error_rate(references: Sequence[str], hypotheses: Sequence[str]) -> float:
+    """Corpus WER (jiwer) of ``hypotheses`` against ``references`` (outer spaces dropped)."""
+    return jiwer.wer(list(references), [h.strip() for h in hypotheses])
+
+
 @torch.no_grad()
 def decode_split(model: CTCModel, data: Sequence, tokenizer: Tokenizer,
                  budget: Optional[Budget] = None, max_frames: int = 20000, beam=None,
@@ -51,8 +72,7 @@ def decode_split(model: CTCModel, data: Sequence, tokenizer: Tokenizer,
     seconds = 0.0
     exit_layers, skipped, frames, skips_frames, blank_frames = [], 0, 0, False, 0
     device = next(model.parameters()).device
-    for idx in SpeechBatches(data, tokenizer, max_frames=max_frames, shuffle=False).batch_indices():
-        features, lengths, _, _ = collate_batch([data[i] for i in idx], tokenizer)
+    for idx, features, lengths in split_batches(data, tokenizer, max_frames):
         features, lengths = features.to(device), lengths.to(device)
         fastest = float("inf")
         for _ in range(max(timing_repeats, 1)):
@@ -75,13 +95,13 @@ def decode_split(model: CTCModel, data: Sequence, tokenizer: Tokenizer,
         frames += int(result_lengths.sum())
         blank_frames += int(((best == 0) & valid_frames(result_lengths, best.shape[1])).sum())
         if beam is None:
-            hypotheses += [tokenizer.decode_ctc(best[b, :n]) for b, n in enumerate(result_lengths.tolist())]
+            hypotheses += greedy_transcripts(best, result_lengths, tokenizer)
         else:
             hits = beam(result.log_probs.float().cpu().contiguous(), result_lengths.to(torch.int32))
             hypotheses += [tokenizer.decode(hit[0].tokens) for hit in hits]
         references += [data[i][1] for i in idx]
     return {
-        "wer": jiwer.wer(references, [h.strip() for h in hypotheses]),
+        "wer": word_error_rate(references, hypotheses),
         "executed_fraction": executed / max(full, 1),
         "seconds": seconds,
         "mean_exit_layer": sum(exit_layers) / len(exit_layers) if exit_layers else None,

@@ -16,34 +16,14 @@ import torch
 from dynenc.recipe import features as F
 from dynenc.recipe.corpus import SAMPLE_RATE, read_manifest
 
+from tone_corpus import tone, write_tone_corpus
+
 TEXTS = {"train": ["go left", "stop now please", "don't turn", "it's red"], "dev": ["yes", "five six"], "test": []}
-
-
-def _tone(index: int, seconds: float) -> np.ndarray:
-    n = int(SAMPLE_RATE * seconds)
-    t = np.arange(n) / SAMPLE_RATE
-    noise = np.random.default_rng(index).standard_normal(n)
-    return 0.3 * np.sin(2 * np.pi * (200 + 60 * index) * t) + 0.01 * noise
-
-
-def _write_corpus(root, texts=TEXTS):
-    """Manifests + 16 kHz PCM_16 WAVs in the layout synthesize_corpus writes."""
-    for split, split_texts in texts.items():
-        (root / "wav" / split).mkdir(parents=True, exist_ok=True)
-        lines = []
-        for i, text in enumerate(split_texts):
-            uid = f"{split}_{i:05d}"
-            rel = f"wav/{split}/{uid}.wav"
-            audio = _tone(i, 0.3 + 0.1 * i)
-            sf.write(str(root / rel), audio, SAMPLE_RATE, subtype="PCM_16")
-            lines.append(json.dumps({"id": uid, "path": rel, "text": text, "duration": len(audio) / SAMPLE_RATE}))
-        (root / f"{split}.jsonl").write_text("".join(line + "\n" for line in lines))
-    return root
 
 
 @pytest.fixture
 def corpus(tmp_path):
-    return _write_corpus(tmp_path / "corpus")
+    return write_tone_corpus(tmp_path / "corpus", TEXTS)
 
 
 def _cache_key(root, split):
@@ -155,7 +135,7 @@ def _write_no_samples(path):
 
 
 def _write_too_short(path):
-    sf.write(str(path), _tone(0, 0.005), SAMPLE_RATE, subtype="PCM_16")
+    sf.write(str(path), tone(0, 0.005), SAMPLE_RATE, subtype="PCM_16")
 
 
 @pytest.mark.parametrize(
@@ -185,7 +165,7 @@ def test_bad_audio_names_utterance_and_problem(corpus, damage, problem):
     ],
 )
 def test_unencodable_transcript_names_utterance(tmp_path, text, character):
-    root = _write_corpus(tmp_path / "corpus", {"train": ["go left", text]})
+    root = write_tone_corpus(tmp_path / "corpus", {"train": ["go left", text]})
     problem = rf"train\.jsonl: utterance 'train_00001': transcript cannot be encoded: .*{character}"
     with pytest.raises(ValueError, match=problem):
         F.load_split(root, "train")
