@@ -33,9 +33,9 @@ from ..asr import load_checkpoint
 from ..asr.checkpoint import find_checkpoint
 from ..config import ModelConfig, config_json, load_config, save_config
 from ..fileio import atomic_write
-from ..methods import get_method
+from ..methods import FullBudget, get_method
 from ..validation import check_device, check_int, check_real
-from .corpus import corpus_statistics
+from .corpus import corpus_statistics, read_manifest
 from .evaluate import decode_split, speedups
 from .features import FBANK_OPTIONS, load_split, torch_threads
 from .synthesis import synthesize_corpus
@@ -179,6 +179,15 @@ def sweep_budgets(model, method: str, test: Sequence, timing: Sequence, tokenize
     return rows
 
 
+def wer_by_engine(model, test: Sequence, engines: Sequence[str], tokenizer) -> Dict[str, float]:
+    """Full-depth test WER per synthesis engine (``engines[i]`` made ``test[i]``): the held-out
+    voices of each engine are a different distance from the training voices."""
+    groups: Dict[str, List] = {}
+    for item, engine in zip(test, engines, strict=True):
+        groups.setdefault(engine, []).append(item)
+    return {engine: decode_split(model, items, tokenizer, FullBudget())["wer"] for engine, items in sorted(groups.items())}
+
+
 def _check_same_config(out: Path, config: TrainConfig) -> None:
     """A run directory belongs to one configuration: resuming it under another plan would mix them."""
     path = out / "run_config.json"
@@ -225,6 +234,7 @@ def run_one(plan: RecipePlan, protocol: Protocol, seed: int, data: Path, runs: P
         "best_epoch": payload.get("epoch", -1) + 1,
         "budgets": sweep_budgets(model, protocol.method, test, test[:plan.timing_utterances], tokenizer,
                                  plan.timing_repeats, progress),
+        "wer_by_engine": wer_by_engine(model, test, [r.get("engine", "unknown") for r in read_manifest(data, "test")], tokenizer),
     }
     atomic_write({result_path: lambda file: file.write(json.dumps(record, indent=1).encode())})
     return record

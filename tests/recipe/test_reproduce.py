@@ -75,6 +75,8 @@ def test_runs_resume_and_gather(corpus, tmp_path):
     row = static["budgets"][0]
     assert 0 <= row["wer"] and row["executed"] == pytest.approx(1.0) and row["rtf"] > 0 and row["rtf_1thread"] > 0
     assert len(static["epoch_seconds"]) == len(static["dev_wer_per_epoch"]) == 1
+    engines = static["wer_by_engine"]  # every test utterance's engine, each scored at full depth
+    assert set(engines) <= {"espeak", "flite", "festival"} and engines and all(w >= 0 for w in engines.values())
 
     layer_drop = run_one(TINY, _BY_NAME["layer_drop"], 0, corpus, runs, progress=False)
     labels = [row["budget"] for row in layer_drop["budgets"]]
