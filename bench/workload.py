@@ -64,6 +64,12 @@ QUICK = BenchConfig(model=ModelConfig(vocab_size=8, num_features=16, dim=32, num
                     batch=4, frames=24, op_dim=32, repeats=1, warmup=0, op_min_time=0.0)
 
 
+def blank_skip_layer(num_layers: int) -> int:
+    """1-based layer after which the benchmark's CTC model skips blank frames: L/2 (0, no
+    skipping, for a one-layer model)."""
+    return max(1, num_layers // 2) if num_layers > 1 else 0
+
+
 def exit_layers(num_layers: int) -> Tuple[int, ...]:
     """1-based early exits of the benchmark's CTC model: at L/4, L/2, 3L/4 (the last layer
     is the final head, not an exit)."""
@@ -214,7 +220,7 @@ class Workload:
         layers = self.num_layers
         torch.manual_seed(self.config.seed)
         model_config = dataclasses.replace(self.config.model, exit_layers=exit_layers(layers),
-                                           blank_skip_layer=max(1, layers // 2) if layers > 1 else 0)
+                                           blank_skip_layer=blank_skip_layer(layers))
         return CTCModel(model_config).to(self.device).eval()
 
     @functools.cached_property

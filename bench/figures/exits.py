@@ -9,7 +9,7 @@ import torch
 from dynenc.methods import BlankSkipBudget, Budget, EarlyExitBudget, FullBudget, infer
 
 from ..harness import Prepared
-from ..workload import BenchConfig, Workload, exit_layers
+from ..workload import BenchConfig, Workload, blank_skip_layer, exit_layers
 from .base import Builder, Case, Figure, Ratio, under_inference
 
 
@@ -40,6 +40,8 @@ def _under_budget(make_budget: Callable[[Workload], Budget]) -> Builder:
 
 
 NOBODY_EXITS = "early exit, nobody exits"
+#: Fractions of the frames that skip the layers after the blank-skip layer.
+SKIPPED_FRAMES = (0.6, 0.8)
 
 
 def _front_end(w: Workload) -> Prepared:
@@ -64,7 +66,7 @@ def cases(config: BenchConfig) -> List[Case]:
     result.append(Case("exits", NOBODY_EXITS, "dynenc",
                        _under_budget(lambda w: EarlyExitBudget(threshold=1.0, criterion="max_prob"))))
     if layers > 1:
-        for skip in (0.6, 0.8):
+        for skip in SKIPPED_FRAMES:
             result.append(Case("exits", f"blank skip {int(skip * 100)}%", "dynenc", _under_budget(
                 lambda w, s=skip: BlankSkipBudget(threshold=_blank_threshold(w, s), spike_window=0))))
     return result
@@ -80,6 +82,15 @@ def ratios(config: BenchConfig) -> List[Ratio]:
     proportional = [Ratio("exits", f"early exit @{k} / (front-end + {k}/{layers} encoder)", f"exits/early exit @{k}",
                           ((front_end, 1 - k / layers), (full, k / layers)), target=1.05)
                     for k in exit_layers(layers) if k < layers]
+    # Blank skip: a fraction p of the frames skips the layers after K, so the encoder runs
+    # s = 1 - p (1 - K / L) of its token x layers; the model should cost the front-end plus s of it.
+    if layers > 1:
+        kept = 1 - blank_skip_layer(layers) / layers
+        for skip in SKIPPED_FRAMES:
+            s = 1 - skip * kept
+            proportional.append(Ratio("exits", f"blank skip {int(skip * 100)}% / (front-end + {s:.2f} encoder)",
+                                      f"exits/blank skip {int(skip * 100)}%", ((front_end, 1 - s), (full, s)),
+                                      target=1.05))
     return budgets + proportional + [
         Ratio("exits", f"{NOBODY_EXITS} / full", f"exits/{NOBODY_EXITS}", full, target=1.03,
               note="every exit head runs on every row, routing stays the full prefix"),
