@@ -44,6 +44,11 @@ NOBODY_EXITS = "early exit, nobody exits"
 SKIPPED_FRAMES = (0.6, 0.8)
 
 
+def _blank_skip_case(skip: float) -> str:
+    """The case name of blank skipping with a fraction ``skip`` of the frames skipped."""
+    return f"blank skip {int(skip * 100)}%"
+
+
 def _front_end(w: Workload) -> Prepared:
     """The CTC model's convolutional front-end alone: the part no budget can skip."""
     model = w.ctc_model
@@ -67,7 +72,7 @@ def cases(config: BenchConfig) -> List[Case]:
                        _under_budget(lambda w: EarlyExitBudget(threshold=1.0, criterion="max_prob"))))
     if layers > 1:
         for skip in SKIPPED_FRAMES:
-            result.append(Case("exits", f"blank skip {int(skip * 100)}%", "dynenc", _under_budget(
+            result.append(Case("exits", _blank_skip_case(skip), "dynenc", _under_budget(
                 lambda w, s=skip: BlankSkipBudget(threshold=_blank_threshold(w, s), spike_window=0))))
     return result
 
@@ -88,8 +93,9 @@ def ratios(config: BenchConfig) -> List[Ratio]:
         kept = 1 - blank_skip_layer(layers) / layers
         for skip in SKIPPED_FRAMES:
             s = 1 - skip * kept
-            proportional.append(Ratio("exits", f"blank skip {int(skip * 100)}% / (front-end + {s:.2f} encoder)",
-                                      f"exits/blank skip {int(skip * 100)}%", ((front_end, 1 - s), (full, s)),
+            name = _blank_skip_case(skip)
+            proportional.append(Ratio("exits", f"{name} / (front-end + {s:.2f} encoder)", f"exits/{name}",
+                                      ((front_end, 1 - s), (full, s)),
                                       target=1.05))
     return budgets + proportional + [
         Ratio("exits", f"{NOBODY_EXITS} / full", f"exits/{NOBODY_EXITS}", full, target=1.03,
