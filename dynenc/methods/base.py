@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Tuple, Type
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..asr import CTCModel
+from ..asr import CTCModel, ctc_loss
 from ..config import ModelConfig
 from ..model import ExecutedWork
 
@@ -35,6 +36,7 @@ class ObjectiveSettings(Protocol):
     teacher: str
     gating: str
     skip_threshold: float
+    inter_ctc_weight: float
 
 
 class Budget:
@@ -58,6 +60,20 @@ def frozen(module: nn.Module) -> Iterator[None]:
     finally:
         for submodule, training in modes:
             submodule.training = training
+
+
+def exit_ctc_losses(model: CTCModel, batch: Batch) -> Dict[int, Tensor]:
+    """CTC loss of every exit head (``model.config.exit_set``, the last layer's being the final
+    head), all from one full-depth forward that keeps each layer's hidden states:
+    ``{layer: loss}``."""
+    features, lengths, targets, target_lengths = batch
+    x, x_lengths = model.embed(features, lengths)
+    out = model.encoder(x, x_lengths, return_hidden=True)
+    losses = {}
+    for layer in model.config.exit_set:
+        log_probs = F.log_softmax(model.exit_head(layer)(out.packed.unpack(out.hidden[layer - 1])), dim=-1)
+        losses[layer] = ctc_loss(log_probs, x_lengths, targets, target_lengths)
+    return losses
 
 
 def require_one_of(where: str, **options: Any) -> None:

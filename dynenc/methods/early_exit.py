@@ -11,11 +11,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
-from ..asr import CTCModel, ctc_loss
+from ..asr import CTCModel
 from ..config import ModelConfig
 from ..routing import Schedule, VarlenBatch
 from ..validation import check_int, check_real
-from .base import Batch, Budget, Decisions, InferenceResult, Logs, Method, ObjectiveSettings, require_one_of
+from .base import (Batch, Budget, Decisions, InferenceResult, Logs, Method, ObjectiveSettings, exit_ctc_losses,
+                   require_one_of)
 
 CRITERIA = ("nbest_posterior", "entropy", "max_prob")
 
@@ -185,17 +186,9 @@ class EarlyExitObjective:
         self.weights = weights or {}
 
     def __call__(self, model: CTCModel, batch: Batch) -> Tuple[Tensor, Logs]:
-        features, lengths, targets, target_lengths = batch
-        x, x_lengths = model.embed(features, lengths)
-        out = model.encoder(x, x_lengths, return_hidden=True)
-        loss, logs = 0.0, {}
-        for layer in model.config.exit_set:
-            hidden = out.packed.unpack(out.hidden[layer - 1])
-            log_probs = F.log_softmax(model.exit_head(layer)(hidden), dim=-1)
-            exit_loss = ctc_loss(log_probs, x_lengths, targets, target_lengths)
-            loss = loss + self.weights.get(layer, 1.0) * exit_loss
-            logs[f"ctc{layer}"] = exit_loss.item()
-        return loss, logs
+        losses = exit_ctc_losses(model, batch)
+        loss = sum(self.weights.get(layer, 1.0) * exit_loss for layer, exit_loss in losses.items())
+        return loss, {f"ctc{layer}": exit_loss.item() for layer, exit_loss in losses.items()}
 
 
 def budgets(model: CTCModel) -> List[Tuple[str, Budget]]:

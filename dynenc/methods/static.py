@@ -1,23 +1,46 @@
-"""Full depth: the static baseline and DLD's teacher. Every sample runs every layer."""
+"""Full depth: the static baseline and DLD's teacher. Every sample runs every layer.
+
+With intermediate CTC heads (``ModelConfig.exit_layers``) it trains with intermediate CTC
+(InterCTC; Lee & Watanabe, ICASSP 2021): the heads only add loss terms, inference still
+decodes the last layer."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import List, Tuple
 
+import torch
 from torch import Tensor
 
 from ..asr import CTCModel, ctc_loss
-from .base import Batch, Budget, InferenceResult, Logs, Method, ObjectiveSettings, run_masked
+from ..validation import check_real
+from .base import Batch, Budget, InferenceResult, Logs, Method, ObjectiveSettings, exit_ctc_losses, run_masked
 
 
 class StaticCTC:
-    """Full-depth CTC training."""
+    """Full-depth CTC training: ``(1 - w) * CTC(last layer) + w * mean CTC(intermediate heads)``
+    when the model has intermediate heads (InterCTC, ``w = inter_ctc_weight``), plain CTC
+    otherwise.
+
+    Args:
+        inter_ctc_weight: ``w`` in ``[0, 1)``; the paper's 0.3 (one head at half depth).
+    """
+
+    def __init__(self, inter_ctc_weight: float = 0.3) -> None:
+        self.inter_ctc_weight = check_real("inter_ctc_weight", inter_ctc_weight, 0.0, 1.0)
+        if self.inter_ctc_weight == 1.0:
+            raise ValueError("inter_ctc_weight must be < 1 (1 would leave the last layer untrained), got 1.0")
 
     def __call__(self, model: CTCModel, batch: Batch) -> Tuple[Tensor, Logs]:
-        features, lengths, targets, target_lengths = batch
-        log_probs, out_lengths, _ = model(features, lengths)
-        loss = ctc_loss(log_probs, out_lengths, targets, target_lengths)
-        return loss, {"ctc": loss.item()}
+        if not model.config.exit_layers:
+            features, lengths, targets, target_lengths = batch
+            log_probs, out_lengths, _ = model(features, lengths)
+            loss = ctc_loss(log_probs, out_lengths, targets, target_lengths)
+            return loss, {"ctc": loss.item()}
+        losses = exit_ctc_losses(model, batch)
+        final = losses.pop(model.config.num_layers)
+        inter = torch.stack(list(losses.values())).mean()
+        loss = (1.0 - self.inter_ctc_weight) * final + self.inter_ctc_weight * inter
+        return loss, {"ctc": final.item(), **{f"ctc{layer}": value.item() for layer, value in losses.items()}}
 
 
 @dataclass(frozen=True)
@@ -30,7 +53,7 @@ def run(model: CTCModel, x: Tensor, lengths: Tensor, budget: FullBudget) -> Infe
 
 
 def objective(settings: ObjectiveSettings, model: CTCModel) -> StaticCTC:
-    return StaticCTC()
+    return StaticCTC(settings.inter_ctc_weight)
 
 
 def budgets(model: CTCModel) -> List[Tuple[str, Budget]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -24,13 +25,25 @@ from .features import load_split
 from .tokenizer import Tokenizer, load_tokenizer
 
 
-def beam_decoder(tokenizer: Tokenizer, beam_size: int):
-    """Lexicon-free CTC beam search (torchaudio / flashlight-text) over ``tokenizer``'s units,
-    no language model."""
+def beam_decoder(tokenizer: Tokenizer, beam_size: int, lexicon: Optional[Sequence[str]] = None):
+    """CTC beam search (torchaudio / flashlight-text) over ``tokenizer``'s units, no language
+    model: lexicon-free, or restricted to the words of ``lexicon`` (each spelled by
+    ``tokenizer.spell``), which turns near-miss spellings into words."""
     from torchaudio.models.decoder import ctc_decoder
 
-    return ctc_decoder(lexicon=None, tokens=tokenizer.decoder_tokens(), lm=None, beam_size=beam_size,
-                       blank_token="-", sil_token="|")
+    if lexicon is None:
+        return ctc_decoder(lexicon=None, tokens=tokenizer.decoder_tokens(), lm=None, beam_size=beam_size,
+                           blank_token="-", sil_token="|")
+    with tempfile.TemporaryDirectory() as tmp:  # the decoder reads the file while it is built
+        path = Path(tmp) / "lexicon.txt"
+        path.write_text("".join(f"{word} {' '.join(tokenizer.spell(word))}\n" for word in lexicon))
+        return ctc_decoder(lexicon=str(path), tokens=tokenizer.decoder_tokens(), lm=None, beam_size=beam_size,
+                           blank_token="-", sil_token="|", unk_word="<unk>")
+
+
+def beam_transcript(hit, tokenizer: Tokenizer) -> str:
+    """The text of a beam-search hypothesis: its words (lexicon decoding) or its units spelled out."""
+    return " ".join(hit.words) if hit.words else tokenizer.decode(hit.tokens)
 
 
 def split_batches(data: Sequence, tokenizer: Tokenizer,
@@ -98,7 +111,7 @@ def decode_split(model: CTCModel, data: Sequence, tokenizer: Tokenizer,
             hypotheses += greedy_transcripts(best, result_lengths, tokenizer)
         else:
             hits = beam(result.log_probs.float().cpu().contiguous(), result_lengths.to(torch.int32))
-            hypotheses += [tokenizer.decode(hit[0].tokens) for hit in hits]
+            hypotheses += [beam_transcript(hit[0], tokenizer) for hit in hits]
         references += [data[i][1] for i in idx]
     return {
         "wer": word_error_rate(references, hypotheses),

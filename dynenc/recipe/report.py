@@ -507,19 +507,24 @@ def corpus_tables(corpus: Dict) -> str:
     return "\n".join(parts) or "No corpus statistics in results.json yet.\n"
 
 
+LEXICON_COLUMN = "all, lexicon beam"
+
+
 def engine_table(results: Dict) -> str:
-    """Full-depth test WER % per synthesis engine, mean ± std over the seeds that report it
-    (runs from before ``wer_by_engine`` existed have none)."""
+    """Full-depth test WER % per synthesis engine (greedy), then over every engine with the
+    lexicon-constrained beam search; mean ± std over the seeds that report it."""
     index = _runs(results)
-    per_protocol = {p: [run["wer_by_engine"] for run in index[p].values() if isinstance(run.get("wer_by_engine"), dict)]
+    per_protocol = {p: [{**run["wer_by_engine"], LEXICON_COLUMN: run.get("wer_lexicon")} for run in index[p].values()
+                        if isinstance(run.get("wer_by_engine"), dict)]
                     for p in _protocols(index)}
-    engines = sorted({engine for runs in per_protocol.values() for scores in runs for engine in scores})
+    engines = sorted({engine for runs in per_protocol.values() for scores in runs for engine in scores} - {LEXICON_COLUMN})
+    columns = engines + [LEXICON_COLUMN]
     rows = [(p, f"{len(runs)}", *(_stat_cell(Stat.of([s[e] for s in runs if _is_number(s.get(e))]), 100, 1)
-                                  for e in engines))
+                                  for e in columns))
             for p, runs in per_protocol.items() if runs]
     if not rows:
         return "No run reports its WER per engine yet.\n"
-    return _table(("protocol", "seeds", *engines), rows)
+    return _table(("protocol", "seeds", *columns), rows)
 
 
 def _stat_cell(stat: Optional[Stat], scale: float = 1.0, digits: int = 3) -> str:
@@ -595,9 +600,11 @@ def markdown(results: Dict, figure_path: str = "results/wer_vs_compute.png") -> 
              _stat_cell(s["mean_exit_layer"], digits=2))
             for (p, label), s in agg["budgets"].items()]),
         "## Test WER by engine\n",
-        "Full depth, every held-out voice of one synthesis engine: the test split's voices are a different "
-        "distance from the training voices (unseen espeak accents and variants; flite's and festival's slt, "
-        "a speaker no engine trains on).\n",
+        "Full depth, greedy, every held-out voice of one synthesis engine: the test split's voices are a "
+        "different distance from the training voices (espeak: unseen accents and variants; flite: rms, a "
+        "speaker no engine trains on; festival: its diphone engine, never trained on, for the kal speaker "
+        f"that flite trains on). *{LEXICON_COLUMN}*: the whole test split decoded by a beam search restricted "
+        "to the corpus vocabulary, no language model.\n",
         engine_table(results),
         "## Deviations from the papers\n", "\n".join(f"- {d}" for d in DEVIATIONS) + "\n"]
     return "\n".join(out)

@@ -35,8 +35,8 @@ from ..config import ModelConfig, config_json, load_config, save_config
 from ..fileio import atomic_write
 from ..methods import FullBudget, get_method
 from ..validation import check_device, check_int, check_real
-from .corpus import corpus_statistics, read_manifest
-from .evaluate import decode_split, speedups
+from .corpus import corpus_statistics, read_manifest, vocabulary_path
+from .evaluate import beam_decoder, decode_split, speedups
 from .features import FBANK_OPTIONS, load_split, torch_threads
 from .synthesis import synthesize_corpus
 from .tokenizer import load_tokenizer, parse_units, prepare_units
@@ -57,6 +57,8 @@ class Protocol:
             finetune): which of :class:`RecipePlan`'s epoch counts it trains for.
         lr_scale: times the plan's learning rate for its stage.
         teacher_from_init: DLD: the ``init`` model is also the frozen teacher.
+        inter_ctc: train with an intermediate CTC head at half depth (InterCTC, weight
+            :attr:`RecipePlan.inter_ctc_weight`); inference still decodes the last layer.
         train: other :class:`TrainConfig` fields.
         why: the paper or control it stands for (the report and ``--status`` print it).
     """
@@ -67,17 +69,20 @@ class Protocol:
     epochs: str
     lr_scale: float = 1.0
     teacher_from_init: bool = False
+    inter_ctc: bool = False
     train: Tuple[Tuple[str, Any], ...] = ()
     why: str = ""
 
 
 # In dependency order: a protocol's init comes before it.
 PROTOCOLS: Tuple[Protocol, ...] = (
-    Protocol("static", "static", None, "scratch", why="the shared start of every fine-tuned run"),
+    Protocol("static", "static", None, "scratch", inter_ctc=True,
+             why="the shared start of every fine-tuned run (trained with InterCTC)"),
     Protocol("layer_drop", "layer_drop", "static", "finetune", why="LD baseline (seed 000/001 authors)"),
     Protocol("dld", "dld", "static", "finetune", teacher_from_init=True,
              why="DLD: LD + KD from the frozen static model (seed 000)"),
-    Protocol("static_ft", "static", "static", "finetune", why="control: static with the same total epochs"),
+    Protocol("static_ft", "static", "static", "finetune", inter_ctc=True,
+             why="control: static with the same total epochs"),
     Protocol("layer_drop_small_lr", "layer_drop", "static", "finetune", lr_scale=0.1,
              why="control: LD drift away from its start at a 10x smaller lr"),
     Protocol("selector", "selector", "layer_drop", "selector",
@@ -101,7 +106,9 @@ class RecipePlan:
         units: CTC units, ``"char"`` or ``"bpe<N>"`` (:func:`~dynenc.recipe.tokenizer.parse_units`).
         scratch_epochs, finetune_epochs, selector_epochs: epochs per stage.
         lr, finetune_lr: peak learning rates from scratch / when starting from a model.
+        inter_ctc_weight: InterCTC weight of the protocols with ``inter_ctc`` (0 = plain CTC).
         max_frames: padded feature frames per training batch.
+        lexicon_beam: beam size of the full-depth lexicon-constrained WER (``wer_lexicon``).
         timing_utterances: the first N test utterances are timed (best of ``timing_repeats``,
             at 2 and at 1 thread); WER uses the whole test split.
         model: the model every protocol trains.
@@ -116,19 +123,23 @@ class RecipePlan:
     selector_epochs: int = 2
     lr: float = 2e-3
     finetune_lr: float = 1e-3
+    inter_ctc_weight: float = 0.3
     max_frames: int = 2500
+    lexicon_beam: int = 32
     timing_utterances: int = 200
     timing_repeats: int = 3
     model: ModelConfig = dataclasses.field(default_factory=recipe_model)
 
     def __post_init__(self) -> None:
         for name, low in (("num_train", 1), ("num_dev", 1), ("num_test", 1), ("scratch_epochs", 1),
-                          ("finetune_epochs", 1), ("selector_epochs", 1), ("max_frames", 1),
+                          ("finetune_epochs", 1), ("selector_epochs", 1), ("max_frames", 1), ("lexicon_beam", 1),
                           ("timing_utterances", 1), ("timing_repeats", 1)):
             check_int(f"RecipePlan.{name}", getattr(self, name), low=low)
         for name in ("lr", "finetune_lr"):
             if check_real(f"RecipePlan.{name}", getattr(self, name), 0.0) == 0:
                 raise ValueError(f"RecipePlan.{name} must be > 0, got 0")
+        if check_real("RecipePlan.inter_ctc_weight", self.inter_ctc_weight, 0.0, 1.0) == 1:
+            raise ValueError("RecipePlan.inter_ctc_weight must be < 1 (1 leaves the last layer untrained), got 1.0")
         parse_units(self.units)
 
     def epochs(self, protocol: Protocol) -> int:
@@ -139,9 +150,13 @@ class RecipePlan:
         """The :class:`TrainConfig` of ``protocol`` for ``seed``."""
         start = None if protocol.init is None else run_dir(runs, protocol.init, seed) / "model.pt"
         lr = (self.finetune_lr if start else self.lr) * protocol.lr_scale
+        model = self.model
+        if protocol.inter_ctc and self.inter_ctc_weight > 0:
+            model = dataclasses.replace(model, exit_layers=(model.num_layers // 2,))
         fields: Dict[str, Any] = dict(method=protocol.method, epochs=self.epochs(protocol), lr=lr, seed=seed,
                                       max_frames=self.max_frames, warmup=0.2 if start else 0.1,
-                                      init=str(start or ""), model=self.model, **dict(protocol.train))
+                                      init=str(start or ""), model=model, inter_ctc_weight=self.inter_ctc_weight,
+                                      **dict(protocol.train))
         if protocol.teacher_from_init:
             fields["teacher"] = str(start)
         return TrainConfig(**fields)
@@ -186,6 +201,13 @@ def wer_by_engine(model, test: Sequence, engines: Sequence[str], tokenizer) -> D
     for item, engine in zip(test, engines, strict=True):
         groups.setdefault(engine, []).append(item)
     return {engine: decode_split(model, items, tokenizer, FullBudget())["wer"] for engine, items in sorted(groups.items())}
+
+
+def lexicon_wer(model, test: Sequence, tokenizer, data: Path, beam_size: int) -> float:
+    """Full-depth test WER of a beam search restricted to the corpus vocabulary (no language
+    model): how far the model is from useful once near-miss spellings are mapped to words."""
+    vocabulary = vocabulary_path(data).read_text().split()
+    return decode_split(model, test, tokenizer, FullBudget(), beam=beam_decoder(tokenizer, beam_size, vocabulary))["wer"]
 
 
 def _check_same_config(out: Path, config: TrainConfig) -> None:
@@ -235,6 +257,7 @@ def run_one(plan: RecipePlan, protocol: Protocol, seed: int, data: Path, runs: P
         "budgets": sweep_budgets(model, protocol.method, test, test[:plan.timing_utterances], tokenizer,
                                  plan.timing_repeats, progress),
         "wer_by_engine": wer_by_engine(model, test, [r.get("engine", "unknown") for r in read_manifest(data, "test")], tokenizer),
+        "wer_lexicon": lexicon_wer(model, test, tokenizer, data, plan.lexicon_beam),
     }
     atomic_write({result_path: lambda file: file.write(json.dumps(record, indent=1).encode())})
     return record

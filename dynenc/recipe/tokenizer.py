@@ -55,6 +55,8 @@ class Tokenizer(Protocol):
 
     def decoder_tokens(self) -> List[str]: ...
 
+    def spell(self, word: str) -> List[str]: ...
+
 
 def _ids(ids: Iterable[int] | torch.Tensor) -> List[int]:
     return [int(i) for i in (ids.tolist() if isinstance(ids, torch.Tensor) else ids)]
@@ -116,6 +118,11 @@ class CharTokenizer:
         the space as its word boundary ``"|"``."""
         return ["-", "|"] + list(self.symbols[2:])
 
+    def spell(self, word: str) -> List[str]:
+        """``word``'s lexicon entry in :meth:`decoder_tokens`: its letters, then the boundary ``"|"``."""
+        self.encode(word)  # raises on characters outside the alphabet
+        return list(word.lower() if self.lowercase else word) + ["|"]
+
 
 class SubwordTokenizer:
     """Sentencepiece subword units for CTC: id ``0`` = blank, id ``i > 0`` = piece ``i - 1``.
@@ -171,6 +178,11 @@ class SubwordTokenizer:
         pieces = [self._sp.IdToPiece(i) for i in range(self._sp.GetPieceSize())]
         pieces[self._sp.unk_id()] = "|"
         return ["-"] + pieces
+
+    def spell(self, word: str) -> List[str]:
+        """``word``'s lexicon entry in :meth:`decoder_tokens`: its pieces (the first carries the
+        word boundary ``"\u2581"``)."""
+        return [self._sp.IdToPiece(i - 1) for i in self.encode(word)]
 
 
 def parse_units(units: str) -> tuple[str, int]:

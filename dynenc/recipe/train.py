@@ -65,6 +65,8 @@ class TrainConfig:
         teacher: dld teacher: a static model's checkpoint path, or ``"self"``.
         skip_threshold: blank_skip: train with skipping active at this tau (0 = off: every
             frame runs every layer in training, the paper's recipe).
+        inter_ctc_weight: static with intermediate heads (``model.exit_layers``): the
+            InterCTC weight of their mean loss (:class:`~dynenc.methods.static.StaticCTC`).
         init: optional checkpoint whose matching parameters initialise the model.
         strategy: data parallelism under ``torchrun``: ``"ddp"`` (replicated weights) or
             ``"fsdp2"`` (``fully_shard`` on every encoder layer and on the rest; sharded
@@ -89,6 +91,7 @@ class TrainConfig:
     hidden_weight: float = 0.0
     teacher: str = "self"
     skip_threshold: float = 0.0
+    inter_ctc_weight: float = 0.3
     init: str = ""
     spec_augment: bool = True
     strategy: str = "ddp"
@@ -106,7 +109,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         for name, low, high in (("lr", 0.0, None), ("weight_decay", 0.0, None), ("warmup", 0.0, 1.0),
                                 ("clip", 0.0, None), ("drop_prob", 0.0, 1.0), ("kd_weight", 0.0, None),
-                                ("temperature", 0.0, None), ("hidden_weight", 0.0, None)):
+                                ("temperature", 0.0, None), ("hidden_weight", 0.0, None),
+                                ("inter_ctc_weight", 0.0, 1.0)):
             check_real(f"TrainConfig.{name}", getattr(self, name), low, high)
         if self.lr == 0 or self.temperature == 0:
             raise ValueError(f"TrainConfig.lr and temperature must be > 0, got lr={self.lr}, "

@@ -7,6 +7,7 @@ from toy_ctc import tiny_model, toy_batch
 
 OBJECTIVES = {
     "static": (dict(), lambda m: methods.StaticCTC()),
+    "static_inter_ctc": (dict(exit_layers=(2,)), lambda m: methods.StaticCTC(0.3)),
     "layer_drop": (dict(), lambda m: methods.LayerDropCTC(4, 0.3)),
     "dld_self": (dict(), lambda m: methods.DLDObjective("self", weight=1.0, temperature=2.0, drop_prob=0.3,
                                                         hidden_weight=0.1)),

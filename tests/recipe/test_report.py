@@ -108,13 +108,13 @@ def test_markdown_has_every_claim_and_section():
 
 
 def test_engine_table_averages_the_seeds_that_report_engines():
-    data = {"runs": [run("a", 0, {"n=2": 0.5}, wer_by_engine={"espeak": 0.2, "flite": 0.9}),
-                     run("a", 1, {"n=2": 0.5}, wer_by_engine={"espeak": 0.4, "flite": 1.0}),
+    data = {"runs": [run("a", 0, {"n=2": 0.5}, wer_by_engine={"espeak": 0.2, "flite": 0.9}, wer_lexicon=0.3),
+                     run("a", 1, {"n=2": 0.5}, wer_by_engine={"espeak": 0.4, "flite": 1.0}),  # no lexicon WER
                      run("a", 2, {"n=2": 0.5}),  # from before wer_by_engine: left out
                      run("b", 0, {"n=2": 0.5})]}
     table = report.engine_table(data)
-    assert "| protocol | seeds | espeak | flite |" in table
-    assert "| a | 2 | 30.0 ± 14.1 | 95.0 ± 7.1 |" in table
+    assert f"| protocol | seeds | espeak | flite | {report.LEXICON_COLUMN} |" in table
+    assert "| a | 2 | 30.0 ± 14.1 | 95.0 ± 7.1 | 30.0 |" in table
     assert "| b |" not in table
     assert "No run reports" in report.engine_table({"runs": [run("b", 0, {"n=2": 0.5})]})
     assert "## Test WER by engine" in markdown(data)

@@ -49,8 +49,21 @@ def test_train_config_follows_the_protocol(tmp_path):
     assert plan.train_config(_BY_NAME["blank_skip"], 0, tmp_path).skip_threshold > 0
 
 
+def test_inter_ctc_protocols_get_a_half_depth_head(tmp_path):
+    plan = RecipePlan()
+    for name in ("static", "static_ft"):
+        config = plan.train_config(_BY_NAME[name], 0, tmp_path)
+        assert config.model.exit_layers == (plan.model.num_layers // 2,)
+        assert config.inter_ctc_weight == plan.inter_ctc_weight > 0
+    for name in ("layer_drop", "dld", "early_exit_scratch"):  # the methods train their own objectives
+        assert plan.train_config(_BY_NAME[name], 0, tmp_path).model.exit_layers == plan.model.exit_layers
+    plain = dataclasses.replace(plan, inter_ctc_weight=0.0)
+    assert plain.train_config(_BY_NAME["static"], 0, tmp_path).model.exit_layers == ()
+
+
 @pytest.mark.parametrize("field, value", [("num_test", 0), ("finetune_lr", 0.0), ("units", "words"),
-                                          ("timing_repeats", 0)])
+                                          ("timing_repeats", 0), ("inter_ctc_weight", 1.0),
+                                          ("inter_ctc_weight", -0.5)])
 def test_plan_rejects(field, value):
     with pytest.raises(ValueError, match=field if field != "units" else "units"):
         dataclasses.replace(RecipePlan(), **{field: value})
@@ -77,6 +90,7 @@ def test_runs_resume_and_gather(corpus, tmp_path):
     assert len(static["epoch_seconds"]) == len(static["dev_wer_per_epoch"]) == 1
     engines = static["wer_by_engine"]  # every test utterance's engine, each scored at full depth
     assert set(engines) <= {"espeak", "flite", "festival"} and engines and all(w >= 0 for w in engines.values())
+    assert static["wer_lexicon"] >= 0
 
     layer_drop = run_one(TINY, _BY_NAME["layer_drop"], 0, corpus, runs, progress=False)
     labels = [row["budget"] for row in layer_drop["budgets"]]

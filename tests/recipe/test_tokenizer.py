@@ -33,7 +33,7 @@ def test_tokenizer_round_trip_and_errors():
 
 import json
 
-from dynenc.recipe.evaluate import beam_decoder
+from dynenc.recipe.evaluate import beam_decoder, beam_transcript
 from dynenc.recipe.tokenizer import SubwordTokenizer, load_tokenizer, parse_units, prepare_units
 
 WORDS = ("the red door opens slowly near a quiet river while seven green birds sing about "
@@ -123,3 +123,28 @@ def test_beam_decoder_spells_the_path(tmp_path, units):
         log_probs[0, 2 * t + 1, 0] = 0.0
     hits = beam_decoder(tok, 4)(log_probs, torch.tensor([2 * len(ids)], dtype=torch.int32))
     assert tok.decode(hits[0][0].tokens).strip() == text
+
+
+@pytest.mark.parametrize("units", ["char", "bpe40"])
+def test_lexicon_beam_maps_a_misspelling_to_its_word(tmp_path, units):
+    tok = prepare_units(_corpus(tmp_path), units)
+    text = "the red door"
+    ids = tok.encode(text)
+    wrong = tok.decoder_tokens().index("x")  # a letter unit of every vocabulary
+    log_probs = torch.full((1, 2 * len(ids), tok.vocab_size), -20.0)
+    for t, i in enumerate(ids):
+        log_probs[0, 2 * t, i] = 0.0
+        log_probs[0, 2 * t + 1, 0] = 0.0
+    last = 2 * (len(ids) - 1)  # the last unit: "x" wins the frame, the right unit is close behind
+    log_probs[0, last, ids[-1]], log_probs[0, last, wrong] = -1.0, -0.5
+    lengths = torch.tensor([2 * len(ids)], dtype=torch.int32)
+    free = beam_transcript(beam_decoder(tok, 8)(log_probs, lengths)[0][0], tok)
+    assert free.strip() != text and free.strip().endswith("x")
+    lexicon = beam_decoder(tok, 8, lexicon=["the", "red", "door", "dog", "rod"])
+    assert beam_transcript(lexicon(log_probs, lengths)[0][0], tok) == text
+
+
+@pytest.mark.parametrize("units", ["char", "bpe40"])
+def test_spell_rejects_what_the_units_cannot_spell(tmp_path, units):
+    with pytest.raises(ValueError, match="caf"):
+        prepare_units(_corpus(tmp_path), units).spell("caf\u00e9")
