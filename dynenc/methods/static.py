@@ -1,8 +1,9 @@
 """Full depth: the static baseline and DLD's teacher. Every sample runs every layer.
 
-With intermediate CTC heads (``ModelConfig.exit_layers``) it trains with intermediate CTC
-(InterCTC; Lee & Watanabe, ICASSP 2021): the heads only add loss terms, inference still
-decodes the last layer."""
+With intermediate CTC heads (``ModelConfig.exit_layers``) and a weight it trains with
+intermediate CTC in the style of InterCTC (Lee & Watanabe, ICASSP 2021), but each
+intermediate layer has a head of its own where the paper shares the final projection: the
+heads only add loss terms, inference still decodes the last layer."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,20 +19,21 @@ from .base import Batch, Budget, InferenceResult, Logs, Method, ObjectiveSetting
 
 class StaticCTC:
     """Full-depth CTC training: ``(1 - w) * CTC(last layer) + w * mean CTC(intermediate heads)``
-    when the model has intermediate heads (InterCTC, ``w = inter_ctc_weight``), plain CTC
+    when the model has intermediate heads (InterCTC-style, ``w = inter_ctc_weight``), plain CTC
     otherwise.
 
     Args:
-        inter_ctc_weight: ``w`` in ``[0, 1)``; the paper's 0.3 (one head at half depth).
+        inter_ctc_weight: ``w`` in ``[0, 1)``; 0 (default) leaves intermediate heads untrained,
+            the InterCTC paper uses 0.3 with one head at half depth.
     """
 
-    def __init__(self, inter_ctc_weight: float = 0.3) -> None:
+    def __init__(self, inter_ctc_weight: float = 0.0) -> None:
         self.inter_ctc_weight = check_real("inter_ctc_weight", inter_ctc_weight, 0.0, 1.0)
         if self.inter_ctc_weight == 1.0:
             raise ValueError("inter_ctc_weight must be < 1 (1 would leave the last layer untrained), got 1.0")
 
     def __call__(self, model: CTCModel, batch: Batch) -> Tuple[Tensor, Logs]:
-        if not model.config.exit_layers:
+        if len(model.config.exit_set) == 1:
             features, lengths, targets, target_lengths = batch
             log_probs, out_lengths, _ = model(features, lengths)
             loss = ctc_loss(log_probs, out_lengths, targets, target_lengths)

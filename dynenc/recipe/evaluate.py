@@ -25,25 +25,34 @@ from .features import load_split
 from .tokenizer import Tokenizer, load_tokenizer
 
 
-def beam_decoder(tokenizer: Tokenizer, beam_size: int, lexicon: Optional[Sequence[str]] = None):
+class BeamSearch:
     """CTC beam search (torchaudio / flashlight-text) over ``tokenizer``'s units, no language
     model: lexicon-free, or restricted to the words of ``lexicon`` (each spelled by
-    ``tokenizer.spell``), which turns near-miss spellings into words."""
-    from torchaudio.models.decoder import ctc_decoder
+    ``tokenizer.spell``), which turns near-miss spellings into words.
 
-    if lexicon is None:
-        return ctc_decoder(lexicon=None, tokens=tokenizer.decoder_tokens(), lm=None, beam_size=beam_size,
-                           blank_token="-", sil_token="|")
-    with tempfile.TemporaryDirectory() as tmp:  # the decoder reads the file while it is built
-        path = Path(tmp) / "lexicon.txt"
-        path.write_text("".join(f"{word} {' '.join(tokenizer.spell(word))}\n" for word in lexicon))
-        return ctc_decoder(lexicon=str(path), tokens=tokenizer.decoder_tokens(), lm=None, beam_size=beam_size,
-                           blank_token="-", sil_token="|", unk_word="<unk>")
+    ``search(log_probs [B, T, V] float32 CPU, lengths [B] int32) -> B transcripts``; a lexicon
+    search returns words of the lexicon only (``""`` when it completes none).
+    """
 
+    def __init__(self, tokenizer: Tokenizer, beam_size: int, lexicon: Optional[Sequence[str]] = None) -> None:
+        from torchaudio.models.decoder import ctc_decoder
 
-def beam_transcript(hit, tokenizer: Tokenizer) -> str:
-    """The text of a beam-search hypothesis: its words (lexicon decoding) or its units spelled out."""
-    return " ".join(hit.words) if hit.words else tokenizer.decode(hit.tokens)
+        check_int("beam_size", beam_size, low=1)
+        self.tokenizer, self.lexicon = tokenizer, lexicon is not None
+        options = dict(tokens=tokenizer.decoder_tokens(), lm=None, beam_size=beam_size, blank_token="-", sil_token="|")
+        if lexicon is None:
+            self.decoder = ctc_decoder(lexicon=None, **options)
+            return
+        with tempfile.TemporaryDirectory() as tmp:  # the decoder reads the file while it is built
+            path = Path(tmp) / "lexicon.txt"
+            path.write_text("".join(f"{word} {' '.join(tokenizer.spell(word))}\n" for word in lexicon))
+            self.decoder = ctc_decoder(lexicon=str(path), unk_word="<unk>", **options)
+
+    def __call__(self, log_probs: Tensor, lengths: Tensor) -> List[str]:
+        best = [hits[0] for hits in self.decoder(log_probs, lengths)]
+        if self.lexicon:
+            return [" ".join(hit.words) for hit in best]
+        return [self.tokenizer.decode(hit.tokens).strip() for hit in best]
 
 
 def split_batches(data: Sequence, tokenizer: Tokenizer,
@@ -68,11 +77,11 @@ def word_error_rate(references: Sequence[str], hypotheses: Sequence[str]) -> flo
 
 @torch.no_grad()
 def decode_split(model: CTCModel, data: Sequence, tokenizer: Tokenizer,
-                 budget: Optional[Budget] = None, max_frames: int = 20000, beam=None,
+                 budget: Optional[Budget] = None, max_frames: int = 20000, beam: Optional[BeamSearch] = None,
                  timing_repeats: int = 1) -> Dict:
     """Decode ``data`` (``[(features, text)]``) under ``budget`` (default full depth).
 
-    Returns WER (greedy, or beam when ``beam`` is a torchaudio decoder), executed fraction of
+    Returns WER (greedy, or of ``beam``'s transcripts), executed fraction of
     full-depth token x layers, inference seconds (encoder + heads, no decoding), mean exit
     layer (methods that decide exits), the fraction of frames that skipped the upper
     layers (methods that skip frames) and the fraction of frames whose best label is blank. Each batch is timed ``timing_repeats`` times and the
@@ -110,8 +119,7 @@ def decode_split(model: CTCModel, data: Sequence, tokenizer: Tokenizer,
         if beam is None:
             hypotheses += greedy_transcripts(best, result_lengths, tokenizer)
         else:
-            hits = beam(result.log_probs.float().cpu().contiguous(), result_lengths.to(torch.int32))
-            hypotheses += [beam_transcript(hit[0], tokenizer) for hit in hits]
+            hypotheses += beam(result.log_probs.float().cpu().contiguous(), result_lengths.to(torch.int32))
         references += [data[i][1] for i in idx]
     return {
         "wer": word_error_rate(references, hypotheses),
@@ -137,7 +145,7 @@ def sweep(runs: Path, data_dir: Path, method_names: Sequence[str], beam_size: in
     training) found; returns the results dictionary."""
     tokenizer = load_tokenizer(data_dir)
     test = load_split(data_dir, "test", tokenizer=tokenizer)[:limit]
-    beam = beam_decoder(tokenizer, beam_size) if beam_size else None
+    beam = BeamSearch(tokenizer, beam_size) if beam_size else None
     results: Dict = {"test_utterances": len(test), "threads": torch.get_num_threads(),
                      "timing": f"inference seconds over the test split (front-end + encoder + heads), best of "
                                f"{timing_repeats} per batch", "methods": {}}

@@ -59,9 +59,11 @@ DEVIATIONS = (
     "Early-exit criterion rows (N-best posterior, entropy thresholds) as in the authors' code; "
     "max_prob is ours.",
     "Checkpoints are selected on full-depth dev WER.",
-    "The static start (and its same-epochs control) trains with intermediate CTC at half depth "
-    "(InterCTC, weight 0.3): on this CPU budget plain CTC reached dev WER 0.68 after 12 epochs. "
-    "Every fine-tuned method inherits its backbone; its head at half depth is dropped.",
+    "The static start (and its same-epochs control) trains with an InterCTC-style loss at half "
+    "depth (weight 0.3; its own head, where InterCTC shares the final projection): on this CPU "
+    "budget plain CTC reached dev WER 0.68 after 12 epochs. Every fine-tuned method inherits a "
+    "backbone whose lower half was also trained to be read out by CTC, which may favour the "
+    "depth-reduced budgets over the papers' plain-CTC start; the half-depth head is dropped.",
     "Held-out test voices whose speakers or engines the training voices span (flite rms, festival "
     "kal_diphone, unseen espeak accents): holding out slt, the only female non-espeak speaker, "
     "gave ~100 % WER on two thirds of the test split for every model.",

@@ -36,7 +36,7 @@ from ..fileio import atomic_write
 from ..methods import FullBudget, get_method
 from ..validation import check_device, check_int, check_real
 from .corpus import corpus_statistics, read_manifest, vocabulary_path
-from .evaluate import beam_decoder, decode_split, speedups
+from .evaluate import BeamSearch, decode_split, speedups
 from .features import FBANK_OPTIONS, load_split, torch_threads
 from .synthesis import synthesize_corpus
 from .tokenizer import load_tokenizer, parse_units, prepare_units
@@ -151,7 +151,7 @@ class RecipePlan:
         start = None if protocol.init is None else run_dir(runs, protocol.init, seed) / "model.pt"
         lr = (self.finetune_lr if start else self.lr) * protocol.lr_scale
         model = self.model
-        if protocol.inter_ctc and self.inter_ctc_weight > 0:
+        if protocol.inter_ctc and self.inter_ctc_weight > 0 and model.num_layers >= 2:
             model = dataclasses.replace(model, exit_layers=(model.num_layers // 2,))
         fields: Dict[str, Any] = dict(method=protocol.method, epochs=self.epochs(protocol), lr=lr, seed=seed,
                                       max_frames=self.max_frames, warmup=0.2 if start else 0.1,
@@ -207,7 +207,19 @@ def lexicon_wer(model, test: Sequence, tokenizer, data: Path, beam_size: int) ->
     """Full-depth test WER of a beam search restricted to the corpus vocabulary (no language
     model): how far the model is from useful once near-miss spellings are mapped to words."""
     vocabulary = vocabulary_path(data).read_text().split()
-    return decode_split(model, test, tokenizer, FullBudget(), beam=beam_decoder(tokenizer, beam_size, vocabulary))["wer"]
+    return decode_split(model, test, tokenizer, FullBudget(), beam=BeamSearch(tokenizer, beam_size, vocabulary))["wer"]
+
+
+def _check_same_corpus(out: Path, data: Path) -> None:
+    """A run directory belongs to one corpus and one set of units (their cache keys,
+    ``config.json`` and ``units.json``): the plan alone does not say which voices are held out."""
+    corpus = {name: json.loads((Path(data) / name).read_text()) for name in ("config.json", "units.json")}
+    path = out / "corpus.json"
+    if not path.is_file():
+        atomic_write({path: lambda file: file.write(json.dumps(corpus, indent=1).encode())})
+    elif json.loads(path.read_text()) != corpus:
+        raise ValueError(f"{out} was made from another corpus or units ({path}; now {data}): remove the "
+                         "directory to rerun it on this corpus")
 
 
 def _check_same_config(out: Path, config: TrainConfig) -> None:
@@ -226,9 +238,9 @@ def run_one(plan: RecipePlan, protocol: Protocol, seed: int, data: Path, runs: P
     """Train (or resume) and evaluate one run; returns its record (also ``result.json``).
 
     Raises:
-        ValueError: the run's directory was made under another plan (finished or not: a
-            result must never be reused for a different configuration), or its ``init`` run
-            has no model yet.
+        ValueError: the run's directory was made under another plan or from another corpus
+            (finished or not: a result must never be reused for a different configuration),
+            or its ``init`` run has no model yet.
     """
     out = run_dir(runs, protocol.name, seed)
     result_path = out / "result.json"
@@ -238,6 +250,7 @@ def run_one(plan: RecipePlan, protocol: Protocol, seed: int, data: Path, runs: P
                          f"{protocol.init} first")
     out.mkdir(parents=True, exist_ok=True)
     _check_same_config(out, config)  # also for a finished run: its result belongs to its own plan
+    _check_same_corpus(out, data)    # ... and to its own corpus and units
     if result_path.is_file():
         return json.loads(result_path.read_text())
     train(config, data, out, resume=find_checkpoint(out, "last") is not None, progress=progress, device=device)

@@ -119,9 +119,10 @@ class CharTokenizer:
         return ["-", "|"] + list(self.symbols[2:])
 
     def spell(self, word: str) -> List[str]:
-        """``word``'s lexicon entry in :meth:`decoder_tokens`: its letters, then the boundary ``"|"``."""
-        self.encode(word)  # raises on characters outside the alphabet
-        return list(word.lower() if self.lowercase else word) + ["|"]
+        """``word``'s lexicon entry in :meth:`decoder_tokens`: its letters.  No boundary ``"|"``:
+        targets have no space after the last word, and the decoder takes ``"|"`` between words
+        as optional silence anyway."""
+        return [self.symbols[i] for i in self.encode(word)]
 
 
 class SubwordTokenizer:

@@ -91,7 +91,7 @@ class TrainConfig:
     hidden_weight: float = 0.0
     teacher: str = "self"
     skip_threshold: float = 0.0
-    inter_ctc_weight: float = 0.3
+    inter_ctc_weight: float = 0.0
     init: str = ""
     spec_augment: bool = True
     strategy: str = "ddp"
@@ -112,6 +112,8 @@ class TrainConfig:
                                 ("temperature", 0.0, None), ("hidden_weight", 0.0, None),
                                 ("inter_ctc_weight", 0.0, 1.0)):
             check_real(f"TrainConfig.{name}", getattr(self, name), low, high)
+        if self.inter_ctc_weight == 1.0:
+            raise ValueError("TrainConfig.inter_ctc_weight must be < 1 (1 leaves the last layer untrained), got 1.0")
         if self.lr == 0 or self.temperature == 0:
             raise ValueError(f"TrainConfig.lr and temperature must be > 0, got lr={self.lr}, "
                              f"temperature={self.temperature}")

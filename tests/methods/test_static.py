@@ -17,21 +17,23 @@ def _ctc_of_layer(model, batch, layer):
     return ctc_loss(F.log_softmax(model.exit_head(layer)(hidden), dim=-1), x_lengths, targets, target_lengths)
 
 
+@pytest.mark.parametrize("exits", [(2,), (1, 3)], ids=["one_head", "two_heads"])
 @pytest.mark.parametrize("weight", [0.0, 0.3, 0.5], ids=lambda w: f"w={w}")
-def test_inter_ctc_mixes_last_and_intermediate_losses(weight):
-    model = tiny_model(seed=2, exit_layers=(2,)).eval()
+def test_inter_ctc_mixes_last_and_intermediate_losses(weight, exits):
+    model = tiny_model(seed=2, exit_layers=exits).eval()
     batch = toy_batch(7)
     features, lengths, targets, target_lengths = batch
     log_probs, out_lengths, _ = model(features, lengths)  # the model's own (inference) output
     final = ctc_loss(log_probs, out_lengths, targets, target_lengths)
-    expected = (1 - weight) * final + weight * _ctc_of_layer(model, batch, 2)
+    inter = sum(_ctc_of_layer(model, batch, layer) for layer in exits) / len(exits)  # the mean, not the sum
     loss, logs = methods.StaticCTC(weight)(model, batch)
-    torch.testing.assert_close(loss, expected)
-    assert logs["ctc"] == pytest.approx(final.item(), rel=1e-5) and "ctc2" in logs
+    torch.testing.assert_close(loss, (1 - weight) * final + weight * inter)
+    assert logs["ctc"] == pytest.approx(final.item(), rel=1e-5) and {f"ctc{layer}" for layer in exits} <= set(logs)
 
 
-def test_without_intermediate_heads_it_is_plain_ctc():
-    model = tiny_model(seed=2).eval()
+@pytest.mark.parametrize("exits", [(), (4,)], ids=["no_heads", "only_the_last_layer"])
+def test_without_intermediate_heads_it_is_plain_ctc(exits):
+    model = tiny_model(seed=2, exit_layers=exits).eval()
     batch = toy_batch(7)
     features, lengths, targets, target_lengths = batch
     log_probs, out_lengths, _ = model(features, lengths)

@@ -33,7 +33,7 @@ def test_tokenizer_round_trip_and_errors():
 
 import json
 
-from dynenc.recipe.evaluate import beam_decoder, beam_transcript
+from dynenc.recipe.evaluate import BeamSearch
 from dynenc.recipe.tokenizer import SubwordTokenizer, load_tokenizer, parse_units, prepare_units
 
 WORDS = ("the red door opens slowly near a quiet river while seven green birds sing about "
@@ -109,39 +109,50 @@ def test_char_units_and_default(tmp_path):
     assert isinstance(load_tokenizer(corpus), CharTokenizer)
 
 
+def _emissions(tok, ids, trailing_blank=True):
+    """Log-probs ``[1, T, V]`` that spell ``ids``, a blank frame after each unit (after the last
+    one only with ``trailing_blank``, so the last unit may sit on the final frame)."""
+    frames = 2 * len(ids) - (0 if trailing_blank else 1)
+    log_probs = torch.full((1, frames, tok.vocab_size), -20.0)
+    for t, i in enumerate(ids):
+        log_probs[0, 2 * t, i] = 0.0
+        if 2 * t + 1 < frames:
+            log_probs[0, 2 * t + 1, 0] = 0.0
+    return log_probs, torch.tensor([frames], dtype=torch.int32)
+
+
 @pytest.mark.parametrize("units", ["char", "bpe40"])
-def test_beam_decoder_spells_the_path(tmp_path, units):
+def test_beam_search_spells_the_path(tmp_path, units):
     tok = prepare_units(_corpus(tmp_path), units)
     tokens = tok.decoder_tokens()
     assert len(tokens) == tok.vocab_size and tokens[0] == "-" and "|" in tokens
     text = "the red door"
-    ids = tok.encode(text)
-    # Emissions that spell the ids, each frame followed by a blank frame.
-    log_probs = torch.full((1, 2 * len(ids), tok.vocab_size), -20.0)
-    for t, i in enumerate(ids):
-        log_probs[0, 2 * t, i] = 0.0
-        log_probs[0, 2 * t + 1, 0] = 0.0
-    hits = beam_decoder(tok, 4)(log_probs, torch.tensor([2 * len(ids)], dtype=torch.int32))
-    assert tok.decode(hits[0][0].tokens).strip() == text
+    assert BeamSearch(tok, 4)(*_emissions(tok, tok.encode(text))) == [text]
 
 
+@pytest.mark.parametrize("trailing_blank", [True, False], ids=["blank_after_last", "last_on_final_frame"])
 @pytest.mark.parametrize("units", ["char", "bpe40"])
-def test_lexicon_beam_maps_a_misspelling_to_its_word(tmp_path, units):
+def test_lexicon_search_maps_a_misspelling_to_its_word(tmp_path, units, trailing_blank):
     tok = prepare_units(_corpus(tmp_path), units)
     text = "the red door"
     ids = tok.encode(text)
-    wrong = tok.decoder_tokens().index("x")  # a letter unit of every vocabulary
-    log_probs = torch.full((1, 2 * len(ids), tok.vocab_size), -20.0)
-    for t, i in enumerate(ids):
-        log_probs[0, 2 * t, i] = 0.0
-        log_probs[0, 2 * t + 1, 0] = 0.0
-    last = 2 * (len(ids) - 1)  # the last unit: "x" wins the frame, the right unit is close behind
-    log_probs[0, last, ids[-1]], log_probs[0, last, wrong] = -1.0, -0.5
-    lengths = torch.tensor([2 * len(ids)], dtype=torch.int32)
-    free = beam_transcript(beam_decoder(tok, 8)(log_probs, lengths)[0][0], tok)
-    assert free.strip() != text and free.strip().endswith("x")
-    lexicon = beam_decoder(tok, 8, lexicon=["the", "red", "door", "dog", "rod"])
-    assert beam_transcript(lexicon(log_probs, lengths)[0][0], tok) == text
+    log_probs, lengths = _emissions(tok, ids, trailing_blank)
+    # The last unit's frame: "x" (a letter unit of every vocabulary) wins, the right unit is close behind.
+    last = 2 * (len(ids) - 1)
+    log_probs[0, last, ids[-1]], log_probs[0, last, tok.decoder_tokens().index("x")] = -1.0, -0.5
+    [free] = BeamSearch(tok, 8)(log_probs, lengths)
+    assert free != text and free.endswith("x")
+    assert BeamSearch(tok, 8, lexicon=["the", "red", "door", "dog", "rod"])(log_probs, lengths) == [text]
+
+
+@pytest.mark.parametrize("units", ["char", "bpe40"])
+def test_lexicon_search_returns_only_lexicon_words(tmp_path, units):
+    tok = prepare_units(_corpus(tmp_path), units)
+    x = tok.decoder_tokens().index("x")
+    # Two frames cannot spell "there": no word is completed, and no unit leaks into the text.
+    assert BeamSearch(tok, 8, lexicon=["there"])(*_emissions(tok, [x])) == [""]
+    with pytest.raises(ValueError, match="beam_size"):
+        BeamSearch(tok, 0)
 
 
 @pytest.mark.parametrize("units", ["char", "bpe40"])

@@ -69,6 +69,8 @@ def test_bad_json_config_names_the_field(tmp_path):
                  id="skip-threshold-nan"),
     pytest.param("strategy", "zero3", ValueError, r"TrainConfig.strategy must be one of .*got 'zero3'",
                  id="unknown-strategy"),
+    pytest.param("inter_ctc_weight", 1.0, ValueError, r"TrainConfig.inter_ctc_weight must be < 1", id="inter-ctc-one"),
+    pytest.param("inter_ctc_weight", -0.1, ValueError, r"TrainConfig.inter_ctc_weight must lie in", id="inter-ctc-neg"),
 ])
 def test_bad_training_fields_are_refused(field, value, error, message):
     with pytest.raises(error, match=message):
