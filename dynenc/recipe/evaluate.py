@@ -77,33 +77,22 @@ def word_error_rate(references: Sequence[str], hypotheses: Sequence[str]) -> flo
 
 @torch.no_grad()
 def decode_split(model: CTCModel, data: Sequence, tokenizer: Tokenizer,
-                 budget: Optional[Budget] = None, max_frames: int = 20000, beam: Optional[BeamSearch] = None,
-                 timing_repeats: int = 1) -> Dict:
+                 budget: Optional[Budget] = None, max_frames: int = 20000, beam: Optional[BeamSearch] = None) -> Dict:
     """Decode ``data`` (``[(features, text)]``) under ``budget`` (default full depth).
 
     Returns WER (greedy, or of ``beam``'s transcripts), executed fraction of
-    full-depth token x layers, inference seconds (encoder + heads, no decoding), mean exit
-    layer (methods that decide exits), the fraction of frames that skipped the upper
-    layers (methods that skip frames) and the fraction of frames whose best label is blank. Each batch is timed ``timing_repeats`` times and the
-    fastest run counts (this machine is shared and noisy; the minimum is the most repeatable
-    statistic). The model's training mode is left as it is (:func:`infer` runs in eval mode).
+    full-depth token x layers, mean exit layer (methods that decide exits), the fraction of
+    frames that skipped the upper layers (methods that skip frames) and the fraction of frames
+    whose best label is blank; :func:`time_budgets` measures speed. The model's training mode is
+    left as it is (:func:`infer` runs in eval mode).
     """
     budget = budget or FullBudget()
     hypotheses, references = [], []
     executed = full = 0
-    seconds = 0.0
     exit_layers, skipped, frames, skips_frames, blank_frames = [], 0, 0, False, 0
     device = next(model.parameters()).device
     for idx, features, lengths in split_batches(data, tokenizer, max_frames):
-        features, lengths = features.to(device), lengths.to(device)
-        fastest = float("inf")
-        for _ in range(max(timing_repeats, 1)):
-            tic = time.perf_counter()
-            result = infer(model, features, lengths, budget)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            fastest = min(fastest, time.perf_counter() - tic)
-        seconds += fastest
+        result = infer(model, features.to(device), lengths.to(device), budget)
         executed += result.report.executed_token_layers
         full += result.report.total_tokens * result.report.num_layers
         decisions = result.decisions
@@ -124,12 +113,37 @@ def decode_split(model: CTCModel, data: Sequence, tokenizer: Tokenizer,
     return {
         "wer": word_error_rate(references, hypotheses),
         "executed_fraction": executed / max(full, 1),
-        "seconds": seconds,
         "mean_exit_layer": sum(exit_layers) / len(exit_layers) if exit_layers else None,
         # The regime blank skipping needs: the share of frames whose best label is blank.
         "blank_fraction": blank_frames / max(frames, 1),
         "skipped_frame_fraction": skipped / max(frames, 1) if skips_frames else None,
     }
+
+
+def time_budgets(model: CTCModel, data: Sequence, tokenizer: Tokenizer, budgets: Sequence[Budget],
+                 repeats: int = 3, max_frames: int = 20000) -> List[float]:
+    """Inference seconds (encoder + heads, no decoding) of ``data`` under each budget.
+
+    Each batch counts its fastest of ``repeats`` runs (the minimum is the most repeatable
+    statistic on a shared machine), and the repeats go round-robin over the budgets, so a slow
+    spell of the machine hits every budget alike instead of whichever was being timed.
+    ``torch.manual_seed(0)`` before every pass gives the random-subset budgets the same masks.
+    """
+    check_int("repeats", repeats, low=1)
+    device = next(model.parameters()).device
+    batches = [(features.to(device), lengths.to(device))
+               for _, features, lengths in split_batches(data, tokenizer, max_frames)]
+    fastest = [[float("inf")] * len(batches) for _ in budgets]
+    for _ in range(repeats):
+        for per_batch, budget in zip(fastest, budgets):
+            torch.manual_seed(0)
+            for j, (features, lengths) in enumerate(batches):
+                tic = time.perf_counter()
+                infer(model, features, lengths, budget)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                per_batch[j] = min(per_batch[j], time.perf_counter() - tic)
+    return [sum(per_batch) for per_batch in fastest]
 
 
 def speedups(rows: Sequence[Dict], seconds_key: str, executed_key: str) -> List[float]:
@@ -147,8 +161,8 @@ def sweep(runs: Path, data_dir: Path, method_names: Sequence[str], beam_size: in
     test = load_split(data_dir, "test", tokenizer=tokenizer)[:limit]
     beam = BeamSearch(tokenizer, beam_size) if beam_size else None
     results: Dict = {"test_utterances": len(test), "threads": torch.get_num_threads(),
-                     "timing": f"inference seconds over the test split (front-end + encoder + heads), best of "
-                               f"{timing_repeats} per batch", "methods": {}}
+                     "timing": f"inference seconds over the test split (encoder + heads), best of "
+                               f"{timing_repeats} per batch, round-robin over the budgets", "methods": {}}
     for method in method_names:
         checkpoint = find_checkpoint(runs / method, "model")
         if checkpoint is None:
@@ -156,12 +170,16 @@ def sweep(runs: Path, data_dir: Path, method_names: Sequence[str], beam_size: in
             continue
         model, payload = load_checkpoint(checkpoint)
         rows = []
-        for label, budget in tqdm(get_method(method).budgets(model), desc=f"eval {method}", disable=not progress):
+        budgets = get_method(method).budgets(model)
+        for label, budget in tqdm(budgets, desc=f"eval {method}", disable=not progress):
             torch.manual_seed(0)  # the random-subset budgets draw the same masks every run
-            row = {"budget": label, **decode_split(model, test, tokenizer, budget, timing_repeats=timing_repeats)}
+            row = {"budget": label, **decode_split(model, test, tokenizer, budget)}
             if beam is not None and label in ("full", "n=%d" % model.config.num_layers, "exit=%d" % model.config.num_layers):
                 row["wer_beam"] = decode_split(model, test, tokenizer, budget, beam=beam)["wer"]
             rows.append(row)
+        seconds = time_budgets(model, test, tokenizer, [budget for _, budget in budgets], timing_repeats)
+        for row, row_seconds in zip(rows, seconds):
+            row["seconds"] = row_seconds
         for row, speedup in zip(rows, speedups(rows, "seconds", "executed_fraction")):
             row["speedup"] = speedup
         log = runs / method / "log.jsonl"

@@ -570,6 +570,16 @@ def paper_exit_table(results: Dict) -> str:
             f"the depth and the scales differ.\n")
 
 
+def timing_sentence(plan: Dict) -> str:
+    """How the real-time factors were measured, from the plan's timing fields."""
+    if "timing_utterances" not in plan:
+        return ""
+    return (f"Real-time factor: inference seconds (encoder and heads, no decoding) over audio seconds on the "
+            f"first {plan['timing_utterances']} test utterances, each batch's fastest of "
+            f"{plan['timing_repeats']} runs, the runs going round-robin over the method's budgets so that the "
+            f"shared machine's slow spells do not favour one budget.")
+
+
 def markdown(results: Dict, figure_path: str = "results/wer_vs_compute.png") -> str:
     """The whole ``docs/results.md``: corpus, verdict rule, one table per claim group, runs,
     every budget, deviations. ``figure_path``: the PNG, relative to the markdown file."""
@@ -599,7 +609,7 @@ def markdown(results: Dict, figure_path: str = "results/wer_vs_compute.png") -> 
         "Test WER, executed compute (fraction of full-depth token x layers), real-time factor "
         "(2 threads and 1 thread), speed-up over the method's full-depth row (2 threads), the share of "
         "frames whose best label is blank, the share of frames that skipped the upper layers and the "
-        "mean exit layer: mean ± std over seeds.\n",
+        f"mean exit layer: mean ± std over seeds. {timing_sentence(results.get('plan', {}))}\n",
         _table(("protocol", "budget", "WER % (n)", "executed", "rtf", "rtf 1 thread", "speed-up", "blank %",
                 "skipped %", "exit"), [
             (p, label, f"{_stat_cell(s['wer'], 100, 2)} ({len(s['seeds'])})", _stat_cell(s["executed"]),

@@ -107,6 +107,13 @@ def test_markdown_has_every_claim_and_section():
         assert part in text
 
 
+def test_markdown_says_how_speed_was_timed_when_the_plan_is_known():
+    data = results([0.2] * 3, [0.3] * 3)
+    assert "round-robin" not in markdown(data)
+    text = markdown({**data, "plan": {"timing_utterances": 200, "timing_repeats": 3}})
+    assert "first 200 test utterances, each batch's fastest of 3 runs" in text and "round-robin" in text
+
+
 def test_engine_table_averages_the_seeds_that_report_engines():
     data = {"runs": [run("a", 0, {"n=2": 0.5}, wer_by_engine={"espeak": 0.2, "flite": 0.9}, wer_lexicon=0.3),
                      run("a", 1, {"n=2": 0.5}, wer_by_engine={"espeak": 0.4, "flite": 1.0}),  # no lexicon WER

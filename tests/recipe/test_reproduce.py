@@ -8,7 +8,7 @@ import pytest
 from dynenc import cli
 from dynenc.config import ModelConfig
 from dynenc.methods import method_names
-from dynenc.recipe.reproduce import PROTOCOLS, Protocol, RecipePlan, gather_results, run_dir, run_one
+from dynenc.recipe.reproduce import PROTOCOLS, TIMING, Protocol, RecipePlan, gather_results, run_dir, run_one
 from dynenc.recipe.synthesis import synthesize_corpus
 from dynenc.recipe.tokenizer import prepare_units
 
@@ -120,6 +120,17 @@ def test_runs_resume_and_gather(corpus, tmp_path):
     stamp.unlink()  # a run from before the stamp existed: stamped on its next visit
     assert run_one(TINY, _BY_NAME["layer_drop"], 0, corpus, runs, progress=False) == layer_drop
     assert stamp.is_file()
+
+    # A result timed the old way (no "timing" stamp) is re-timed on its next visit; accuracy stays.
+    path = run_dir(runs, "layer_drop", 0) / "result.json"
+    stale = {key: value for key, value in layer_drop.items() if key != "timing"}
+    stale["budgets"] = [{**row, "rtf": -1.0, "speedup": -1.0} for row in layer_drop["budgets"]]
+    path.write_text(json.dumps(stale))
+    retimed = run_one(TINY, _BY_NAME["layer_drop"], 0, corpus, runs, progress=False)
+    assert retimed["timing"] == layer_drop["timing"] == TIMING
+    assert all(row["rtf"] > 0 and row["speedup"] > 0 for row in retimed["budgets"])
+    assert [row["wer"] for row in retimed["budgets"]] == [row["wer"] for row in layer_drop["budgets"]]
+    assert json.loads(path.read_text()) == retimed
 
     results = gather_results(TINY, corpus, runs)
     assert [r["protocol"] for r in results["runs"]] == ["layer_drop"]
