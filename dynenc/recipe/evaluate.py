@@ -122,27 +122,33 @@ def decode_split(model: CTCModel, data: Sequence, tokenizer: Tokenizer,
 
 def time_budgets(model: CTCModel, data: Sequence, tokenizer: Tokenizer, budgets: Sequence[Budget],
                  repeats: int = 3, max_frames: int = 20000) -> List[float]:
-    """Inference seconds (encoder + heads, no decoding) of ``data`` under each budget.
+    """Inference seconds (front-end + encoder + heads; no fbank, no decoding) of ``data`` under
+    each of ``budgets``, in their order.
 
     Each batch counts its fastest of ``repeats`` runs (the minimum is the most repeatable
-    statistic on a shared machine), and the repeats go round-robin over the budgets, so a slow
-    spell of the machine hits every budget alike instead of whichever was being timed.
-    ``torch.manual_seed(0)`` before every pass gives the random-subset budgets the same masks.
+    statistic on a shared machine), and the runs interleave: every repeat runs each batch under
+    every budget in turn, so a slow spell of the machine falls on all budgets rather than on
+    whichever was being timed. One untimed run of the first batch per budget warms up first.
+    Batch ``j`` always runs with ``torch.manual_seed(j)``, so a random-subset budget draws the
+    same masks in every repeat; torch's global RNG state is restored afterwards.
     """
     check_int("repeats", repeats, low=1)
     device = next(model.parameters()).device
-    batches = [(features.to(device), lengths.to(device))
-               for _, features, lengths in split_batches(data, tokenizer, max_frames)]
-    fastest = [[float("inf")] * len(batches) for _ in budgets]
-    for _ in range(repeats):
-        for per_batch, budget in zip(fastest, budgets):
-            torch.manual_seed(0)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        batches = [(features.to(device), lengths.to(device))
+                   for _, features, lengths in split_batches(data, tokenizer, max_frames)]
+        fastest = [[float("inf")] * len(batches) for _ in budgets]
+        for budget in budgets:
+            infer(model, *batches[0], budget)
+        for _ in range(repeats):
             for j, (features, lengths) in enumerate(batches):
-                tic = time.perf_counter()
-                infer(model, features, lengths, budget)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                per_batch[j] = min(per_batch[j], time.perf_counter() - tic)
+                for per_batch, budget in zip(fastest, budgets):
+                    torch.manual_seed(j)
+                    tic = time.perf_counter()
+                    infer(model, features, lengths, budget)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    per_batch[j] = min(per_batch[j], time.perf_counter() - tic)
     return [sum(per_batch) for per_batch in fastest]
 
 
@@ -161,8 +167,8 @@ def sweep(runs: Path, data_dir: Path, method_names: Sequence[str], beam_size: in
     test = load_split(data_dir, "test", tokenizer=tokenizer)[:limit]
     beam = BeamSearch(tokenizer, beam_size) if beam_size else None
     results: Dict = {"test_utterances": len(test), "threads": torch.get_num_threads(),
-                     "timing": f"inference seconds over the test split (encoder + heads), best of "
-                               f"{timing_repeats} per batch, round-robin over the budgets", "methods": {}}
+                     "timing": f"inference seconds over the test split (front-end + encoder + heads), each batch's "
+                               f"fastest of {timing_repeats} runs interleaved over the budgets", "methods": {}}
     for method in method_names:
         checkpoint = find_checkpoint(runs / method, "model")
         if checkpoint is None:
@@ -253,7 +259,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="out/eval", help="where results.json, results.md and the PNG go")
     parser.add_argument("--beam", type=int, default=10, help="beam size for the full-depth rows (0 = greedy only)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N test utterances")
-    parser.add_argument("--timing-repeats", type=int, default=3, help="time each batch this many times, keep the fastest")
+    parser.add_argument("--timing-repeats", type=int, default=3,
+                        help="time each batch this many times under every budget in turn, keep the fastest")
     parser.add_argument("--quiet", action="store_true")
 
 

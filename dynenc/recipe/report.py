@@ -9,8 +9,9 @@ by one rule (:func:`verdict`, stated in the markdown) from the multi-seed result
 
 results.json: ``{"corpus": {...free-form statistics...}, "runs": [{"method", "protocol", "seed",
 "epochs", "init", "lr", "train_seconds", "epoch_seconds", "dev_wer_per_epoch", "best_epoch",
-"budgets": [{"budget", "wer", "executed", "rtf", "rtf_1thread"?, "speedup"?, ...}]}]}``; fields
-beyond a budget's ``budget``, ``wer``, ``executed`` and ``rtf`` may be missing or null.
+"budgets": [{"budget", "wer", "executed", "rtf", "rtf_1thread"?, "speedup"?, ...}],
+"timing"?: {"scheme", "utterances", "repeats"}}], "plan"?: {...}}``; fields beyond a budget's
+``budget``, ``wer``, ``executed`` and ``rtf`` may be missing or null.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import math
 import os
 import re
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -570,14 +572,36 @@ def paper_exit_table(results: Dict) -> str:
             f"the depth and the scales differ.\n")
 
 
-def timing_sentence(plan: Dict) -> str:
-    """How the real-time factors were measured, from the plan's timing fields."""
-    if "timing_utterances" not in plan:
-        return ""
-    return (f"Real-time factor: inference seconds (encoder and heads, no decoding) over audio seconds on the "
-            f"first {plan['timing_utterances']} test utterances, each batch's fastest of "
-            f"{plan['timing_repeats']} runs, the runs going round-robin over the method's budgets so that the "
-            f"shared machine's slow spells do not favour one budget.")
+# How each timing scheme a run may be stamped with (its "timing": {"scheme", "utterances",
+# "repeats"}) measured the real-time factor.
+TIMING_SCHEMES = {
+    "interleaved": "each batch's fastest of {repeats} runs, the runs interleaved over the method's budgets so that "
+                   "the shared machine's slow spells do not favour one budget",
+}
+
+
+def _timing_key(stamp) -> Optional[Tuple[str, int, int]]:
+    if isinstance(stamp, dict) and stamp.get("scheme") in TIMING_SCHEMES:
+        return stamp["scheme"], stamp["utterances"], stamp["repeats"]
+    return None
+
+
+def timing_sentence(runs: Sequence[Dict]) -> str:
+    """How the runs' real-time factors were measured, from their ``timing`` stamps; runs
+    without a known stamp are counted, not described."""
+    counts = Counter(_timing_key(run.get("timing")) for run in runs)
+    others = counts.pop(None, 0)
+    described = [f"{_plural(n, 'run')} on the first {utterances} test utterances, "
+                 f"{TIMING_SCHEMES[scheme].format(repeats=repeats)}"
+                 for (scheme, utterances, repeats), n in sorted(counts.items())]
+    out = []
+    if described:
+        out.append("Real-time factor: inference seconds (front-end, encoder and heads; no fbank, no decoding) "
+                   "over audio seconds; " + "; ".join(described) + ".")
+    if others:
+        out.append(f"{_plural(others, 'run')} timed each budget's repeats back to back (an earlier scheme; "
+                   "`dynenc recipe` re-times them on its next visit).")
+    return " ".join(out)
 
 
 def markdown(results: Dict, figure_path: str = "results/wer_vs_compute.png") -> str:
@@ -609,7 +633,7 @@ def markdown(results: Dict, figure_path: str = "results/wer_vs_compute.png") -> 
         "Test WER, executed compute (fraction of full-depth token x layers), real-time factor "
         "(2 threads and 1 thread), speed-up over the method's full-depth row (2 threads), the share of "
         "frames whose best label is blank, the share of frames that skipped the upper layers and the "
-        f"mean exit layer: mean ± std over seeds. {timing_sentence(results.get('plan', {}))}\n",
+        f"mean exit layer: mean ± std over seeds. {timing_sentence(results['runs'])}\n",
         _table(("protocol", "budget", "WER % (n)", "executed", "rtf", "rtf 1 thread", "speed-up", "blank %",
                 "skipped %", "exit"), [
             (p, label, f"{_stat_cell(s['wer'], 100, 2)} ({len(s['seeds'])})", _stat_cell(s["executed"]),

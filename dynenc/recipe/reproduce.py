@@ -3,8 +3,8 @@
 One run = one protocol (a method, where it starts, how long and how fast it trains) for one
 seed, in ``<runs>/<protocol>/seed<k>/``: ``dynenc train``'s checkpoints and log, then
 ``result.json`` (the test-split budget sweep: WER, executed compute, real-time factor at 2
-and 1 threads). A run whose ``result.json`` exists is skipped; one with a ``last.pt``
-resumes; so ``make recipe`` can be stopped anywhere and started again. After every run
+and 1 threads). A run whose ``result.json`` exists is skipped (only re-timed when its speeds
+were measured another way, :func:`timing_stamp`); one with a ``last.pt`` resumes; so ``make recipe`` can be stopped anywhere and started again. After every run
 the results of all finished runs are gathered into ``results.json`` and the report
 (:mod:`dynenc.recipe.report`) is regenerated.
 
@@ -109,8 +109,9 @@ class RecipePlan:
         inter_ctc_weight: InterCTC weight of the protocols with ``inter_ctc`` (0 = plain CTC).
         max_frames: padded feature frames per training batch.
         lexicon_beam: beam size of the full-depth lexicon-constrained WER (``wer_lexicon``).
-        timing_utterances: the first N test utterances are timed (best of ``timing_repeats``,
-            at 2 and at 1 thread); WER uses the whole test split.
+        timing_utterances: the first N test utterances are timed (each batch's fastest of
+            ``timing_repeats`` runs interleaved over the budgets, at 2 and at 1 thread); WER
+            uses the whole test split.
         model: the model every protocol trains.
     """
 
@@ -171,10 +172,15 @@ def _audio_seconds(data: Sequence) -> float:
     return sum(features.shape[0] for features, _ in data) * FBANK_OPTIONS["frame_shift"] / 1000.0
 
 
-# How a result's speeds were measured; a result timed otherwise is re-timed when the recipe
-# visits it, so every run of a comparison is timed alike (the first results timed each budget's
-# repeats back to back, which let the machine's slow spells favour one budget over another).
-TIMING = "fastest of the repeats per batch, repeats round-robin over the budgets"
+# How a result's speeds were measured (:func:`~dynenc.recipe.evaluate.time_budgets`). The first
+# results timed each budget's repeats back to back, which let the machine's slow spells favour
+# one budget over another; a result stamped otherwise is re-timed when the recipe visits it.
+TIMING_SCHEME = "interleaved"
+
+
+def timing_stamp(plan: RecipePlan) -> Dict:
+    """A result's ``timing``: the scheme and the plan's timing fields it was measured with."""
+    return {"scheme": TIMING_SCHEME, "utterances": plan.timing_utterances, "repeats": plan.timing_repeats}
 
 
 def sweep_budgets(model, method: str, test: Sequence, timing: Sequence, tokenizer, repeats: int,
@@ -191,9 +197,9 @@ def sweep_budgets(model, method: str, test: Sequence, timing: Sequence, tokenize
 
 
 def time_rows(rows: List[Dict], model, method: str, timing: Sequence, tokenizer, repeats: int) -> List[Dict]:
-    """Set each budget row's real-time factor (inference seconds / audio seconds, best of
-    ``repeats`` round-robin over the budgets, :func:`~dynenc.recipe.evaluate.time_budgets`) on
-    the ``timing`` utterances at 2 threads (``rtf``) and 1 thread (``rtf_1thread``) and its
+    """Set each budget row's real-time factor (inference seconds / audio seconds, each batch's
+    fastest of ``repeats`` runs interleaved over the budgets,
+    :func:`~dynenc.recipe.evaluate.time_budgets`) on the ``timing`` utterances at 2 threads (``rtf``) and 1 thread (``rtf_1thread``) and its
     ``speedup`` over the full-depth row; returns ``rows``."""
     budgets = dict(get_method(method).budgets(model))
     if [row["budget"] for row in rows] != list(budgets):
@@ -255,7 +261,8 @@ def run_one(plan: RecipePlan, protocol: Protocol, seed: int, data: Path, runs: P
     Raises:
         ValueError: the run's directory was made under another plan or from another corpus
             (finished or not: a result must never be reused for a different configuration),
-            or its ``init`` run has no model yet.
+            its ``init`` run has no model yet, or a finished run must be re-timed
+            (:func:`_retime`) and cannot be.
     """
     out = run_dir(runs, protocol.name, seed)
     result_path = out / "result.json"
@@ -268,7 +275,7 @@ def run_one(plan: RecipePlan, protocol: Protocol, seed: int, data: Path, runs: P
     _check_same_corpus(out, data)    # ... and to its own corpus and units
     if result_path.is_file():
         record = json.loads(result_path.read_text())
-        if record.get("timing") != TIMING:
+        if record.get("timing") != timing_stamp(plan):
             record = _retime(record, plan, data, out, result_path)
         return record
     train(config, data, out, resume=find_checkpoint(out, "last") is not None, progress=progress, device=device)
@@ -289,7 +296,7 @@ def run_one(plan: RecipePlan, protocol: Protocol, seed: int, data: Path, runs: P
                                  plan.timing_repeats, progress),
         "wer_by_engine": wer_by_engine(model, test, [r.get("engine", "unknown") for r in read_manifest(data, "test")], tokenizer),
         "wer_lexicon": lexicon_wer(model, test, tokenizer, data, plan.lexicon_beam),
-        "timing": TIMING,
+        "timing": timing_stamp(plan),
     }
     atomic_write({result_path: lambda file: file.write(json.dumps(record, indent=1).encode())})
     return record
@@ -298,14 +305,24 @@ def run_one(plan: RecipePlan, protocol: Protocol, seed: int, data: Path, runs: P
 def _retime(record: Dict, plan: RecipePlan, data: Path, out: Path, result_path: Path) -> Dict:
     """``record`` with its speeds measured again by :func:`time_rows` on the device it was
     evaluated on (the accuracy numbers do not depend on timing and stay); rewrites
-    ``result_path``."""
-    model, _ = load_checkpoint(find_checkpoint(out, "model"))
-    model.to(check_device(f"{result_path}: device", record["device"]))
+    ``result_path``.
+
+    Raises:
+        ValueError: the run has no ``model.pt`` any more, or its device is not available here.
+    """
+    checkpoint = find_checkpoint(out, "model")
+    if checkpoint is None:
+        raise ValueError(f"{result_path} needs re-timing ({TIMING_SCHEME} timing) but {out} has no model.pt: "
+                         f"remove {result_path} to rerun the run")
+    device = check_device(f"{result_path}: re-timing on the run's device", record.get("device", "cpu"))
+    model, _ = load_checkpoint(checkpoint)
+    model.to(device)
     tokenizer = load_tokenizer(data)
     timing = load_split(data, "test", tokenizer=tokenizer)[:plan.timing_utterances]
-    print(f"recipe: re-timing {record['protocol']} seed {record['seed']} ({TIMING})")
-    record = {**record, "budgets": time_rows(record["budgets"], model, record["method"], timing, tokenizer,
-                                             plan.timing_repeats), "timing": TIMING}
+    print(f"recipe: re-timing {record['protocol']} seed {record['seed']} ({TIMING_SCHEME} timing)")
+    budgets = [dict(row) for row in record["budgets"]]
+    record = {**record, "budgets": time_rows(budgets, model, record["method"], timing, tokenizer, plan.timing_repeats),
+              "timing": timing_stamp(plan)}
     atomic_write({result_path: lambda file: file.write(json.dumps(record, indent=1).encode())})
     return record
 

@@ -107,11 +107,20 @@ def test_markdown_has_every_claim_and_section():
         assert part in text
 
 
-def test_markdown_says_how_speed_was_timed_when_the_plan_is_known():
-    data = results([0.2] * 3, [0.3] * 3)
-    assert "round-robin" not in markdown(data)
-    text = markdown({**data, "plan": {"timing_utterances": 200, "timing_repeats": 3}})
-    assert "first 200 test utterances, each batch's fastest of 3 runs" in text and "round-robin" in text
+def test_markdown_says_how_each_run_was_timed():
+    data = results([0.2] * 3, [0.3] * 3)  # runs without a timing stamp: an earlier scheme
+    assert "6 runs timed each budget's repeats back to back" in markdown(data)
+    stamp = {"scheme": "interleaved", "utterances": 200, "repeats": 3}
+    data["runs"] = [{**run, "timing": stamp} for run in data["runs"][:5]] + data["runs"][5:]
+    text = markdown(data)
+    assert "5 runs on the first 200 test utterances, each batch's fastest of 3 runs, the runs interleaved" in text
+    assert "1 run timed each budget's repeats back to back" in text
+
+
+def test_every_timing_scheme_the_recipe_stamps_is_described():
+    from dynenc.recipe.reproduce import TIMING_SCHEME
+
+    assert TIMING_SCHEME in report.TIMING_SCHEMES
 
 
 def test_engine_table_averages_the_seeds_that_report_engines():

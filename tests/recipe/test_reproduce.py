@@ -8,7 +8,8 @@ import pytest
 from dynenc import cli
 from dynenc.config import ModelConfig
 from dynenc.methods import method_names
-from dynenc.recipe.reproduce import PROTOCOLS, TIMING, Protocol, RecipePlan, gather_results, run_dir, run_one
+from dynenc.recipe.reproduce import (PROTOCOLS, Protocol, RecipePlan, gather_results, run_dir, run_one,
+                                      timing_stamp)
 from dynenc.recipe.synthesis import synthesize_corpus
 from dynenc.recipe.tokenizer import prepare_units
 
@@ -121,16 +122,30 @@ def test_runs_resume_and_gather(corpus, tmp_path):
     assert run_one(TINY, _BY_NAME["layer_drop"], 0, corpus, runs, progress=False) == layer_drop
     assert stamp.is_file()
 
-    # A result timed the old way (no "timing" stamp) is re-timed on its next visit; accuracy stays.
+    # A result timed another way (here: before timing stamps) is re-timed on its next visit:
+    # speeds measured again, accuracy kept, nothing retrained.
     path = run_dir(runs, "layer_drop", 0) / "result.json"
+    model = run_dir(runs, "layer_drop", 0) / "model.pt"
+    model_stamp = model.stat().st_mtime_ns
+    assert layer_drop["timing"] == timing_stamp(TINY) == {"scheme": "interleaved", "utterances": 2, "repeats": 1}
     stale = {key: value for key, value in layer_drop.items() if key != "timing"}
-    stale["budgets"] = [{**row, "rtf": -1.0, "speedup": -1.0} for row in layer_drop["budgets"]]
+    stale["budgets"] = [{**row, "rtf": -1.0, "rtf_1thread": -1.0, "speedup": -1.0} for row in layer_drop["budgets"]]
     path.write_text(json.dumps(stale))
     retimed = run_one(TINY, _BY_NAME["layer_drop"], 0, corpus, runs, progress=False)
-    assert retimed["timing"] == layer_drop["timing"] == TIMING
-    assert all(row["rtf"] > 0 and row["speedup"] > 0 for row in retimed["budgets"])
+    assert retimed["timing"] == timing_stamp(TINY)
+    assert all(row["rtf"] > 0 and row["rtf_1thread"] > 0 and row["speedup"] > 0 for row in retimed["budgets"])
     assert [row["wer"] for row in retimed["budgets"]] == [row["wer"] for row in layer_drop["budgets"]]
-    assert json.loads(path.read_text()) == retimed
+    assert json.loads(path.read_text()) == retimed and model.stat().st_mtime_ns == model_stamp
+    # ... and so is one timed under other plan timing fields (they are not part of the run's configuration).
+    more_repeats = dataclasses.replace(TINY, timing_repeats=2)
+    assert run_one(more_repeats, _BY_NAME["layer_drop"], 0, corpus, runs, progress=False)["timing"]["repeats"] == 2
+    # Re-timing needs the run's model: without it, a clear error saying what to do.
+    path.write_text(json.dumps(stale))
+    model.rename(model.with_suffix(".bak"))
+    with pytest.raises(ValueError, match="has no model.pt: remove .*result.json"):
+        run_one(TINY, _BY_NAME["layer_drop"], 0, corpus, runs, progress=False)
+    model.with_suffix(".bak").rename(model)
+    run_one(TINY, _BY_NAME["layer_drop"], 0, corpus, runs, progress=False)
 
     results = gather_results(TINY, corpus, runs)
     assert [r["protocol"] for r in results["runs"]] == ["layer_drop"]
