@@ -2,12 +2,18 @@
 (checkpoints, configs, caches)."""
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
 from typing import IO, Callable, Dict
 
 Writer = Callable[[IO[bytes]], None]
+
+
+def json_writer(obj: object) -> Writer:
+    """A writer for :func:`atomic_write` of ``obj`` as indented JSON."""
+    return lambda file: file.write((json.dumps(obj, indent=1) + "\n").encode())
 
 
 def _write_temp(path: Path, write: Writer) -> Path:

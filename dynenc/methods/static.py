@@ -17,6 +17,14 @@ from ..validation import check_real
 from .base import Batch, Budget, InferenceResult, Logs, Method, ObjectiveSettings, exit_ctc_losses, run_masked
 
 
+def check_inter_ctc_weight(name: str, value: float) -> float:
+    """``value`` as a float in ``[0, 1)``, else ``ValueError`` naming ``name`` (1 would leave the
+    last layer untrained)."""
+    if check_real(name, value, 0.0, 1.0) == 1.0:
+        raise ValueError(f"{name} must be < 1 (1 leaves the last layer untrained), got {value}")
+    return float(value)
+
+
 class StaticCTC:
     """Full-depth CTC training: ``(1 - w) * CTC(last layer) + w * mean CTC(intermediate heads)``
     when the model has intermediate heads (InterCTC-style, ``w = inter_ctc_weight``), plain CTC
@@ -28,9 +36,7 @@ class StaticCTC:
     """
 
     def __init__(self, inter_ctc_weight: float = 0.0) -> None:
-        self.inter_ctc_weight = check_real("inter_ctc_weight", inter_ctc_weight, 0.0, 1.0)
-        if self.inter_ctc_weight == 1.0:
-            raise ValueError("inter_ctc_weight must be < 1 (1 would leave the last layer untrained), got 1.0")
+        self.inter_ctc_weight = check_inter_ctc_weight("inter_ctc_weight", inter_ctc_weight)
 
     def __call__(self, model: CTCModel, batch: Batch) -> Tuple[Tensor, Logs]:
         if len(model.config.exit_set) == 1:

@@ -4,7 +4,8 @@ One run = one protocol (a method, where it starts, how long and how fast it trai
 seed, in ``<runs>/<protocol>/seed<k>/``: ``dynenc train``'s checkpoints and log, then
 ``result.json`` (the test-split budget sweep: WER, executed compute, real-time factor at 2
 and 1 threads). A run whose ``result.json`` exists is skipped (only re-timed when its speeds
-were measured another way, :func:`timing_stamp`); one with a ``last.pt`` resumes; so ``make recipe`` can be stopped anywhere and started again. After every run
+were measured another way, :func:`timing_stamp`); one with a ``last.pt`` resumes; so
+``make recipe`` can be stopped anywhere and started again. After every run
 the results of all finished runs are gathered into ``results.json`` and the report
 (:mod:`dynenc.recipe.report`) is regenerated.
 
@@ -32,8 +33,9 @@ from tqdm import tqdm
 from ..asr import load_checkpoint
 from ..asr.checkpoint import find_checkpoint
 from ..config import ModelConfig, config_json, load_config, save_config
-from ..fileio import atomic_write
+from ..fileio import atomic_write, json_writer
 from ..methods import FullBudget, get_method
+from ..methods.static import check_inter_ctc_weight
 from ..validation import check_device, check_int, check_real
 from .corpus import corpus_statistics, read_manifest, vocabulary_path
 from .evaluate import BeamSearch, decode_split, speedups, time_budgets
@@ -139,8 +141,7 @@ class RecipePlan:
         for name in ("lr", "finetune_lr"):
             if check_real(f"RecipePlan.{name}", getattr(self, name), 0.0) == 0:
                 raise ValueError(f"RecipePlan.{name} must be > 0, got 0")
-        if check_real("RecipePlan.inter_ctc_weight", self.inter_ctc_weight, 0.0, 1.0) == 1:
-            raise ValueError("RecipePlan.inter_ctc_weight must be < 1 (1 leaves the last layer untrained), got 1.0")
+        check_inter_ctc_weight("RecipePlan.inter_ctc_weight", self.inter_ctc_weight)
         parse_units(self.units)
 
     def epochs(self, protocol: Protocol) -> int:
@@ -199,8 +200,9 @@ def sweep_budgets(model, method: str, test: Sequence, timing: Sequence, tokenize
 def time_rows(rows: List[Dict], model, method: str, timing: Sequence, tokenizer, repeats: int) -> List[Dict]:
     """Set each budget row's real-time factor (inference seconds / audio seconds, each batch's
     fastest of ``repeats`` runs interleaved over the budgets,
-    :func:`~dynenc.recipe.evaluate.time_budgets`) on the ``timing`` utterances at 2 threads (``rtf``) and 1 thread (``rtf_1thread``) and its
-    ``speedup`` over the full-depth row; returns ``rows``."""
+    :func:`~dynenc.recipe.evaluate.time_budgets`) on the ``timing`` utterances at 2 threads
+    (``rtf``) and 1 thread (``rtf_1thread``) and its ``speedup`` over the full-depth row;
+    returns ``rows``."""
     budgets = dict(get_method(method).budgets(model))
     if [row["budget"] for row in rows] != list(budgets):
         raise ValueError(f"{method}: rows {[row['budget'] for row in rows]} are not its budgets {list(budgets)}")
@@ -237,7 +239,7 @@ def _check_same_corpus(out: Path, data: Path) -> None:
     corpus = {name: json.loads((Path(data) / name).read_text()) for name in ("config.json", "units.json")}
     path = out / "corpus.json"
     if not path.is_file():
-        atomic_write({path: lambda file: file.write(json.dumps(corpus, indent=1).encode())})
+        atomic_write({path: json_writer(corpus)})
     elif json.loads(path.read_text()) != corpus:
         raise ValueError(f"{out} was made from another corpus or units ({path}; now {data}): remove the "
                          "directory to rerun it on this corpus")
@@ -298,7 +300,7 @@ def run_one(plan: RecipePlan, protocol: Protocol, seed: int, data: Path, runs: P
         "wer_lexicon": lexicon_wer(model, test, tokenizer, data, plan.lexicon_beam),
         "timing": timing_stamp(plan),
     }
-    atomic_write({result_path: lambda file: file.write(json.dumps(record, indent=1).encode())})
+    atomic_write({result_path: json_writer(record)})
     return record
 
 
@@ -323,7 +325,7 @@ def _retime(record: Dict, plan: RecipePlan, data: Path, out: Path, result_path: 
     budgets = [dict(row) for row in record["budgets"]]
     record = {**record, "budgets": time_rows(budgets, model, record["method"], timing, tokenizer, plan.timing_repeats),
               "timing": timing_stamp(plan)}
-    atomic_write({result_path: lambda file: file.write(json.dumps(record, indent=1).encode())})
+    atomic_write({result_path: json_writer(record)})
     return record
 
 
@@ -362,7 +364,7 @@ def write_report(results: Dict, results_json: Path, report_md: Path) -> None:
     figure = results_json.parent / "wer_vs_compute.png"
     results_json.parent.mkdir(parents=True, exist_ok=True)
     report.figure(results, figure)
-    atomic_write({results_json: lambda file: file.write(json.dumps(results, indent=1).encode()),
+    atomic_write({results_json: json_writer(results),
                   report_md: lambda file: file.write(report.markdown(results).encode())})
 
 

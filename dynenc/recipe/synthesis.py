@@ -58,7 +58,7 @@ import torch
 import torchaudio.functional as AF
 from tqdm import tqdm
 
-from ..fileio import atomic_write
+from ..fileio import atomic_write, json_writer
 from .corpus import (
     SAMPLE_RATE,
     SPLITS,
@@ -536,11 +536,6 @@ def check_int_at_least(name: str, value: object, minimum: int) -> int:
     return int(value)
 
 
-def _json_writer(obj: object):
-    """A writer for :func:`atomic_write` of ``obj`` as indented JSON."""
-    return lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode())
-
-
 def synthesize_corpus(
     out_dir: str | os.PathLike,
     num_train: int = 3000,
@@ -619,6 +614,6 @@ def synthesize_corpus(
              for split, path in manifests.items()}
     files[vocabulary_path(out_dir)] = lambda f: f.write("".join(w + "\n" for w in VOCABULARY).encode())
     atomic_write(files)
-    atomic_write({stats_path(out_dir): _json_writer(corpus_statistics(out_dir))})
-    atomic_write({cfg_path: _json_writer(config)})
+    atomic_write({stats_path(out_dir): json_writer(corpus_statistics(out_dir))})
+    atomic_write({cfg_path: json_writer(config)})
     return manifests

@@ -32,6 +32,7 @@ from ..validation import check_device, check_int, check_real
 from ..methods import get_method, method_names
 from ..methods.base import Objective
 from ..methods.layer_drop import check_gating
+from ..methods.static import check_inter_ctc_weight
 from .batching import SpeechBatches, collate_batch
 from .evaluate import decode_split
 from .features import load_split
@@ -109,11 +110,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         for name, low, high in (("lr", 0.0, None), ("weight_decay", 0.0, None), ("warmup", 0.0, 1.0),
                                 ("clip", 0.0, None), ("drop_prob", 0.0, 1.0), ("kd_weight", 0.0, None),
-                                ("temperature", 0.0, None), ("hidden_weight", 0.0, None),
-                                ("inter_ctc_weight", 0.0, 1.0)):
+                                ("temperature", 0.0, None), ("hidden_weight", 0.0, None)):
             check_real(f"TrainConfig.{name}", getattr(self, name), low, high)
-        if self.inter_ctc_weight == 1.0:
-            raise ValueError("TrainConfig.inter_ctc_weight must be < 1 (1 leaves the last layer untrained), got 1.0")
+        check_inter_ctc_weight("TrainConfig.inter_ctc_weight", self.inter_ctc_weight)
         if self.lr == 0 or self.temperature == 0:
             raise ValueError(f"TrainConfig.lr and temperature must be > 0, got lr={self.lr}, "
                              f"temperature={self.temperature}")
