@@ -44,7 +44,7 @@ from .synthesis import synthesize_corpus
 from .tokenizer import load_tokenizer, parse_units, prepare_units
 from .train import TrainConfig, recipe_model, train
 
-__all__ = ["Protocol", "PROTOCOLS", "RecipePlan", "run_dir", "run_one", "gather_results", "add_arguments", "run"]
+__all__ = ["Protocol", "PROTOCOLS", "RecipePlan", "run_dir", "run_one", "restore_results", "gather_results", "add_arguments", "run"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,9 +269,8 @@ def run_one(plan: RecipePlan, protocol: Protocol, seed: int, data: Path, runs: P
     out = run_dir(runs, protocol.name, seed)
     result_path = out / "result.json"
     config = plan.train_config(protocol, seed, runs)
-    if not result_path.is_file() and config.init and not Path(config.init).is_file():
-        raise ValueError(f"{protocol.name} (seed {seed}) starts from {config.init}, which does not exist: run "
-                         f"{protocol.init} first")
+    if not result_path.is_file() and protocol.init is not None:
+        _ensure_model(plan, _BY_NAME[protocol.init], seed, data, runs, device, progress)
     out.mkdir(parents=True, exist_ok=True)
     _check_same_config(out, config)  # also for a finished run: its result belongs to its own plan
     _check_same_corpus(out, data)    # ... and to its own corpus and units
@@ -302,6 +301,71 @@ def run_one(plan: RecipePlan, protocol: Protocol, seed: int, data: Path, runs: P
     }
     atomic_write({result_path: json_writer(record)})
     return record
+
+
+def _ensure_model(plan: RecipePlan, protocol: Protocol, seed: int, data: Path, runs: Path, device: str,
+                  progress: bool) -> None:
+    """Make sure ``protocol``'s run for ``seed`` has the ``model.pt`` that later runs start from.
+
+    A finished run restored from the committed results (:func:`restore_results`) has its
+    ``result.json`` but no checkpoint: it is trained again (its own start first) and kept
+    only if its dev WER after every epoch equals the recorded one -- training is
+    deterministic for a seed on one machine, so the rebuilt model is the one the result
+    describes. Its ``result.json`` is not touched.
+
+    Raises:
+        ValueError: the run never finished (run it first), or its rebuilt training differs
+            from the record (the runs built on it would start from another model).
+    """
+    out = run_dir(runs, protocol.name, seed)
+    if find_checkpoint(out, "model") is not None:
+        return
+    result_path = out / "result.json"
+    if not result_path.is_file():
+        raise ValueError(f"runs starting from {protocol.name} (seed {seed}) need {out / 'model.pt'}, which does not "
+                         f"exist: run {protocol.name} first")
+    if protocol.init is not None:
+        _ensure_model(plan, _BY_NAME[protocol.init], seed, data, runs, device, progress)
+    config = plan.train_config(protocol, seed, runs)
+    _check_same_config(out, config)
+    recorded = json.loads(result_path.read_text())["dev_wer_per_epoch"]
+    print(f"recipe: rebuilding {out / 'model.pt'} (its result is kept; later runs start from it)")
+    train(config, data, out, resume=find_checkpoint(out, "last") is not None, progress=progress, device=device)
+    rebuilt = [json.loads(line)["dev_wer"] for line in (out / "log.jsonl").read_text().splitlines()]
+    if rebuilt != recorded:
+        raise ValueError(f"{protocol.name} (seed {seed}) trained again is not the recorded run: dev WER per epoch "
+                         f"{rebuilt} vs {recorded} in {result_path} (another machine, thread count or torch?); "
+                         f"remove {out} and the runs that start from it to rerun them")
+
+
+def restore_results(plan: RecipePlan, data: Path, runs: Path, results_json: Path) -> List[Tuple[str, int]]:
+    """Put the finished runs recorded in ``results_json`` (the committed results) back into
+    ``runs`` where their ``result.json`` is missing, e.g. in a fresh clone, so they are
+    skipped, gathered into the next results and, when a later run starts from one,
+    rebuilt (:func:`_ensure_model`). Only results made under ``plan`` from the same corpus
+    are restored; returns the restored ``(protocol, seed)`` pairs."""
+    if not Path(results_json).is_file():
+        return []
+    results = json.loads(Path(results_json).read_text())
+    if (results.get("plan") != json.loads(config_json(plan))
+            or results.get("corpus") != corpus_summary(data, plan.units)):
+        print(f"recipe: {results_json} was made under another plan or corpus; its runs are not restored")
+        return []
+    restored = []
+    for record in results.get("runs", []):
+        protocol, seed = _BY_NAME.get(record.get("protocol")), record.get("seed")
+        if protocol is None or not isinstance(seed, int):
+            raise ValueError(f"{results_json}: a run record names protocol {record.get('protocol')!r}, seed "
+                             f"{seed!r}; expected one of {list(_BY_NAME)} and an integer seed")
+        out = run_dir(runs, protocol.name, seed)
+        if (out / "result.json").is_file():
+            continue
+        out.mkdir(parents=True, exist_ok=True)
+        _check_same_config(out, plan.train_config(protocol, seed, runs))
+        _check_same_corpus(out, data)
+        atomic_write({out / "result.json": json_writer(record)})
+        restored.append((protocol.name, seed))
+    return restored
 
 
 def _retime(record: Dict, plan: RecipePlan, data: Path, out: Path, result_path: Path) -> Dict:
@@ -407,11 +471,15 @@ def run(args: argparse.Namespace) -> int:
         print(_status(plan, runs, todo))
         return 0
     if args.report_only:
+        restore_results(plan, data, runs, Path(args.results))
         write_report(gather_results(plan, data, runs), Path(args.results), Path(args.report))
         return 0
     progress = not args.quiet
     synthesize_corpus(data, plan.num_train, plan.num_dev, plan.num_test, workers=args.workers, progress=progress)
     tokenizer = prepare_units(data, plan.units)
+    restored = restore_results(plan, data, runs, Path(args.results))
+    if restored:
+        print(f"recipe: {len(restored)} finished runs restored from {args.results}")
     for split in ("train", "dev", "test"):
         load_split(data, split, progress=progress, tokenizer=tokenizer)  # features once, before the runs
     for protocol, seed in todo:

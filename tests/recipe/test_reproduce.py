@@ -4,12 +4,14 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from dynenc import cli
+from dynenc.asr import load_checkpoint
 from dynenc.config import ModelConfig
 from dynenc.methods import method_names
-from dynenc.recipe.reproduce import (PROTOCOLS, Protocol, RecipePlan, gather_results, run_dir, run_one,
-                                      timing_stamp)
+from dynenc.recipe.reproduce import (PROTOCOLS, Protocol, RecipePlan, gather_results, restore_results, run_dir,
+                                      run_one, timing_stamp, write_report)
 from dynenc.recipe.synthesis import synthesize_corpus
 from dynenc.recipe.tokenizer import prepare_units
 
@@ -152,6 +154,51 @@ def test_runs_resume_and_gather(corpus, tmp_path):
     corpus_row = results["corpus"]
     assert corpus_row["test_utterances"] == TINY.num_test and corpus_row["units"] == "bpe40"
     assert set(corpus_row["engines"]) == {"espeak", "flite", "festival"}
+
+
+@needs_engines
+def test_a_fresh_clone_restores_finished_runs_and_rebuilds_their_models(corpus, tmp_path):
+    # The committed results.json is all a fresh clone has of the finished runs: no checkpoints.
+    runs, results = tmp_path / "runs", tmp_path / "results.json"
+    for name in ("static", "layer_drop"):
+        run_one(TINY, _BY_NAME[name], 0, corpus, runs, progress=False)
+    write_report(gather_results(TINY, corpus, runs), results, tmp_path / "results.md")
+    originals = {name: load_checkpoint(run_dir(runs, name, 0) / "model.pt")[0].state_dict()
+                 for name in ("static", "layer_drop")}
+
+    fresh = tmp_path / "fresh"
+    assert restore_results(TINY, corpus, fresh, results) == [("static", 0), ("layer_drop", 0)]
+    assert restore_results(TINY, corpus, fresh, results) == []  # already there
+    assert not (run_dir(fresh, "static", 0) / "model.pt").exists()
+    recorded = (run_dir(fresh, "static", 0) / "result.json").read_text()
+    assert json.loads(recorded) == json.loads((run_dir(runs, "static", 0) / "result.json").read_text())
+
+    # The selector starts from layer_drop, which starts from static: both are trained again,
+    # bit-for-bit the models their results describe, and their results are kept.
+    run_one(TINY, _BY_NAME["selector"], 0, corpus, fresh, progress=False)
+    for name, original in originals.items():
+        rebuilt = load_checkpoint(run_dir(fresh, name, 0) / "model.pt")[0].state_dict()
+        assert rebuilt.keys() == original.keys(), name
+        for key in original:
+            assert torch.equal(rebuilt[key], original[key]), (name, key)
+    assert (run_dir(fresh, "static", 0) / "result.json").read_text() == recorded
+    assert [r["protocol"] for r in gather_results(TINY, corpus, fresh)["runs"]] == ["static", "layer_drop", "selector"]
+
+    # A rebuild that does not retrace the recorded training is an error, not a silent new start.
+    other = tmp_path / "other"
+    restore_results(TINY, corpus, other, results)
+    path = run_dir(other, "static", 0) / "result.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "dev_wer_per_epoch": [0.123]}))
+    with pytest.raises(ValueError, match="static \\(seed 0\\) trained again is not the recorded run"):
+        run_one(TINY, _BY_NAME["dld"], 0, corpus, other, progress=False)
+
+    # Results of another plan are not this plan's runs; a record naming no protocol is refused.
+    assert restore_results(dataclasses.replace(TINY, lr=1e-2), corpus, tmp_path / "lr", results) == []
+    bad = json.loads(results.read_text())
+    bad["runs"][0]["protocol"] = "nope"
+    results.write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="protocol 'nope'"):
+        restore_results(TINY, corpus, tmp_path / "bad", results)
 
 
 @needs_engines
