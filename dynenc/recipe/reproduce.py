@@ -280,18 +280,14 @@ def run_one(plan: RecipePlan, protocol: Protocol, seed: int, data: Path, runs: P
             record = _retime(record, plan, data, out, result_path)
         return record
     train(config, data, out, resume=find_checkpoint(out, "last") is not None, progress=progress, device=device)
-    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     model, payload = load_checkpoint(find_checkpoint(out, "model"))
     model.to(device)
     tokenizer = load_tokenizer(data)
     test = load_split(data, "test", tokenizer=tokenizer)
-    cumulative = [entry["train_seconds"] for entry in log]
     record = {
         "method": protocol.method, "protocol": protocol.name, "seed": seed, "epochs": config.epochs,
         "init": protocol.init, "lr": config.lr, "device": str(device),
-        "train_seconds": cumulative[-1],
-        "epoch_seconds": [round(b - a, 1) for a, b in zip([0.0] + cumulative, cumulative)],
-        "dev_wer_per_epoch": [entry["dev_wer"] for entry in log],
+        **training_log(out),
         "best_epoch": payload.get("epoch", -1) + 1,
         "budgets": sweep_budgets(model, protocol.method, test, test[:plan.timing_utterances], tokenizer,
                                  plan.timing_repeats, progress),
@@ -311,7 +307,9 @@ def _ensure_model(plan: RecipePlan, protocol: Protocol, seed: int, data: Path, r
     ``result.json`` but no checkpoint: it is trained again (its own start first) and kept
     only if its dev WER after every epoch equals the recorded one -- training is
     deterministic for a seed on one machine, so the rebuilt model is the one the result
-    describes. Its ``result.json`` is not touched.
+    describes. Its result keeps every accuracy and speed figure; its training wall times
+    become the rebuild's (``training_timed_again``), measured on the same day's machine as
+    the runs that start from it and as the rest of its seed's protocols.
 
     Raises:
         ValueError: the run never finished (run it first), or its rebuilt training differs
@@ -328,14 +326,27 @@ def _ensure_model(plan: RecipePlan, protocol: Protocol, seed: int, data: Path, r
         _ensure_model(plan, _BY_NAME[protocol.init], seed, data, runs, device, progress)
     config = plan.train_config(protocol, seed, runs)
     _check_same_config(out, config)
-    recorded = json.loads(result_path.read_text())["dev_wer_per_epoch"]
+    record = json.loads(result_path.read_text())
     print(f"recipe: rebuilding {out / 'model.pt'} (its result is kept; later runs start from it)")
     train(config, data, out, resume=find_checkpoint(out, "last") is not None, progress=progress, device=device)
-    rebuilt = [json.loads(line)["dev_wer"] for line in (out / "log.jsonl").read_text().splitlines()]
-    if rebuilt != recorded:
+    rebuilt = training_log(out)
+    if rebuilt["dev_wer_per_epoch"] != record["dev_wer_per_epoch"]:
         raise ValueError(f"{protocol.name} (seed {seed}) trained again is not the recorded run: dev WER per epoch "
-                         f"{rebuilt} vs {recorded} in {result_path} (another machine, thread count or torch?); "
-                         f"remove {out} and the runs that start from it to rerun them")
+                         f"{rebuilt['dev_wer_per_epoch']} vs {record['dev_wer_per_epoch']} in {result_path} "
+                         f"(another machine, thread count or torch?); remove {out} and the runs that start from it "
+                         "to rerun them")
+    # Wall times depend on the machine of the day: keep those measured beside the runs that follow.
+    atomic_write({result_path: json_writer({**record, **rebuilt, "training_timed_again": True})})
+
+
+def training_log(out: Path) -> Dict[str, List[float]]:
+    """A run's training as its record keeps it, from ``out/log.jsonl``: ``train_seconds``
+    (total), ``epoch_seconds`` and ``dev_wer_per_epoch``."""
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    cumulative = [entry["train_seconds"] for entry in log]
+    return {"train_seconds": cumulative[-1],
+            "epoch_seconds": [round(b - a, 1) for a, b in zip([0.0] + cumulative, cumulative)],
+            "dev_wer_per_epoch": [entry["dev_wer"] for entry in log]}
 
 
 def restore_results(plan: RecipePlan, data: Path, runs: Path, results_json: Path) -> List[Tuple[str, int]]:
