@@ -604,6 +604,19 @@ def timing_sentence(runs: Sequence[Dict]) -> str:
     return " ".join(out)
 
 
+def training_time_sentence(runs: Sequence[Dict]) -> str:
+    """Where the runs' training wall times come from: the session that trained each run, or,
+    for a run rebuilt in a later session (``training_timed_again``), that rebuild."""
+    text = ("Train minutes: wall time of the training epochs (dev decoding excluded) on the machine of "
+            "the session that trained the run; machine speed differs between sessions, so compare times "
+            "within a seed.")
+    rebuilt = [f"{run['protocol']} seed {run['seed']}" for run in runs if run.get("training_timed_again")]
+    if rebuilt:
+        text += (f" Timed again when rebuilt (`training_timed_again`, same dev WER after every epoch) in a "
+                 f"later session, beside the runs that start from them: {', '.join(rebuilt)}.")
+    return text + "\n"
+
+
 def markdown(results: Dict, figure_path: str = "results/wer_vs_compute.png") -> str:
     """The whole ``docs/results.md``: corpus, verdict rule, one table per claim group, runs,
     every budget, deviations. ``figure_path``: the PNG, relative to the markdown file."""
@@ -629,6 +642,7 @@ def markdown(results: Dict, figure_path: str = "results/wer_vs_compute.png") -> 
     out += ["## Runs\n", _table(("protocol", "method", "init", "epochs", "seeds", "train minutes"), [
         (p, e["method"], e["init"], e["epochs"], f"{len(e['seeds'])} ({_cell(e['seeds'])})",
          _stat_cell(e["train_minutes"], digits=1)) for p, e in agg["protocols"].items()]),
+        training_time_sentence(results["runs"]),
         "## Every budget\n",
         "Test WER, executed compute (fraction of full-depth token x layers), real-time factor "
         "(2 threads and 1 thread), speed-up over the method's full-depth row (2 threads), the share of "

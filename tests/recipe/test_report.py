@@ -117,6 +117,13 @@ def test_markdown_says_how_each_run_was_timed():
     assert "1 run timed each budget's repeats back to back" in text
 
 
+def test_markdown_names_the_runs_whose_training_was_timed_again():
+    data = results([0.2] * 3, [0.3] * 3)
+    assert "Timed again" not in markdown(data)
+    data["runs"][1]["training_timed_again"] = True
+    assert "in a later session, beside the runs that start from them: a seed 1." in markdown(data)
+
+
 def test_every_timing_scheme_the_recipe_stamps_is_described():
     from dynenc.recipe.reproduce import TIMING_SCHEME
 
