@@ -117,6 +117,21 @@ def test_markdown_says_how_each_run_was_timed():
     assert "1 run timed each budget's repeats back to back" in text
 
 
+@pytest.mark.parametrize("speedups, expected", [([1.10, 1.12, 1.09], "reproduced"),
+                                                 ([1.10, 0.95, 1.02], "inconclusive")])
+def test_blank_skip_speed_is_judged_within_each_run(speedups, expected):
+    # Real-time factors of different sessions differ far more than blank skipping saves; the
+    # claim reads each run's own ratio to its full-depth row.
+    claim = next(c for c in CLAIMS if c.id == "blank-skip-speed")
+    runs = [{"method": "blank_skip", "protocol": "blank_skip", "seed": seed, "epochs": 3, "budgets": [
+        {"budget": "full", "wer": 0.5, "executed": 1.0, "rtf": rtf, "speedup": 1.0},
+        {"budget": "tau=0.9", "wer": 0.5, "executed": 1.0, "rtf": rtf / speedup, "speedup": speedup}]}
+        for seed, (rtf, speedup) in enumerate(zip([0.002, 0.004, 0.006], speedups))]
+    result = verdict(claim, {"corpus": {}, "runs": runs})
+    assert result.verdict == expected and result.stat_b.mean == 1.0
+    assert result.stat_a.mean == pytest.approx(sum(1 / s for s in speedups) / 3)
+
+
 def test_markdown_names_the_runs_whose_training_was_timed_again():
     data = results([0.2] * 3, [0.3] * 3)
     assert "Timed again" not in markdown(data)
