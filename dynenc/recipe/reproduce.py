@@ -44,7 +44,8 @@ from .synthesis import synthesize_corpus
 from .tokenizer import load_tokenizer, parse_units, prepare_units
 from .train import TrainConfig, recipe_model, train
 
-__all__ = ["Protocol", "PROTOCOLS", "RecipePlan", "run_dir", "run_one", "restore_results", "gather_results", "add_arguments", "run"]
+__all__ = ["Protocol", "PROTOCOLS", "RecipePlan", "run_dir", "run_one", "restore_results", "gather_results",
+           "add_arguments", "run"]
 
 
 @dataclasses.dataclass(frozen=True)
