@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 TORCH_PINS := torch==2.14.1 torchaudio==2.11.0
 SOURCES := $(wildcard csrc/*.cpp csrc/*.h) setup.py pyproject.toml
 
-.PHONY: install test bench speech-engines recipe clean gpu-check
+.PHONY: install test bench speech-engines kenlm recipe clean gpu-check
 
 # Re-run when the Makefile (its package list) changes, so an existing .venv gets new packages.
 $(VENV)/.deps: Makefile
@@ -29,7 +29,20 @@ speech-engines:
 	@for exe in espeak-ng flite festival text2wave; do command -v $$exe >/dev/null || missing=1; done; \
 	[ -z "$$missing" ] || { apt-get update -qq && apt-get install -y -qq $(SPEECH_PACKAGES) >/dev/null; }
 
-test: install speech-engines
+# KenLM's lmplz, which estimates the recipe's word n-gram LM (dynenc/recipe/language_model.py):
+# built from the kenlm source package into the venv; the build needs cmake and Boost (Debian).
+KENLM_PACKAGES := cmake libboost-program-options-dev libboost-system-dev libboost-thread-dev libboost-test-dev
+LMPLZ := $(VENV)/bin/lmplz
+$(LMPLZ): | $(VENV)/.deps
+	@dpkg -s $(KENLM_PACKAGES) >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq $(KENLM_PACKAGES) >/dev/null; }
+	@echo "building KenLM's lmplz into $@"; set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	$(PIP) download -q --no-deps kenlm==0.3.0 -d "$$tmp"; tar xzf "$$tmp"/kenlm-0.3.0.tar.gz -C "$$tmp"; \
+	{ cmake -S "$$tmp"/kenlm-0.3.0 -B "$$tmp"/build -DCMAKE_BUILD_TYPE=Release && \
+	  $(MAKE) -C "$$tmp"/build -j2 lmplz; } >"$$tmp"/build.log 2>&1 || { tail -30 "$$tmp"/build.log; exit 1; }; \
+	cp "$$tmp"/build/bin/lmplz $@
+kenlm: $(LMPLZ)
+
+test: install speech-engines kenlm
 	$(PY) -m pytest -q tests
 
 bench: install
@@ -48,7 +61,7 @@ gpu-check: install
 # The reproduction of docs/results.md (`dynenc recipe`): the multi-engine corpus and its
 # units, every protocol for seeds 0-2, the report. Resumable: finished runs are skipped.
 SEEDS ?= 0 1 2
-recipe: install speech-engines
+recipe: install speech-engines kenlm
 	$(PY) -m dynenc recipe --seeds $(SEEDS)
 
 clean:

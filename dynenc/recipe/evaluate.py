@@ -19,27 +19,38 @@ from ..asr import CTCModel, load_checkpoint
 from ..asr.checkpoint import find_checkpoint
 from ..methods import Budget, FullBudget, get_method, infer, method_names
 from ..routing import valid_frames
-from ..validation import check_int
+from ..validation import check_int, check_real
 from .batching import SpeechBatches, collate_batch
 from .features import load_split
 from .tokenizer import Tokenizer, load_tokenizer
 
 
 class BeamSearch:
-    """CTC beam search (torchaudio / flashlight-text) over ``tokenizer``'s units, no language
-    model: lexicon-free, or restricted to the words of ``lexicon`` (each spelled by
-    ``tokenizer.spell``), which turns near-miss spellings into words.
+    """CTC beam search (torchaudio / flashlight-text) over ``tokenizer``'s units: lexicon-free,
+    or restricted to the words of ``lexicon`` (each spelled by ``tokenizer.spell``), which
+    turns near-miss spellings into words, optionally scored by a word n-gram language model
+    (``lm``: an ARPA file, :func:`~dynenc.recipe.language_model.ngram_lm`) weighted by
+    ``lm_weight``.
 
     ``search(log_probs [B, T, V] float32 CPU, lengths [B] int32) -> B transcripts``; a lexicon
     search returns words of the lexicon only (``""`` when it completes none).
+
+    Raises:
+        ValueError: ``beam_size`` < 1, ``lm_weight`` < 0, or an ``lm`` without a ``lexicon``
+            (a word model scores the words a lexicon completes).
     """
 
-    def __init__(self, tokenizer: Tokenizer, beam_size: int, lexicon: Optional[Sequence[str]] = None) -> None:
+    def __init__(self, tokenizer: Tokenizer, beam_size: int, lexicon: Optional[Sequence[str]] = None,
+                 lm: Optional[Path] = None, lm_weight: float = 1.0) -> None:
         from torchaudio.models.decoder import ctc_decoder
 
         check_int("beam_size", beam_size, low=1)
+        check_real("lm_weight", lm_weight, low=0.0)
+        if lm is not None and lexicon is None:
+            raise ValueError("BeamSearch: a language model (lm) needs a lexicon, got lexicon=None")
         self.tokenizer, self.lexicon = tokenizer, lexicon is not None
-        options = dict(tokens=tokenizer.decoder_tokens(), lm=None, beam_size=beam_size, blank_token="-", sil_token="|")
+        options = dict(tokens=tokenizer.decoder_tokens(), lm=None if lm is None else str(lm), lm_weight=lm_weight,
+                       beam_size=beam_size, blank_token="-", sil_token="|")
         if lexicon is None:
             self.decoder = ctc_decoder(lexicon=None, **options)
             return

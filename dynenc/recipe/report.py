@@ -532,17 +532,33 @@ def corpus_tables(corpus: Dict) -> str:
 
 
 LEXICON_COLUMN = "all, lexicon beam"
+LM_COLUMN = "all, lexicon + LM"
+BEAM_COLUMNS = {LEXICON_COLUMN: "wer_lexicon", LM_COLUMN: "wer_lm"}
+
+
+def _lm_description(results: Dict) -> str:
+    """How the runs' LM WERs were decoded, from their ``lm`` stamps and chosen weights."""
+    scored = [run for run in results.get("runs", []) if isinstance(run.get("lm"), dict)]
+    if not scored:
+        return "n-gram language model (no run is scored with one yet)"
+    orders = sorted({run["lm"]["order"] for run in scored})
+    grids = sorted({tuple(run["lm"]["weights"]) for run in scored})
+    chosen = Counter(run["lm_weight"] for run in scored)
+    return (f"{'/'.join(map(str, orders))}-gram language model that KenLM's lmplz estimated on the training "
+            f"transcripts only; each run's LM weight is the one of {' or '.join(str(list(g)) for g in grids)} "
+            f"with the lowest dev WER (chosen: {', '.join(f'{w} in {n} run' + 's' * (n != 1) for w, n in sorted(chosen.items()))})")
 
 
 def engine_table(results: Dict) -> str:
     """Full-depth test WER % per synthesis engine (greedy), then over every engine with the
-    lexicon-constrained beam search; mean ± std over the seeds that report it."""
+    lexicon-constrained beam search, without and with the n-gram LM; mean ± std over the
+    seeds that report it."""
     index = _runs(results)
-    per_protocol = {p: [{**run["wer_by_engine"], LEXICON_COLUMN: run.get("wer_lexicon")} for run in index[p].values()
-                        if isinstance(run.get("wer_by_engine"), dict)]
+    per_protocol = {p: [{**run["wer_by_engine"], **{column: run.get(key) for column, key in BEAM_COLUMNS.items()}}
+                        for run in index[p].values() if isinstance(run.get("wer_by_engine"), dict)]
                     for p in _protocols(index)}
-    engines = sorted({engine for runs in per_protocol.values() for scores in runs for engine in scores} - {LEXICON_COLUMN})
-    columns = engines + [LEXICON_COLUMN]
+    engines = sorted({engine for runs in per_protocol.values() for scores in runs for engine in scores} - set(BEAM_COLUMNS))
+    columns = engines + list(BEAM_COLUMNS)
     rows = [(p, f"{len(runs)}", *(_stat_cell(Stat.of([s[e] for s in runs if _is_number(s.get(e))]), 100, 1)
                                   for e in columns))
             for p, runs in per_protocol.items() if runs]
@@ -674,7 +690,8 @@ def markdown(results: Dict, figure_path: str = "results/wer_vs_compute.png") -> 
         "different distance from the training voices (espeak: unseen accents and variants; flite: rms, a "
         "speaker no engine trains on; festival: its diphone engine, never trained on, for the kal speaker "
         f"that flite trains on). *{LEXICON_COLUMN}*: the whole test split decoded by a beam search restricted "
-        "to the corpus vocabulary, no language model.\n",
+        f"to the corpus vocabulary, no language model. *{LM_COLUMN}*: the same search scored by a word "
+        f"{_lm_description(results)}. A cell's mean is over the seeds that report it.\n",
         engine_table(results),
         "## Deviations from the papers\n", "\n".join(f"- {d}" for d in DEVIATIONS) + "\n"]
     return "\n".join(out)

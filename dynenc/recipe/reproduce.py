@@ -3,10 +3,11 @@
 One run = one protocol (a method, where it starts, how long and how fast it trains) for one
 seed, in ``<runs>/<protocol>/seed<k>/``: ``dynenc train``'s checkpoints and log, then
 ``result.json`` (the test-split budget sweep: WER, executed compute, real-time factor at 2
-and 1 threads). A run whose ``result.json`` exists is skipped (only re-timed when its speeds
-were measured another way, :func:`timing_stamp`); one with a ``last.pt`` resumes; so
-``make recipe`` can be stopped anywhere and started again. After every run
-the results of all finished runs are gathered into ``results.json`` and the report
+and 1 threads; the full-depth WER per engine, with a lexicon and with an n-gram LM). A run
+whose ``result.json`` exists is skipped (only measured again where it was measured another
+way: its speeds, its LM WER, :func:`_update`); one with a ``last.pt`` resumes; so ``make
+recipe`` can be stopped anywhere and started again. After every run the results of all
+finished runs are gathered into ``results.json`` and the report
 (:mod:`dynenc.recipe.report`) is regenerated.
 
 Protocols (:data:`PROTOCOLS`): every compared model gets the same number of epochs in total
@@ -40,6 +41,7 @@ from ..validation import check_device, check_int, check_real
 from .corpus import corpus_statistics, read_manifest, vocabulary_path
 from .evaluate import BeamSearch, decode_split, speedups, time_budgets
 from .features import FBANK_OPTIONS, load_split, torch_threads
+from .language_model import ngram_lm
 from .synthesis import synthesize_corpus
 from .tokenizer import load_tokenizer, parse_units, prepare_units
 from .train import TrainConfig, recipe_model, train
@@ -234,6 +236,28 @@ def lexicon_wer(model, test: Sequence, tokenizer, data: Path, beam_size: int) ->
     return decode_split(model, test, tokenizer, FullBudget(), beam=BeamSearch(tokenizer, beam_size, vocabulary))["wer"]
 
 
+# The word n-gram LM every run's full-depth WER is also decoded with (the ASR field's usual
+# lexicon + LM decoding): its order, and the LM weights the dev split chooses from. A result
+# recorded with another (or none) is scored again when the recipe visits it.
+LANGUAGE_MODEL = {"order": 3, "weights": [0.5, 1.0, 1.5, 2.0]}
+
+
+def language_model_wer(model, dev: Sequence, test: Sequence, tokenizer, data: Path, beam_size: int) -> Dict:
+    """Full-depth test WER of the lexicon beam search with the training transcripts' n-gram LM
+    (:func:`~dynenc.recipe.language_model.ngram_lm`) at the weight of
+    :data:`LANGUAGE_MODEL` whose dev WER is lowest (the first of equals):
+    ``{"wer_lm", "lm_weight", "lm"}``."""
+    vocabulary = vocabulary_path(data).read_text().split()
+    arpa = ngram_lm(data, LANGUAGE_MODEL["order"])
+
+    def wer(split: Sequence, weight: float) -> float:
+        beam = BeamSearch(tokenizer, beam_size, vocabulary, lm=arpa, lm_weight=weight)
+        return decode_split(model, split, tokenizer, FullBudget(), beam=beam)["wer"]
+
+    weight = min(LANGUAGE_MODEL["weights"], key=lambda w: wer(dev, w))
+    return {"wer_lm": wer(test, weight), "lm_weight": weight, "lm": LANGUAGE_MODEL}
+
+
 def _check_same_corpus(out: Path, data: Path) -> None:
     """A run directory belongs to one corpus and one set of units (their cache keys,
     ``config.json`` and ``units.json``): the plan alone does not say which voices are held out."""
@@ -264,8 +288,8 @@ def run_one(plan: RecipePlan, protocol: Protocol, seed: int, data: Path, runs: P
     Raises:
         ValueError: the run's directory was made under another plan or from another corpus
             (finished or not: a result must never be reused for a different configuration),
-            its ``init`` run has no model yet, or a finished run must be re-timed
-            (:func:`_retime`) and cannot be.
+            its ``init`` run has no model yet, or a finished run must be measured
+            again (:func:`_update`) and cannot be.
     """
     out = run_dir(runs, protocol.name, seed)
     result_path = out / "result.json"
@@ -276,15 +300,12 @@ def run_one(plan: RecipePlan, protocol: Protocol, seed: int, data: Path, runs: P
     _check_same_config(out, config)  # also for a finished run: its result belongs to its own plan
     _check_same_corpus(out, data)    # ... and to its own corpus and units
     if result_path.is_file():
-        record = json.loads(result_path.read_text())
-        if record.get("timing") != timing_stamp(plan):
-            record = _retime(record, plan, data, out, result_path)
-        return record
+        return _update(plan, protocol, seed, data, runs, device, progress)
     train(config, data, out, resume=find_checkpoint(out, "last") is not None, progress=progress, device=device)
     model, payload = load_checkpoint(find_checkpoint(out, "model"))
     model.to(device)
     tokenizer = load_tokenizer(data)
-    test = load_split(data, "test", tokenizer=tokenizer)
+    dev, test = (load_split(data, split, tokenizer=tokenizer) for split in ("dev", "test"))
     record = {
         "method": protocol.method, "protocol": protocol.name, "seed": seed, "epochs": config.epochs,
         "init": protocol.init, "lr": config.lr, "device": str(device),
@@ -294,6 +315,7 @@ def run_one(plan: RecipePlan, protocol: Protocol, seed: int, data: Path, runs: P
                                  plan.timing_repeats, progress),
         "wer_by_engine": wer_by_engine(model, test, [r.get("engine", "unknown") for r in read_manifest(data, "test")], tokenizer),
         "wer_lexicon": lexicon_wer(model, test, tokenizer, data, plan.lexicon_beam),
+        **language_model_wer(model, dev, test, tokenizer, data, plan.lexicon_beam),
         "timing": timing_stamp(plan),
     }
     atomic_write({result_path: json_writer(record)})
@@ -380,27 +402,40 @@ def restore_results(plan: RecipePlan, data: Path, runs: Path, results_json: Path
     return restored
 
 
-def _retime(record: Dict, plan: RecipePlan, data: Path, out: Path, result_path: Path) -> Dict:
-    """``record`` with its speeds measured again by :func:`time_rows` on the device it was
-    evaluated on (the accuracy numbers do not depend on timing and stay); rewrites
-    ``result_path``.
+def _update(plan: RecipePlan, protocol: Protocol, seed: int, data: Path, runs: Path, device: str,
+            progress: bool) -> Dict:
+    """A finished run's record, with what was measured another way measured again (its accuracy
+    numbers stay, nothing is retrained): speeds timed under another scheme
+    (:func:`timing_stamp`) by :func:`time_rows` on the run's own device, and the LM WER of
+    another :data:`LANGUAGE_MODEL` (or none) by :func:`language_model_wer`. Either needs the
+    run's model; one restored without it is rebuilt first (:func:`_ensure_model`). Rewrites
+    ``result.json``.
 
     Raises:
-        ValueError: the run has no ``model.pt`` any more, or its device is not available here.
+        ValueError: the run's device is not available here, or its rebuilt model differs
+            from the record.
     """
-    checkpoint = find_checkpoint(out, "model")
-    if checkpoint is None:
-        raise ValueError(f"{result_path} needs re-timing ({TIMING_SCHEME} timing) but {out} has no model.pt: "
-                         f"remove {result_path} to rerun the run")
-    device = check_device(f"{result_path}: re-timing on the run's device", record.get("device", "cpu"))
-    model, _ = load_checkpoint(checkpoint)
-    model.to(device)
+    out = run_dir(runs, protocol.name, seed)
+    result_path = out / "result.json"
+    record = json.loads(result_path.read_text())
+    retime, rescore = record.get("timing") != timing_stamp(plan), record.get("lm") != LANGUAGE_MODEL
+    if not (retime or rescore):
+        return record
+    run_device = check_device(f"{result_path}: measuring again on the run's device", record.get("device", "cpu"))
+    _ensure_model(plan, protocol, seed, data, runs, str(run_device), progress)
+    record = json.loads(result_path.read_text())  # a rebuild replaces its training times
+    model, _ = load_checkpoint(find_checkpoint(out, "model"))
+    model.to(run_device)
     tokenizer = load_tokenizer(data)
-    timing = load_split(data, "test", tokenizer=tokenizer)[:plan.timing_utterances]
-    print(f"recipe: re-timing {record['protocol']} seed {record['seed']} ({TIMING_SCHEME} timing)")
-    budgets = [dict(row) for row in record["budgets"]]
-    record = {**record, "budgets": time_rows(budgets, model, record["method"], timing, tokenizer, plan.timing_repeats),
-              "timing": timing_stamp(plan)}
+    dev, test = (load_split(data, split, tokenizer=tokenizer) for split in ("dev", "test"))
+    if retime:
+        print(f"recipe: re-timing {protocol.name} seed {seed} ({TIMING_SCHEME} timing)")
+        budgets = [dict(row) for row in record["budgets"]]
+        record = {**record, "budgets": time_rows(budgets, model, record["method"], test[:plan.timing_utterances],
+                                                 tokenizer, plan.timing_repeats), "timing": timing_stamp(plan)}
+    if rescore:
+        print(f"recipe: scoring {protocol.name} seed {seed} with the {LANGUAGE_MODEL['order']}-gram LM")
+        record = {**record, **language_model_wer(model, dev, test, tokenizer, data, plan.lexicon_beam)}
     atomic_write({result_path: json_writer(record)})
     return record
 

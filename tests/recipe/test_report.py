@@ -146,16 +146,22 @@ def test_every_timing_scheme_the_recipe_stamps_is_described():
 
 
 def test_engine_table_averages_the_seeds_that_report_engines():
-    data = {"runs": [run("a", 0, {"n=2": 0.5}, wer_by_engine={"espeak": 0.2, "flite": 0.9}, wer_lexicon=0.3),
-                     run("a", 1, {"n=2": 0.5}, wer_by_engine={"espeak": 0.4, "flite": 1.0}),  # no lexicon WER
+    lm = {"order": 3, "weights": [0.5, 1.0]}
+    data = {"runs": [run("a", 0, {"n=2": 0.5}, wer_by_engine={"espeak": 0.2, "flite": 0.9}, wer_lexicon=0.3,
+                         wer_lm=0.25, lm_weight=1.0, lm=lm),
+                     run("a", 1, {"n=2": 0.5}, wer_by_engine={"espeak": 0.4, "flite": 1.0},  # no lexicon WER
+                         wer_lm=0.35, lm_weight=0.5, lm=lm),
                      run("a", 2, {"n=2": 0.5}),  # from before wer_by_engine: left out
                      run("b", 0, {"n=2": 0.5})]}
     table = report.engine_table(data)
-    assert f"| protocol | seeds | espeak | flite | {report.LEXICON_COLUMN} |" in table
-    assert "| a | 2 | 30.0 ± 14.1 | 95.0 ± 7.1 | 30.0 |" in table
+    assert f"| protocol | seeds | espeak | flite | {report.LEXICON_COLUMN} | {report.LM_COLUMN} |" in table
+    assert "| a | 2 | 30.0 ± 14.1 | 95.0 ± 7.1 | 30.0 | 30.0 ± 7.1 |" in table
     assert "| b |" not in table
     assert "No run reports" in report.engine_table({"runs": [run("b", 0, {"n=2": 0.5})]})
-    assert "## Test WER by engine" in markdown(data)
+    text = markdown(data)
+    assert "## Test WER by engine" in text
+    assert "3-gram language model" in text and "[0.5, 1.0]" in text and "0.5 in 1 run, 1.0 in 1 run" in text
+    assert "no run is scored with one yet" in markdown({"runs": [run("b", 0, {"n=2": 0.5})]})
 
 
 def test_figure_is_written(tmp_path):

@@ -10,13 +10,15 @@ from dynenc import cli
 from dynenc.asr import load_checkpoint
 from dynenc.config import ModelConfig
 from dynenc.methods import method_names
-from dynenc.recipe.reproduce import (PROTOCOLS, Protocol, RecipePlan, gather_results, restore_results, run_dir,
-                                      run_one, timing_stamp, write_report)
+from dynenc.recipe.language_model import find_lmplz
+from dynenc.recipe.reproduce import (LANGUAGE_MODEL, PROTOCOLS, Protocol, RecipePlan, gather_results, restore_results,
+                                      run_dir, run_one, timing_stamp, write_report)
 from dynenc.recipe.synthesis import synthesize_corpus
 from dynenc.recipe.tokenizer import prepare_units
 
 needs_engines = pytest.mark.skipif(any(shutil.which(e) is None for e in ("espeak-ng", "flite", "text2wave")),
                                    reason="the speech engines are not installed")
+needs_lmplz = pytest.mark.skipif(find_lmplz() is None, reason="KenLM's lmplz is not built (make kenlm)")
 
 TINY = RecipePlan(num_train=24, num_dev=4, num_test=6, units="bpe40", scratch_epochs=1, finetune_epochs=1,
                   selector_epochs=1, max_frames=1500, timing_utterances=2, timing_repeats=1,
@@ -83,6 +85,7 @@ def corpus(tmp_path_factory):
 
 
 @needs_engines
+@needs_lmplz
 def test_runs_resume_and_gather(corpus, tmp_path):
     runs = tmp_path / "runs"
     with pytest.raises(ValueError, match="run static first"):
@@ -96,6 +99,9 @@ def test_runs_resume_and_gather(corpus, tmp_path):
     engines = static["wer_by_engine"]  # every test utterance's engine, each scored at full depth
     assert set(engines) <= {"espeak", "flite", "festival"} and engines and all(w >= 0 for w in engines.values())
     assert isinstance(static["wer_lexicon"], float) and static["wer_lexicon"] >= 0
+    # ... and with the training transcripts' n-gram LM, at the LM weight the dev split chose.
+    assert isinstance(static["wer_lm"], float) and static["wer_lm"] >= 0
+    assert static["lm"] == LANGUAGE_MODEL and static["lm_weight"] in LANGUAGE_MODEL["weights"]
 
     layer_drop = run_one(TINY, _BY_NAME["layer_drop"], 0, corpus, runs, progress=False)
     labels = [row["budget"] for row in layer_drop["budgets"]]
@@ -141,13 +147,20 @@ def test_runs_resume_and_gather(corpus, tmp_path):
     # ... and so is one timed under other plan timing fields (they are not part of the run's configuration).
     more_repeats = dataclasses.replace(TINY, timing_repeats=2)
     assert run_one(more_repeats, _BY_NAME["layer_drop"], 0, corpus, runs, progress=False)["timing"]["repeats"] == 2
-    # Re-timing needs the run's model: without it, a clear error saying what to do.
+    # A result scored without the n-gram LM (or with another one) is scored on its next visit.
+    unscored = {key: value for key, value in retimed.items() if key not in ("wer_lm", "lm_weight", "lm")}
+    path.write_text(json.dumps(unscored))
+    assert run_one(TINY, _BY_NAME["layer_drop"], 0, corpus, runs, progress=False) == retimed
+    assert model.stat().st_mtime_ns == model_stamp
+    # Measuring again needs the run's model: one restored without it (a fresh clone) is rebuilt
+    # first, and its record keeps its accuracy.
     path.write_text(json.dumps(stale))
-    model.rename(model.with_suffix(".bak"))
-    with pytest.raises(ValueError, match="has no model.pt: remove .*result.json"):
-        run_one(TINY, _BY_NAME["layer_drop"], 0, corpus, runs, progress=False)
-    model.with_suffix(".bak").rename(model)
-    run_one(TINY, _BY_NAME["layer_drop"], 0, corpus, runs, progress=False)
+    for name in ("model.pt", "last.pt", "log.jsonl", "train_config.json"):
+        (run_dir(runs, "layer_drop", 0) / name).unlink()
+    rebuilt = run_one(TINY, _BY_NAME["layer_drop"], 0, corpus, runs, progress=False)
+    assert model.is_file() and rebuilt["training_timed_again"] is True and rebuilt["timing"] == timing_stamp(TINY)
+    assert [row["wer"] for row in rebuilt["budgets"]] == [row["wer"] for row in layer_drop["budgets"]]
+    assert rebuilt["dev_wer_per_epoch"] == layer_drop["dev_wer_per_epoch"]
 
     results = gather_results(TINY, corpus, runs)
     assert [r["protocol"] for r in results["runs"]] == ["layer_drop"]
@@ -157,6 +170,7 @@ def test_runs_resume_and_gather(corpus, tmp_path):
 
 
 @needs_engines
+@needs_lmplz
 def test_a_fresh_clone_restores_finished_runs_and_rebuilds_their_models(corpus, tmp_path):
     # The committed results.json is all a fresh clone has of the finished runs: no checkpoints.
     runs, results = tmp_path / "runs", tmp_path / "results.json"

@@ -33,6 +33,7 @@ def test_tokenizer_round_trip_and_errors():
 
 import json
 
+from ctc_emissions import spelled
 from dynenc.recipe.evaluate import BeamSearch
 from dynenc.recipe.tokenizer import SubwordTokenizer, load_tokenizer, parse_units, prepare_units
 
@@ -109,25 +110,13 @@ def test_char_units_and_default(tmp_path):
     assert isinstance(load_tokenizer(corpus), CharTokenizer)
 
 
-def _emissions(tok, ids, trailing_blank=True):
-    """Log-probs ``[1, T, V]`` that spell ``ids``, a blank frame after each unit (after the last
-    one only with ``trailing_blank``, so the last unit may sit on the final frame)."""
-    frames = 2 * len(ids) - (0 if trailing_blank else 1)
-    log_probs = torch.full((1, frames, tok.vocab_size), -20.0)
-    for t, i in enumerate(ids):
-        log_probs[0, 2 * t, i] = 0.0
-        if 2 * t + 1 < frames:
-            log_probs[0, 2 * t + 1, 0] = 0.0
-    return log_probs, torch.tensor([frames], dtype=torch.int32)
-
-
 @pytest.mark.parametrize("units", ["char", "bpe40"])
 def test_beam_search_spells_the_path(tmp_path, units):
     tok = prepare_units(_corpus(tmp_path), units)
     tokens = tok.decoder_tokens()
     assert len(tokens) == tok.vocab_size and tokens[0] == "-" and "|" in tokens
     text = "the red door"
-    assert BeamSearch(tok, 4)(*_emissions(tok, tok.encode(text))) == [text]
+    assert BeamSearch(tok, 4)(*spelled(tok, tok.encode(text))) == [text]
 
 
 @pytest.mark.parametrize("trailing_blank", [True, False], ids=["blank_after_last", "last_on_final_frame"])
@@ -136,7 +125,7 @@ def test_lexicon_search_maps_a_misspelling_to_its_word(tmp_path, units, trailing
     tok = prepare_units(_corpus(tmp_path), units)
     text = "the red door"
     ids = tok.encode(text)
-    log_probs, lengths = _emissions(tok, ids, trailing_blank)
+    log_probs, lengths = spelled(tok, ids, trailing_blank)
     # The last unit's frame: "x" (a letter unit of every vocabulary) wins, the right unit is close behind.
     last = 2 * (len(ids) - 1)
     log_probs[0, last, ids[-1]], log_probs[0, last, tok.decoder_tokens().index("x")] = -1.0, -0.5
@@ -150,7 +139,7 @@ def test_lexicon_search_returns_only_lexicon_words(tmp_path, units):
     tok = prepare_units(_corpus(tmp_path), units)
     x = tok.decoder_tokens().index("x")
     # Two frames cannot spell "there": no word is completed, and no unit leaks into the text.
-    assert BeamSearch(tok, 8, lexicon=["there"])(*_emissions(tok, [x])) == [""]
+    assert BeamSearch(tok, 8, lexicon=["there"])(*spelled(tok, [x])) == [""]
     with pytest.raises(ValueError, match="beam_size"):
         BeamSearch(tok, 0)
 

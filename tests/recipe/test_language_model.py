@@ -1,0 +1,79 @@
+"""Tests for dynenc.recipe.language_model (KenLM n-gram LM of the training transcripts) and the
+beam search that it scores."""
+import json
+import re
+
+import pytest
+
+from ctc_emissions import spelled
+from dynenc.recipe import language_model
+from dynenc.recipe.evaluate import BeamSearch
+from dynenc.recipe.language_model import find_lmplz, ngram_lm
+from dynenc.recipe.tokenizer import CharTokenizer
+
+needs_lmplz = pytest.mark.skipif(find_lmplz() is None, reason="KenLM's lmplz is not built (make kenlm)")
+
+TRANSCRIPTS = ["the red door opens", "a red door", "the red door", "open the red door", "a rod"]
+
+
+def _transcripts(root, texts=TRANSCRIPTS):
+    """A corpus directory whose training manifest holds ``texts``."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "train.jsonl").write_text("".join(json.dumps({"id": f"train_{i:05d}", "path": "x.wav", "text": text}) + "\n"
+                                              for i, text in enumerate(texts)))
+    return root
+
+
+def _unigrams(arpa_text):
+    section = arpa_text.split("\\1-grams:")[1].split("\\2-grams:")[0]
+    return {line.split("\t")[1] for line in section.strip().splitlines()}
+
+
+@needs_lmplz
+@pytest.mark.parametrize("order", [2, 3])
+def test_ngram_lm_is_built_once_from_the_training_transcripts(tmp_path, order):
+    root = _transcripts(tmp_path / "a")
+    arpa = ngram_lm(root, order)
+    assert arpa == root / f"lm{order}.arpa"
+    text = arpa.read_text()
+    assert [int(n) for n, _ in re.findall(r"ngram (\d+)=(\d+)", text)] == list(range(1, order + 1))
+    assert _unigrams(text) == {w for t in TRANSCRIPTS for w in t.split()} | {"<s>", "</s>", "<unk>"}
+    stamp = arpa.stat().st_mtime_ns
+    assert ngram_lm(root, order) == arpa and arpa.stat().st_mtime_ns == stamp  # cached
+    assert ngram_lm(_transcripts(tmp_path / "b"), order).read_text() == text   # deterministic
+
+
+def test_ngram_lm_rejects(tmp_path, monkeypatch):
+    root = _transcripts(tmp_path)
+    with pytest.raises(ValueError, match="order must be >= 2"):
+        ngram_lm(root, 1)
+    with pytest.raises(FileNotFoundError):
+        ngram_lm(tmp_path / "empty", 2)
+    monkeypatch.setattr(language_model, "find_lmplz", lambda: None)
+    with pytest.raises(ValueError, match="make kenlm"):
+        ngram_lm(root, 2)
+    assert not (root / "lm2.arpa").exists()
+
+
+@needs_lmplz
+def test_language_model_settles_what_the_acoustics_leave_open(tmp_path):
+    tok = CharTokenizer()
+    arpa = ngram_lm(_transcripts(tmp_path), 2)
+    text = "the red door"
+    ids = tok.encode(text)
+    log_probs, lengths = spelled(tok, ids)
+    # On the frame of "red"'s "e" (two frames per unit), "o" (spelling the lexicon word "rod") is slightly ahead.
+    frame = 2 * (text.index("red") + 1)
+    log_probs[0, frame, tok.encode("e")[0]], log_probs[0, frame, tok.encode("o")[0]] = -0.8, -0.6
+    lexicon = ["the", "red", "rod", "door", "a", "opens", "open"]
+    assert BeamSearch(tok, 8, lexicon)(log_probs, lengths) == ["the rod door"]
+    assert BeamSearch(tok, 8, lexicon, lm=arpa, lm_weight=1.0)(log_probs, lengths) == [text]
+    assert BeamSearch(tok, 8, lexicon, lm=arpa, lm_weight=0.0)(log_probs, lengths) == ["the rod door"]
+
+
+def test_beam_search_rejects_a_language_model_it_cannot_use(tmp_path):
+    tok = CharTokenizer()
+    with pytest.raises(ValueError, match="needs a lexicon"):
+        BeamSearch(tok, 8, lexicon=None, lm=tmp_path / "lm.arpa")
+    with pytest.raises(ValueError, match="lm_weight must be >= 0"):
+        BeamSearch(tok, 8, lexicon=["a"], lm_weight=-1.0)
