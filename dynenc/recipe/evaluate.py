@@ -4,7 +4,10 @@ as JSON, a PNG plot (all methods on one figure) and a markdown report."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +28,24 @@ from .features import load_split
 from .tokenizer import Tokenizer, load_tokenizer
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced(active: bool = True) -> Iterator[None]:
+    """KenLM reports loading an LM (a progress bar, a tip) on the process's stderr, below
+    Python: silence file descriptor 2 meanwhile. Its errors still raise."""
+    if not active:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 class BeamSearch:
     """CTC beam search (torchaudio / flashlight-text) over ``tokenizer``'s units: lexicon-free,
     or restricted to the words of ``lexicon`` (each spelled by ``tokenizer.spell``), which
@@ -38,6 +59,7 @@ class BeamSearch:
     Raises:
         ValueError: ``beam_size`` < 1, ``lm_weight`` < 0, or an ``lm`` without a ``lexicon``
             (a word model scores the words a lexicon completes).
+        FileNotFoundError: ``lm`` does not exist.
     """
 
     def __init__(self, tokenizer: Tokenizer, beam_size: int, lexicon: Optional[Sequence[str]] = None,
@@ -48,6 +70,8 @@ class BeamSearch:
         check_real("lm_weight", lm_weight, low=0.0)
         if lm is not None and lexicon is None:
             raise ValueError("BeamSearch: a language model (lm) needs a lexicon, got lexicon=None")
+        if lm is not None and not Path(lm).is_file():
+            raise FileNotFoundError(f"BeamSearch: lm must be an ARPA file, {lm} does not exist")
         self.tokenizer, self.lexicon = tokenizer, lexicon is not None
         options = dict(tokens=tokenizer.decoder_tokens(), lm=None if lm is None else str(lm), lm_weight=lm_weight,
                        beam_size=beam_size, blank_token="-", sil_token="|")
@@ -57,7 +81,8 @@ class BeamSearch:
         with tempfile.TemporaryDirectory() as tmp:  # the decoder reads the file while it is built
             path = Path(tmp) / "lexicon.txt"
             path.write_text("".join(f"{word} {' '.join(tokenizer.spell(word))}\n" for word in lexicon))
-            self.decoder = ctc_decoder(lexicon=str(path), unk_word="<unk>", **options)
+            with _native_stderr_silenced(lm is not None):
+                self.decoder = ctc_decoder(lexicon=str(path), unk_word="<unk>", **options)
 
     def __call__(self, log_probs: Tensor, lengths: Tensor) -> List[str]:
         best = [hits[0] for hits in self.decoder(log_probs, lengths)]

@@ -75,5 +75,14 @@ def test_beam_search_rejects_a_language_model_it_cannot_use(tmp_path):
     tok = CharTokenizer()
     with pytest.raises(ValueError, match="needs a lexicon"):
         BeamSearch(tok, 8, lexicon=None, lm=tmp_path / "lm.arpa")
+    with pytest.raises(FileNotFoundError, match="missing.arpa does not exist"):
+        BeamSearch(tok, 8, lexicon=["a"], lm=tmp_path / "missing.arpa")
     with pytest.raises(ValueError, match="lm_weight must be >= 0"):
         BeamSearch(tok, 8, lexicon=["a"], lm_weight=-1.0)
+
+
+@needs_lmplz
+def test_loading_the_language_model_prints_nothing(tmp_path, capfd):
+    arpa = ngram_lm(_transcripts(tmp_path), 2)
+    BeamSearch(CharTokenizer(), 8, ["the", "red"], lm=arpa)
+    assert capfd.readouterr() == ("", "")
