@@ -300,7 +300,7 @@ def run_one(plan: RecipePlan, protocol: Protocol, seed: int, data: Path, runs: P
     _check_same_config(out, config)  # also for a finished run: its result belongs to its own plan
     _check_same_corpus(out, data)    # ... and to its own corpus and units
     if result_path.is_file():
-        return _update(plan, protocol, seed, data, runs, device, progress)
+        return _update(plan, protocol, seed, data, runs, progress)
     train(config, data, out, resume=find_checkpoint(out, "last") is not None, progress=progress, device=device)
     model, payload = load_checkpoint(find_checkpoint(out, "model"))
     model.to(device)
@@ -402,8 +402,7 @@ def restore_results(plan: RecipePlan, data: Path, runs: Path, results_json: Path
     return restored
 
 
-def _update(plan: RecipePlan, protocol: Protocol, seed: int, data: Path, runs: Path, device: str,
-            progress: bool) -> Dict:
+def _update(plan: RecipePlan, protocol: Protocol, seed: int, data: Path, runs: Path, progress: bool) -> Dict:
     """A finished run's record, with what was measured another way measured again (its accuracy
     numbers stay, nothing is retrained): speeds timed under another scheme
     (:func:`timing_stamp`) by :func:`time_rows` on the run's own device, and the LM WER of
