@@ -29,12 +29,9 @@ from .tokenizer import Tokenizer, load_tokenizer
 
 
 @contextlib.contextmanager
-def _native_stderr_silenced(active: bool = True) -> Iterator[None]:
+def _native_stderr_silenced() -> Iterator[None]:
     """KenLM reports loading an LM (a progress bar, a tip) on the process's stderr, below
     Python: silence file descriptor 2 meanwhile. Its errors still raise."""
-    if not active:
-        yield
-        return
     sys.stderr.flush()
     saved = os.dup(2)
     try:
@@ -81,7 +78,7 @@ class BeamSearch:
         with tempfile.TemporaryDirectory() as tmp:  # the decoder reads the file while it is built
             path = Path(tmp) / "lexicon.txt"
             path.write_text("".join(f"{word} {' '.join(tokenizer.spell(word))}\n" for word in lexicon))
-            with _native_stderr_silenced(lm is not None):
+            with contextlib.nullcontext() if lm is None else _native_stderr_silenced():
                 self.decoder = ctc_decoder(lexicon=str(path), unk_word="<unk>", **options)
 
     def __call__(self, log_probs: Tensor, lengths: Tensor) -> List[str]:
