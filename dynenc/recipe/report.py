@@ -643,7 +643,7 @@ def training_time_sentence(runs: Sequence[Dict]) -> str:
     rebuilt = [f"{run['protocol']} seed {run['seed']}" for run in runs if run.get("training_timed_again")]
     if rebuilt:
         text += (f" Timed again when rebuilt (`training_timed_again`, same dev WER after every epoch) in a "
-                 f"later session, beside the runs that start from them: {', '.join(rebuilt)}.")
+                 f"later session, for a run to start from it or to measure it again: {', '.join(rebuilt)}.")
     return text + "\n"
 
 

@@ -136,7 +136,7 @@ def test_markdown_names_the_runs_whose_training_was_timed_again():
     data = results([0.2] * 3, [0.3] * 3)
     assert "Timed again" not in markdown(data)
     data["runs"][1]["training_timed_again"] = True
-    assert "in a later session, beside the runs that start from them: a seed 1." in markdown(data)
+    assert "in a later session, for a run to start from it or to measure it again: a seed 1." in markdown(data)
 
 
 def test_every_timing_scheme_the_recipe_stamps_is_described():
