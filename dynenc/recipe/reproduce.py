@@ -402,6 +402,11 @@ def restore_results(plan: RecipePlan, data: Path, runs: Path, results_json: Path
     return restored
 
 
+def _stale(plan: RecipePlan, record: Dict) -> Tuple[bool, bool]:
+    """Whether a finished run's ``(speeds, LM WER)`` were measured another way than now."""
+    return record.get("timing") != timing_stamp(plan), record.get("lm") != LANGUAGE_MODEL
+
+
 def _update(plan: RecipePlan, protocol: Protocol, seed: int, data: Path, runs: Path, progress: bool) -> Dict:
     """A finished run's record, with what was measured another way measured again (its accuracy
     numbers stay, nothing is retrained): speeds timed under another scheme
@@ -417,7 +422,7 @@ def _update(plan: RecipePlan, protocol: Protocol, seed: int, data: Path, runs: P
     out = run_dir(runs, protocol.name, seed)
     result_path = out / "result.json"
     record = json.loads(result_path.read_text())
-    retime, rescore = record.get("timing") != timing_stamp(plan), record.get("lm") != LANGUAGE_MODEL
+    retime, rescore = _stale(plan, record)
     if not (retime or rescore):
         return record
     run_device = check_device(f"{result_path}: measuring again on the run's device", record.get("device", "cpu"))
@@ -498,9 +503,12 @@ def _status(plan: RecipePlan, runs: Path, todo: Sequence[Tuple[Protocol, int]]) 
     lines = []
     for protocol, seed in todo:
         out = run_dir(runs, protocol.name, seed)
-        state = ("done" if (out / "result.json").is_file() else
-                 "started" if find_checkpoint(out, "last") is not None else "to do")
-        lines.append(f"{protocol.name:<20} seed {seed}  {plan.epochs(protocol):>3} epochs  {state:<8} {protocol.why}")
+        result = out / "result.json"
+        if result.is_file():
+            state = "to measure again" if any(_stale(plan, json.loads(result.read_text()))) else "done"
+        else:
+            state = "started" if find_checkpoint(out, "last") is not None else "to do"
+        lines.append(f"{protocol.name:<20} seed {seed}  {plan.epochs(protocol):>3} epochs  {state:<16} {protocol.why}")
     return "\n".join(lines)
 
 

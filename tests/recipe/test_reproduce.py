@@ -11,8 +11,8 @@ from dynenc.asr import load_checkpoint
 from dynenc.config import ModelConfig
 from dynenc.methods import method_names
 from dynenc.recipe.language_model import find_lmplz
-from dynenc.recipe.reproduce import (LANGUAGE_MODEL, PROTOCOLS, Protocol, RecipePlan, gather_results, restore_results,
-                                      run_dir, run_one, timing_stamp, write_report)
+from dynenc.recipe.reproduce import (LANGUAGE_MODEL, PROTOCOLS, Protocol, RecipePlan, _status, gather_results,
+                                      restore_results, run_dir, run_one, timing_stamp, write_report)
 from dynenc.recipe.synthesis import synthesize_corpus
 from dynenc.recipe.tokenizer import prepare_units
 
@@ -150,7 +150,10 @@ def test_runs_resume_and_gather(corpus, tmp_path):
     # A result scored without the n-gram LM (or with another one) is scored on its next visit.
     unscored = {key: value for key, value in retimed.items() if key not in ("wer_lm", "lm_weight", "lm")}
     path.write_text(json.dumps(unscored))
+    todo = [(_BY_NAME["layer_drop"], 0)]
+    assert "to measure again" in _status(TINY, runs, todo)
     assert run_one(TINY, _BY_NAME["layer_drop"], 0, corpus, runs, progress=False) == retimed
+    assert " done " in _status(TINY, runs, todo)
     assert model.stat().st_mtime_ns == model_stamp
     # Measuring again needs the run's model: one restored without it (a fresh clone) is rebuilt
     # first, and its record keeps its accuracy.
