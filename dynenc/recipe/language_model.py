@@ -7,11 +7,12 @@ split chooses the LM weight and the test split is never seen.
 
 Typical use::
 
-    arpa = ngram_lm(Path("data/speech"), order=3)    # data/speech/lm3.arpa, built once
+    arpa = ngram_lm(Path("data/speech"), order=3)    # data/speech/lm3-<digest>.arpa, built once
     BeamSearch(tokenizer, 32, lexicon=words, lm=arpa, lm_weight=1.0)
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -33,8 +34,10 @@ def find_lmplz() -> Optional[str]:
 
 
 def ngram_lm(data: Path, order: int = 3) -> Path:
-    """``data/lm<order>.arpa``: an ``order``-gram model of the training transcripts (built on
-    the first call, then reused; lmplz is deterministic, so a rebuilt file is the same).
+    """``data/lm<order>-<digest>.arpa``: an ``order``-gram model of the training transcripts,
+    built on the first call and reused while the transcripts are the same (``digest``: of
+    their text, so a corpus rebuilt in place gets a new model); lmplz is deterministic, so
+    a rebuilt file is the same.
 
     ``--discount_fallback``: a corpus of a few thousand sentences has too few singletons
     for lmplz to estimate every order's Kneser-Ney discounts, so it uses its defaults there.
@@ -44,10 +47,10 @@ def ngram_lm(data: Path, order: int = 3) -> Path:
         FileNotFoundError: ``data`` has no training manifest.
     """
     check_int("order", order, low=2)
-    path = Path(data) / f"lm{order}.arpa"
+    text = "".join(record["text"] + "\n" for record in read_manifest(data, "train"))
+    path = Path(data) / f"lm{order}-{hashlib.sha256(text.encode()).hexdigest()[:12]}.arpa"
     if path.is_file():
         return path
-    text = "".join(record["text"] + "\n" for record in read_manifest(data, "train"))
     lmplz = find_lmplz()
     if lmplz is None:
         raise ValueError("KenLM's lmplz is not installed (needed for the n-gram language model): run `make kenlm`")

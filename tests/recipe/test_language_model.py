@@ -34,13 +34,15 @@ def _unigrams(arpa_text):
 def test_ngram_lm_is_built_once_from_the_training_transcripts(tmp_path, order):
     root = _transcripts(tmp_path / "a")
     arpa = ngram_lm(root, order)
-    assert arpa == root / f"lm{order}.arpa"
+    assert arpa.parent == root and arpa.name.startswith(f"lm{order}-") and arpa.suffix == ".arpa"
     text = arpa.read_text()
     assert [int(n) for n, _ in re.findall(r"ngram (\d+)=(\d+)", text)] == list(range(1, order + 1))
     assert _unigrams(text) == {w for t in TRANSCRIPTS for w in t.split()} | {"<s>", "</s>", "<unk>"}
     stamp = arpa.stat().st_mtime_ns
     assert ngram_lm(root, order) == arpa and arpa.stat().st_mtime_ns == stamp  # cached
     assert ngram_lm(_transcripts(tmp_path / "b"), order).read_text() == text   # deterministic
+    changed = ngram_lm(_transcripts(root, TRANSCRIPTS[:-1]), order)            # a corpus rebuilt in place
+    assert changed != arpa and "rod" not in _unigrams(changed.read_text())
 
 
 def test_ngram_lm_rejects(tmp_path, monkeypatch):
@@ -52,7 +54,7 @@ def test_ngram_lm_rejects(tmp_path, monkeypatch):
     monkeypatch.setattr(language_model, "find_lmplz", lambda: None)
     with pytest.raises(ValueError, match="make kenlm"):
         ngram_lm(root, 2)
-    assert not (root / "lm2.arpa").exists()
+    assert not list(root.glob("*.arpa"))
 
 
 @needs_lmplz
