@@ -335,8 +335,9 @@ def _ensure_model(plan: RecipePlan, protocol: Protocol, seed: int, data: Path, r
     the runs that start from it and as the rest of its seed's protocols.
 
     Raises:
-        ValueError: the run never finished (run it first), or its rebuilt training differs
-            from the record (the runs built on it would start from another model).
+        ValueError: the run never finished (run it first), kept its finished ``last.pt`` but
+            not its ``model.pt``, or its rebuilt training differs from the record (the runs
+            built on it would start from another model).
     """
     out = run_dir(runs, protocol.name, seed)
     if find_checkpoint(out, "model") is not None:
@@ -350,8 +351,11 @@ def _ensure_model(plan: RecipePlan, protocol: Protocol, seed: int, data: Path, r
     config = plan.train_config(protocol, seed, runs)
     _check_same_config(out, config)
     record = json.loads(result_path.read_text())
-    print(f"recipe: rebuilding {out / 'model.pt'} (its result is kept; later runs start from it)")
+    print(f"recipe: rebuilding {out / 'model.pt'} (its result is kept)")
     train(config, data, out, resume=find_checkpoint(out, "last") is not None, progress=progress, device=device)
+    if find_checkpoint(out, "model") is None:  # it resumed from the finished training's last.pt: no epoch ran
+        raise ValueError(f"{out} has the finished training's last.pt but no model.pt: remove {out / 'last.pt'} and "
+                         f"{out / 'log.jsonl'} to rebuild it")
     rebuilt = training_log(out)
     if rebuilt["dev_wer_per_epoch"] != record["dev_wer_per_epoch"]:
         raise ValueError(f"{protocol.name} (seed {seed}) trained again is not the recorded run: dev WER per epoch "

@@ -164,6 +164,11 @@ def test_runs_resume_and_gather(corpus, tmp_path):
     assert model.is_file() and rebuilt["training_timed_again"] is True and rebuilt["timing"] == timing_stamp(TINY)
     assert [row["wer"] for row in rebuilt["budgets"]] == [row["wer"] for row in layer_drop["budgets"]]
     assert rebuilt["dev_wer_per_epoch"] == layer_drop["dev_wer_per_epoch"]
+    # Only model.pt lost: the finished training's last.pt would resume into no epoch at all.
+    path.write_text(json.dumps(unscored))
+    model.unlink()
+    with pytest.raises(ValueError, match="last.pt but no model.pt: remove"):
+        run_one(TINY, _BY_NAME["layer_drop"], 0, corpus, runs, progress=False)
 
     results = gather_results(TINY, corpus, runs)
     assert [r["protocol"] for r in results["runs"]] == ["layer_drop"]
