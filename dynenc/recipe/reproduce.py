@@ -435,7 +435,7 @@ def _update(plan: RecipePlan, protocol: Protocol, seed: int, data: Path, runs: P
     model, _ = load_checkpoint(find_checkpoint(out, "model"))
     model.to(run_device)
     tokenizer = load_tokenizer(data)
-    dev, test = (load_split(data, split, tokenizer=tokenizer) for split in ("dev", "test"))
+    test = load_split(data, "test", tokenizer=tokenizer)
     if retime:
         print(f"recipe: re-timing {protocol.name} seed {seed} ({TIMING_SCHEME} timing)")
         budgets = [dict(row) for row in record["budgets"]]
@@ -443,6 +443,7 @@ def _update(plan: RecipePlan, protocol: Protocol, seed: int, data: Path, runs: P
                                                  tokenizer, plan.timing_repeats), "timing": timing_stamp(plan)}
     if rescore:
         print(f"recipe: scoring {protocol.name} seed {seed} with the {LANGUAGE_MODEL['order']}-gram LM")
+        dev = load_split(data, "dev", tokenizer=tokenizer)
         record = {**record, **language_model_wer(model, dev, test, tokenizer, data, plan.lexicon_beam)}
     atomic_write({result_path: json_writer(record)})
     return record
