@@ -543,10 +543,11 @@ def _lm_description(results: Dict) -> str:
         return "n-gram language model (no run is scored with one yet)"
     orders = sorted({run["lm"]["order"] for run in scored})
     grids = sorted({tuple(run["lm"]["weights"]) for run in scored})
-    chosen = Counter(run["lm_weight"] for run in scored)
+    chosen = ", ".join(f"{w} in {n} run" + "s" * (n != 1)
+                       for w, n in sorted(Counter(run["lm_weight"] for run in scored).items()))
     return (f"{'/'.join(map(str, orders))}-gram language model that KenLM's lmplz estimated on the training "
             f"transcripts only; each run's LM weight is the one of {' or '.join(str(list(g)) for g in grids)} "
-            f"with the lowest dev WER (chosen: {', '.join(f'{w} in {n} run' + 's' * (n != 1) for w, n in sorted(chosen.items()))})")
+            f"with the lowest dev WER (chosen: {chosen})")
 
 
 def engine_table(results: Dict) -> str:
@@ -557,7 +558,8 @@ def engine_table(results: Dict) -> str:
     per_protocol = {p: [{**run["wer_by_engine"], **{column: run.get(key) for column, key in BEAM_COLUMNS.items()}}
                         for run in index[p].values() if isinstance(run.get("wer_by_engine"), dict)]
                     for p in _protocols(index)}
-    engines = sorted({engine for runs in per_protocol.values() for scores in runs for engine in scores} - set(BEAM_COLUMNS))
+    engines = sorted({engine for runs in per_protocol.values() for scores in runs for engine in scores}
+                     - set(BEAM_COLUMNS))
     columns = engines + list(BEAM_COLUMNS)
     rows = [(p, f"{len(runs)}", *(_stat_cell(Stat.of([s[e] for s in runs if _is_number(s.get(e))]), 100, 1)
                                   for e in columns))
