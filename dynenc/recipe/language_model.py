@@ -1,13 +1,16 @@
-"""A word n-gram language model of the corpus's training transcripts, for the CTC beam search.
+"""A word n-gram language model of the corpus's text, for the CTC beam search.
 
 KenLM's ``lmplz`` (the field's standard estimator; ``make kenlm`` builds it into the
 virtual environment) estimates a modified Kneser-Ney model in ARPA format, which
-torchaudio's ``ctc_decoder`` reads. Only the training split's transcripts go in: the dev
-split chooses the LM weight and the test split is never seen.
+torchaudio's ``ctc_decoder`` reads. Its text is the training split's transcripts plus,
+optionally, more sentences of the corpus's grammar (:func:`~dynenc.recipe.sentences.sentence`):
+as in the field, where an LM reads far more in-domain text than the acoustic model hears
+(LibriSpeech's LM corpus is ~80x its transcripts). No dev or test transcript goes in: the
+dev split chooses the LM weight and the test split is never seen.
 
 Typical use::
 
-    arpa = ngram_lm(Path("data/speech"), order=3)    # data/speech/lm3-<digest>.arpa, built once
+    arpa = ngram_lm(Path("data/speech"), order=3, grammar_sentences=200_000)   # data/speech/lm3-<digest>.arpa
     BeamSearch(tokenizer, 32, lexicon=words, lm=arpa, lm_weight=1.0)
 """
 from __future__ import annotations
@@ -18,13 +21,20 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
+
+import numpy as np
 
 from ..fileio import atomic_write
 from ..validation import check_int
 from .corpus import read_manifest
+from .sentences import sentence
 
-__all__ = ["find_lmplz", "ngram_lm"]
+__all__ = ["GRAMMAR_SEED", "find_lmplz", "grammar_text", "ngram_lm"]
+
+# The grammar sentences' random stream: apart from the corpus's per-utterance streams (which
+# are keyed on (seed, split, index)), fixed so the LM text is the same on every machine.
+GRAMMAR_SEED = 7919
 
 
 def find_lmplz() -> Optional[str]:
@@ -33,21 +43,44 @@ def find_lmplz() -> Optional[str]:
     return shutil.which("lmplz", path=os.pathsep.join([str(Path(sys.prefix) / "bin"), os.environ.get("PATH", "")]))
 
 
-def ngram_lm(data: Path, order: int = 3) -> Path:
-    """``data/lm<order>-<digest>.arpa``: an ``order``-gram model of the training transcripts,
-    built on the first call and reused while the transcripts are the same (``digest``: of
-    their text, so a corpus rebuilt in place gets a new model); lmplz is deterministic, so
-    a rebuilt file is the same.
+def grammar_text(data: Path, count: int) -> List[str]:
+    """``count`` sentences of the corpus grammar (seeded with :data:`GRAMMAR_SEED`), leaving out
+    every sentence that is a dev or test transcript of ``data``.
+
+    Raises:
+        FileNotFoundError: ``data`` has no dev or test manifest.
+    """
+    held_out = {record["text"] for split in ("dev", "test") for record in read_manifest(data, split)}
+    rng = np.random.default_rng(GRAMMAR_SEED)
+    text: List[str] = []
+    while len(text) < count:
+        line = sentence(rng)
+        if line not in held_out:
+            text.append(line)
+    return text
+
+
+def ngram_lm(data: Path, order: int = 3, grammar_sentences: int = 0) -> Path:
+    """``data/lm<order>-<digest>.arpa``: an ``order``-gram model of the training transcripts
+    and ``grammar_sentences`` sentences of :func:`grammar_text`, built on the first call and
+    reused while its text is the same (``digest``: of the text, so a corpus rebuilt in place
+    gets a new model); lmplz is deterministic, so a rebuilt file is the same.
 
     ``--discount_fallback``: a corpus of a few thousand sentences has too few singletons
     for lmplz to estimate every order's Kneser-Ney discounts, so it uses its defaults there.
 
     Raises:
-        ValueError: ``order`` < 2, or ``lmplz`` is not installed (``make kenlm``) or fails.
-        FileNotFoundError: ``data`` has no training manifest.
+        ValueError: ``order`` < 2, ``grammar_sentences`` < 0, or ``lmplz`` is not installed
+            (``make kenlm``) or fails.
+        FileNotFoundError: ``data`` has no training manifest (nor, with ``grammar_sentences``,
+            a dev or test manifest).
     """
     check_int("order", order, low=2)
-    text = "".join(record["text"] + "\n" for record in read_manifest(data, "train"))
+    check_int("grammar_sentences", grammar_sentences, low=0)
+    lines = [record["text"] for record in read_manifest(data, "train")]
+    if grammar_sentences:
+        lines += grammar_text(data, grammar_sentences)
+    text = "".join(line + "\n" for line in lines)
     path = Path(data) / f"lm{order}-{hashlib.sha256(text.encode()).hexdigest()[:12]}.arpa"
     if path.is_file():
         return path

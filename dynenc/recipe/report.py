@@ -542,12 +542,17 @@ def _lm_description(results: Dict) -> str:
     if not scored:
         return "n-gram language model (no run is scored with one yet)"
     orders = sorted({run["lm"]["order"] for run in scored})
+    added = sorted({run["lm"].get("grammar_sentences", 0) for run in scored})
     grids = sorted({tuple(run["lm"]["weights"]) for run in scored})
     chosen = ", ".join(f"{w} in {n} run" + "s" * (n != 1)
                        for w, n in sorted(Counter(run["lm_weight"] for run in scored).items()))
-    return (f"{'/'.join(map(str, orders))}-gram language model that KenLM's lmplz estimated on the training "
-            f"transcripts only; each run's LM weight is the one of {' or '.join(str(list(g)) for g in grids)} "
-            f"with the lowest dev WER (chosen: {chosen})")
+    text = ("the training transcripts only" if added == [0] else
+            f"the training transcripts and {' or '.join(f'{n:,}' for n in added)} more sentences of the corpus "
+            "grammar (in-domain LM text, as an ASR LM reads far more text than its acoustic model hears; no dev "
+            "or test sentence among them)")
+    return (f"{'/'.join(map(str, orders))}-gram language model that KenLM's lmplz estimated on {text}; each run's "
+            f"LM weight is the one of {' or '.join(str(list(g)) for g in grids)} with the lowest dev WER "
+            f"(chosen: {chosen})")
 
 
 def engine_table(results: Dict) -> str:

@@ -237,18 +237,20 @@ def lexicon_wer(model, test: Sequence, tokenizer, data: Path, beam_size: int) ->
 
 
 # The word n-gram LM every run's full-depth WER is also decoded with (the ASR field's usual
-# lexicon + LM decoding): its order, and the LM weights the dev split chooses from. A result
-# recorded with another (or none) is scored again when the recipe visits it.
-LANGUAGE_MODEL = {"order": 3, "weights": [0.5, 1.0, 1.5, 2.0]}
+# lexicon + LM decoding): its order, how many grammar sentences its text adds to the training
+# transcripts (:func:`~dynenc.recipe.language_model.ngram_lm`), and the LM weights the dev
+# split chooses from. A result recorded with another (or none) is scored again when the
+# recipe visits it.
+LANGUAGE_MODEL = {"order": 3, "grammar_sentences": 200_000, "weights": [0.5, 1.0, 1.5, 2.0]}
 
 
 def language_model_wer(model, dev: Sequence, test: Sequence, tokenizer, data: Path, beam_size: int) -> Dict:
-    """Full-depth test WER of the lexicon beam search with the training transcripts' n-gram LM
-    (:func:`~dynenc.recipe.language_model.ngram_lm`) at the weight of
+    """Full-depth test WER of the lexicon beam search with the n-gram LM of the training
+    transcripts and grammar sentences (:func:`~dynenc.recipe.language_model.ngram_lm`) at the weight of
     :data:`LANGUAGE_MODEL` whose dev WER is lowest (the first of equals):
     ``{"wer_lm", "lm_weight", "lm"}``."""
     vocabulary = vocabulary_path(data).read_text().split()
-    arpa = ngram_lm(data, LANGUAGE_MODEL["order"])
+    arpa = ngram_lm(data, LANGUAGE_MODEL["order"], LANGUAGE_MODEL["grammar_sentences"])
 
     def wer(split: Sequence, weight: float) -> float:
         beam = BeamSearch(tokenizer, beam_size, vocabulary, lm=arpa, lm_weight=weight)

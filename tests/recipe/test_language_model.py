@@ -1,5 +1,5 @@
-"""Tests for dynenc.recipe.language_model (KenLM n-gram LM of the training transcripts) and the
-beam search that it scores."""
+"""Tests for dynenc.recipe.language_model (KenLM n-gram LM of the training transcripts and grammar
+sentences) and the beam search that it scores."""
 import json
 import re
 
@@ -8,19 +8,21 @@ import pytest
 from ctc_emissions import spelled
 from dynenc.recipe import language_model
 from dynenc.recipe.evaluate import BeamSearch
-from dynenc.recipe.language_model import find_lmplz, ngram_lm
+from dynenc.recipe.language_model import find_lmplz, grammar_text, ngram_lm
 from dynenc.recipe.tokenizer import CharTokenizer
 
 needs_lmplz = pytest.mark.skipif(find_lmplz() is None, reason="KenLM's lmplz is not built (make kenlm)")
 
 TRANSCRIPTS = ["the red door opens", "a red door", "the red door", "open the red door", "a rod"]
+HELD_OUT = {"dev": ["a blue door"], "test": ["the green door opens"]}
 
 
-def _transcripts(root, texts=TRANSCRIPTS):
-    """A corpus directory whose training manifest holds ``texts``."""
+def _transcripts(root, texts=TRANSCRIPTS, held_out=None):
+    """A corpus directory whose training manifest holds ``texts`` (and ``{split: texts}`` of ``held_out``)."""
     root.mkdir(parents=True, exist_ok=True)
-    (root / "train.jsonl").write_text("".join(json.dumps({"id": f"train_{i:05d}", "path": "x.wav", "text": text}) + "\n"
-                                              for i, text in enumerate(texts)))
+    for split, lines in {"train": texts, **(held_out or {})}.items():
+        (root / f"{split}.jsonl").write_text("".join(
+            json.dumps({"id": f"{split}_{i:05d}", "path": "x.wav", "text": text}) + "\n" for i, text in enumerate(lines)))
     return root
 
 
@@ -45,10 +47,39 @@ def test_ngram_lm_is_built_once_from_the_training_transcripts(tmp_path, order):
     assert changed != arpa and "rod" not in _unigrams(changed.read_text())
 
 
+def test_grammar_text_leaves_out_every_dev_and_test_sentence(tmp_path, monkeypatch):
+    root = _transcripts(tmp_path, held_out=HELD_OUT)
+    drawn = iter(["a blue door", "a red rod", "the green door opens", "open a door"] * 3)
+    monkeypatch.setattr(language_model, "sentence", lambda rng: next(drawn))
+    assert grammar_text(root, 4) == ["a red rod", "open a door"] * 2
+    assert grammar_text(root, 0) == []
+
+
+def test_grammar_text_is_the_corpus_grammar_and_deterministic(tmp_path):
+    root = _transcripts(tmp_path, held_out=HELD_OUT)
+    text = grammar_text(root, 200)
+    assert len(text) == 200 and text == grammar_text(root, 200) and len(set(text)) > 150
+    assert all(3 <= len(line.split()) <= 9 for line in text) and not set(text) & {t for v in HELD_OUT.values() for t in v}
+
+
+@needs_lmplz
+def test_ngram_lm_adds_grammar_sentences_to_the_transcripts(tmp_path):
+    root = _transcripts(tmp_path, held_out=HELD_OUT)
+    plain, extended = ngram_lm(root, 3), ngram_lm(root, 3, grammar_sentences=50)
+    assert extended != plain and extended.name.startswith("lm3-")
+    transcript_words = {w for t in TRANSCRIPTS for w in t.split()}
+    grammar_words = {w for line in grammar_text(root, 50) for w in line.split()}
+    assert _unigrams(extended.read_text()) - _unigrams(plain.read_text()) == grammar_words - transcript_words
+
+
 def test_ngram_lm_rejects(tmp_path, monkeypatch):
     root = _transcripts(tmp_path)
     with pytest.raises(ValueError, match="order must be >= 2"):
         ngram_lm(root, 1)
+    with pytest.raises(ValueError, match="grammar_sentences must be >= 0"):
+        ngram_lm(root, 2, grammar_sentences=-1)
+    with pytest.raises(FileNotFoundError):
+        ngram_lm(root, 2, grammar_sentences=10)  # no dev / test manifest to leave out
     with pytest.raises(FileNotFoundError):
         ngram_lm(tmp_path / "empty", 2)
     monkeypatch.setattr(language_model, "find_lmplz", lambda: None)

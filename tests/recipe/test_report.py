@@ -161,6 +161,11 @@ def test_engine_table_averages_the_seeds_that_report_engines():
     text = markdown(data)
     assert "## Test WER by engine" in text
     assert "3-gram language model" in text and "[0.5, 1.0]" in text and "0.5 in 1 run, 1.0 in 1 run" in text
+    assert "training transcripts only" in text
+    grammar = {**lm, "grammar_sentences": 200_000}
+    text = markdown({"runs": [run("a", 0, {"n=2": 0.5}, wer_by_engine={"espeak": 0.2}, wer_lm=0.25, lm_weight=1.0,
+                                  lm=grammar)]})
+    assert "training transcripts and 200,000 more sentences of the corpus grammar" in text
     assert "no run is scored with one yet" in markdown({"runs": [run("b", 0, {"n=2": 0.5})]})
 
 
