@@ -486,8 +486,9 @@ def write_report(results: Dict, results_json: Path, report_md: Path) -> None:
     figure = results_json.parent / "wer_vs_compute.png"
     results_json.parent.mkdir(parents=True, exist_ok=True)
     report.figure(results, figure)
-    atomic_write({results_json: json_writer(results),
-                  report_md: lambda file: file.write(report.markdown(results).encode())})
+    text = report.markdown(results, report.relative_to_report(figure, report_md),
+                           report.relative_to_report(results_json, report_md))
+    atomic_write({results_json: json_writer(results), report_md: lambda file: file.write(text.encode())})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -169,6 +169,14 @@ def test_engine_table_averages_the_seeds_that_report_engines():
     assert "no run is scored with one yet" in markdown({"runs": [run("b", 0, {"n=2": 0.5})]})
 
 
+def test_report_links_are_relative_to_the_report(tmp_path):
+    docs = tmp_path / "docs"
+    assert report.relative_to_report(docs / "results-v3" / "wer.png", docs / "results-v3.md") == "results-v3/wer.png"
+    assert report.relative_to_report(docs / "wer.png", docs / "sub" / "r.md") == "../wer.png"
+    text = markdown(results([0.2, 0.3, 0.25], [0.3]), "results-v3/wer.png", "results-v3/results.json")
+    assert "![WER vs executed compute](results-v3/wer.png)" in text and "from `results-v3/results.json`" in text
+
+
 def test_figure_is_written(tmp_path):
     data = results([0.2, 0.3, 0.25], [0.3], label="n=2 random")
     path = tmp_path / "fig" / "wer_vs_compute.png"

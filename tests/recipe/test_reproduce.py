@@ -185,6 +185,8 @@ def test_a_fresh_clone_restores_finished_runs_and_rebuilds_their_models(corpus, 
     for name in ("static", "layer_drop"):
         run_one(TINY, _BY_NAME[name], 0, corpus, runs, progress=False)
     write_report(gather_results(TINY, corpus, runs), results, tmp_path / "results.md")
+    report_text = (tmp_path / "results.md").read_text()  # links relative to the report, wherever it is
+    assert "![WER vs executed compute](wer_vs_compute.png)" in report_text and "from `results.json`" in report_text
     originals = {name: load_checkpoint(run_dir(runs, name, 0) / "model.pt")[0].state_dict()
                  for name in ("static", "layer_drop")}
 
