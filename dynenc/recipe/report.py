@@ -720,6 +720,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--figure", default="docs/results/wer_vs_compute.png", help="where the PNG goes")
 
 
+def draw(results: Dict, report: Path, png: Path, results_json: Path) -> str:
+    """Write the figure to ``png`` and return the markdown of ``report``, linking ``png`` and
+    ``results_json`` relative to it."""
+    figure(results, png)
+    return markdown(results, relative_to_report(png, report), relative_to_report(results_json, report))
+
+
 def run(args: argparse.Namespace) -> int:
     """Write ``args.out`` and ``args.figure`` from ``args.results``.
 
@@ -728,8 +735,7 @@ def run(args: argparse.Namespace) -> int:
     """
     results = load_results(Path(args.results))
     out, png = Path(args.out), Path(args.figure)
-    figure(results, png)
-    text = markdown(results, relative_to_report(png, out), relative_to_report(Path(args.results), out))
+    text = draw(results, out, png, Path(args.results))
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write({out: lambda file: file.write(text.encode())})
     print(f"wrote {out} and {png}")

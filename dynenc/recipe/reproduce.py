@@ -483,11 +483,8 @@ def gather_results(plan: RecipePlan, data: Path, runs: Path) -> Dict:
 def write_report(results: Dict, results_json: Path, report_md: Path) -> None:
     from . import report
 
-    figure = results_json.parent / "wer_vs_compute.png"
     results_json.parent.mkdir(parents=True, exist_ok=True)
-    report.figure(results, figure)
-    text = report.markdown(results, report.relative_to_report(figure, report_md),
-                           report.relative_to_report(results_json, report_md))
+    text = report.draw(results, report_md, results_json.parent / "wer_vs_compute.png", results_json)
     atomic_write({results_json: json_writer(results), report_md: lambda file: file.write(text.encode())})
 
 
