@@ -10,6 +10,7 @@ import os
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -115,14 +116,16 @@ def decode_split(model: CTCModel, data: Sequence, tokenizer: Tokenizer,
 
     Returns WER (greedy, or of ``beam``'s transcripts), executed fraction of
     full-depth token x layers, mean exit layer (methods that decide exits), the fraction of
-    frames that skipped the upper layers (methods that skip frames) and the fraction of frames
-    whose best label is blank; :func:`time_budgets` measures speed. The model's training mode is
-    left as it is (:func:`infer` runs in eval mode).
+    frames that skipped the upper layers (methods that skip frames), the fraction of frames
+    whose best label is blank and, for methods that choose each sample's layers, how much the
+    choice varies over ``data`` (:func:`mask_statistics`); :func:`time_budgets` measures speed.
+    The model's training mode is left as it is (:func:`infer` runs in eval mode).
     """
     budget = budget or FullBudget()
     hypotheses, references = [], []
     executed = full = 0
     exit_layers, skipped, frames, skips_frames, blank_frames = [], 0, 0, False, 0
+    masks: Counter = Counter()
     device = next(model.parameters()).device
     for idx, features, lengths in split_batches(data, tokenizer, max_frames):
         result = infer(model, features.to(device), lengths.to(device), budget)
@@ -131,6 +134,8 @@ def decode_split(model: CTCModel, data: Sequence, tokenizer: Tokenizer,
         decisions = result.decisions
         if decisions.exit_layer is not None:
             exit_layers += decisions.exit_layer.tolist()
+        if decisions.layer_mask is not None:
+            masks.update(mask_string(row) for row in decisions.layer_mask.tolist())
         if decisions.skipped_frames is not None:
             skips_frames = True
             skipped += int(decisions.skipped_frames.sum())
@@ -150,7 +155,26 @@ def decode_split(model: CTCModel, data: Sequence, tokenizer: Tokenizer,
         # The regime blank skipping needs: the share of frames whose best label is blank.
         "blank_fraction": blank_frames / max(frames, 1),
         "skipped_frame_fraction": skipped / max(frames, 1) if skips_frames else None,
+        **mask_statistics(masks),
     }
+
+
+def mask_string(layers: Sequence[bool]) -> str:
+    """A layer mask as text, layer 1 first: ``"010101"`` ran layers 2, 4 and 6."""
+    return "".join("1" if ran else "0" for ran in layers)
+
+
+def mask_statistics(masks: Counter) -> Dict:
+    """How much a method's per-sample layer choice varies, from ``masks`` (a count of each
+    :func:`mask_string` over the samples): ``distinct_masks`` (how many masks were used),
+    ``top_mask`` (the most common one; of equals, the first in text order, so that the
+    samples' order does not matter) and ``top_mask_share`` (the fraction of samples that ran
+    it); all None when the method chose no masks. An input-conditioned selector with
+    ``distinct_masks`` 1 ran one fixed schedule whatever the input."""
+    if not masks:
+        return {"distinct_masks": None, "top_mask": None, "top_mask_share": None}
+    top, count = min(masks.items(), key=lambda item: (-item[1], item[0]))
+    return {"distinct_masks": len(masks), "top_mask": top, "top_mask_share": count / sum(masks.values())}
 
 
 def time_budgets(model: CTCModel, data: Sequence, tokenizer: Tokenizer, budgets: Sequence[Budget],

@@ -32,7 +32,7 @@ from ..fileio import atomic_write
 
 #: Budget metrics aggregated over seeds (the per-budget table and the figure use them).
 BUDGET_METRICS = ("wer", "executed", "rtf", "rtf_1thread", "speedup", "blank_fraction", "skipped_frame_fraction",
-                  "mean_exit_layer")
+                  "mean_exit_layer", "distinct_masks", "top_mask_share")
 #: Required numeric fields of every budget row.
 REQUIRED_BUDGET_FIELDS = ("wer", "executed", "rtf")
 #: Fewer seeds than this on either side of a claim: no verdict.
@@ -609,6 +609,37 @@ def paper_exit_table(results: Dict) -> str:
             f"the depth and the scales differ.\n")
 
 
+def selector_choice_table(results: Dict) -> str:
+    """Per seed and budget k < L, how input-conditioned the selector's choice was on the test
+    split: distinct masks, the most common one and its share; *spaced* where every utterance
+    ran the evenly spaced ``n=k`` mask of the same run (then selector-vs-spaced compares the
+    model with itself). Empty until a selector run records its layer choices."""
+    layers = num_layers(results)
+    runs = {seed: {row["budget"]: row for row in run["budgets"]}
+            for seed, run in sorted(_runs(results).get("selector", {}).items())}
+    budgets = [f"k={k}" for k in range(layers - 1, 0, -1)]
+    rows = []
+    for seed, by_label in runs.items():
+        cells = []
+        for label in budgets:
+            row, spaced = by_label.get(label, {}), by_label.get(label.replace("k=", "n="), {})
+            if row.get("distinct_masks") is None:
+                cells.append("")
+                continue
+            same = row["distinct_masks"] == spaced.get("distinct_masks") == 1 and row["top_mask"] == spaced.get("top_mask")
+            cells.append(f"{row['distinct_masks']} · {row['top_mask']} · {row['top_mask_share'] * 100:.0f} %"
+                         + (" · *spaced*" if same else ""))
+        if any(cells):
+            rows.append((seed, *cells))
+    if not rows:
+        return ""
+    return ("Is the choice input-conditioned? Each cell: the number of distinct layer masks the selector chose "
+            "over the test utterances · the most common mask (layer 1 first, 1 = ran) · the share of utterances "
+            "that ran it; *spaced*: every utterance ran the evenly spaced mask of the same size, so there the "
+            "selector-vs-spaced claim compares the model with itself.\n\n"
+            + _table(("seed", *budgets), rows))
+
+
 # How each timing scheme a run may be stamped with (its "timing": {"scheme", "utterances",
 # "repeats"}) measured the real-time factor.
 TIMING_SCHEMES = {
@@ -683,6 +714,8 @@ def markdown(results: Dict, figure_path: str = "results/wer_vs_compute.png",
         out += [f"### {group}\n", claim_table([v for v in verdicts if v.claim.group == group])]
         if group == _EXIT_GROUP:
             out.append(paper_exit_table(results))
+        if group == _SELECTOR_GROUP:
+            out.append(selector_choice_table(results))
     out += ["## Runs\n", _table(("protocol", "method", "init", "epochs", "seeds", "train minutes"), [
         (p, e["method"], e["init"], e["epochs"], f"{len(e['seeds'])} ({_cell(e['seeds'])})",
          _stat_cell(e["train_minutes"], digits=1)) for p, e in agg["protocols"].items()]),
@@ -690,14 +723,17 @@ def markdown(results: Dict, figure_path: str = "results/wer_vs_compute.png",
         "## Every budget\n",
         "Test WER, executed compute (fraction of full-depth token x layers), real-time factor "
         "(2 threads and 1 thread), speed-up over the method's full-depth row (2 threads), the share of "
-        "frames whose best label is blank, the share of frames that skipped the upper layers and the "
-        f"mean exit layer: mean ± std over seeds. {timing_sentence(results['runs'])}\n",
+        "frames whose best label is blank, the share of frames that skipped the upper layers, the "
+        "mean exit layer, and for methods that choose each utterance's layers the number of distinct layer "
+        "masks over the test utterances and the most common mask's share of them: mean ± std over seeds. "
+        f"{timing_sentence(results['runs'])}\n",
         _table(("protocol", "budget", "WER % (n)", "executed", "rtf", "rtf 1 thread", "speed-up", "blank %",
-                "skipped %", "exit"), [
+                "skipped %", "exit", "masks", "top mask %"), [
             (p, label, f"{_stat_cell(s['wer'], 100, 2)} ({len(s['seeds'])})", _stat_cell(s["executed"]),
              _stat_cell(s["rtf"], digits=4), _stat_cell(s["rtf_1thread"], digits=4), _stat_cell(s["speedup"], digits=2),
              _stat_cell(s["blank_fraction"], 100, 1), _stat_cell(s["skipped_frame_fraction"], 100, 1),
-             _stat_cell(s["mean_exit_layer"], digits=2))
+             _stat_cell(s["mean_exit_layer"], digits=2), _stat_cell(s["distinct_masks"], digits=1),
+             _stat_cell(s["top_mask_share"], 100, 1))
             for (p, label), s in agg["budgets"].items()]),
         "## Test WER by engine\n",
         "Full depth, greedy, every held-out voice of one synthesis engine: the test split's voices are a "

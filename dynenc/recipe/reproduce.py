@@ -187,17 +187,30 @@ def timing_stamp(plan: RecipePlan) -> Dict:
     return {"scheme": TIMING_SCHEME, "utterances": plan.timing_utterances, "repeats": plan.timing_repeats}
 
 
-def sweep_budgets(model, method: str, test: Sequence, timing: Sequence, tokenizer, repeats: int,
-                  progress: bool) -> List[Dict]:
-    """Every budget of ``method``: test WER, executed fraction, blank / skip / exit statistics,
-    and the real-time factor (:func:`time_rows`)."""
+# What a budget row records of the layers each test utterance ran
+# (:func:`~dynenc.recipe.evaluate.mask_statistics`); a result without them gets them when the
+# recipe visits it.
+MASK_FIELDS = ("distinct_masks", "top_mask", "top_mask_share")
+
+
+def decode_budgets(model, method: str, test: Sequence, tokenizer, progress: bool) -> List[Dict]:
+    """Every budget of ``method`` decoded on ``test``: a row per budget with its test WER,
+    executed fraction, blank / skip / exit statistics and :data:`MASK_FIELDS`."""
     rows = []
     for label, budget in tqdm(get_method(method).budgets(model), desc=f"eval {method}", disable=not progress):
         torch.manual_seed(0)  # the random-subset budgets draw the same masks in every run
         scores = decode_split(model, test, tokenizer, budget)
         rows.append({"budget": label, "wer": scores["wer"], "executed": scores["executed_fraction"],
-                     **{key: scores[key] for key in ("blank_fraction", "skipped_frame_fraction", "mean_exit_layer")}})
-    return time_rows(rows, model, method, timing, tokenizer, repeats)
+                     **{key: scores[key] for key in ("blank_fraction", "skipped_frame_fraction", "mean_exit_layer",
+                                                     *MASK_FIELDS)}})
+    return rows
+
+
+def sweep_budgets(model, method: str, test: Sequence, timing: Sequence, tokenizer, repeats: int,
+                  progress: bool) -> List[Dict]:
+    """:func:`decode_budgets` and each budget's real-time factor (:func:`time_rows`)."""
+    return time_rows(decode_budgets(model, method, test, tokenizer, progress), model, method, timing, tokenizer,
+                     repeats)
 
 
 def time_rows(rows: List[Dict], model, method: str, timing: Sequence, tokenizer, repeats: int) -> List[Dict]:
@@ -408,28 +421,31 @@ def restore_results(plan: RecipePlan, data: Path, runs: Path, results_json: Path
     return restored
 
 
-def _stale(plan: RecipePlan, record: Dict) -> Tuple[bool, bool]:
-    """Whether a finished run's ``(speeds, LM WER)`` were measured another way than now."""
-    return record.get("timing") != timing_stamp(plan), record.get("lm") != LANGUAGE_MODEL
+def _stale(plan: RecipePlan, record: Dict) -> Tuple[bool, bool, bool]:
+    """Whether a finished run's ``(speeds, LM WER, layer choices)`` were measured another way
+    than now (the last: not recorded, :data:`MASK_FIELDS`)."""
+    return (record.get("timing") != timing_stamp(plan), record.get("lm") != LANGUAGE_MODEL,
+            any(MASK_FIELDS[0] not in row for row in record["budgets"]))
 
 
 def _update(plan: RecipePlan, protocol: Protocol, seed: int, data: Path, runs: Path, progress: bool) -> Dict:
     """A finished run's record, with what was measured another way measured again (its accuracy
     numbers stay, nothing is retrained): speeds timed under another scheme
     (:func:`timing_stamp`) by :func:`time_rows` on the run's own device, and the LM WER of
-    another :data:`LANGUAGE_MODEL` (or none) by :func:`language_model_wer`. Either needs the
-    run's model; one restored without it is rebuilt first (:func:`_ensure_model`). Rewrites
+    another :data:`LANGUAGE_MODEL` (or none) by :func:`language_model_wer`, and layer choices
+    not yet recorded (:data:`MASK_FIELDS`) by :func:`decode_budgets`. Each needs the run's
+    model; one restored without it is rebuilt first (:func:`_ensure_model`). Rewrites
     ``result.json``.
 
     Raises:
-        ValueError: the run's device is not available here, or its rebuilt model differs
-            from the record.
+        ValueError: the run's device is not available here, its rebuilt model differs from
+            the record, or its budgets are not its method's.
     """
     out = run_dir(runs, protocol.name, seed)
     result_path = out / "result.json"
     record = json.loads(result_path.read_text())
-    retime, rescore = _stale(plan, record)
-    if not (retime or rescore):
+    retime, rescore, remask = _stale(plan, record)
+    if not (retime or rescore or remask):
         return record
     run_device = check_device(f"{result_path}: measuring again on the run's device", record.get("device", "cpu"))
     _ensure_model(plan, protocol, seed, data, runs, str(run_device), progress)
@@ -447,6 +463,14 @@ def _update(plan: RecipePlan, protocol: Protocol, seed: int, data: Path, runs: P
         print(f"recipe: scoring {protocol.name} seed {seed} with the {LANGUAGE_MODEL['order']}-gram LM")
         dev = load_split(data, "dev", tokenizer=tokenizer)
         record = {**record, **language_model_wer(model, dev, test, tokenizer, data, plan.lexicon_beam)}
+    if remask:
+        print(f"recipe: recording the layer choices of {protocol.name} seed {seed}")
+        decoded = decode_budgets(model, record["method"], test, tokenizer, progress)
+        if [row["budget"] for row in decoded] != [row["budget"] for row in record["budgets"]]:
+            raise ValueError(f"{result_path}: budgets {[row['budget'] for row in record['budgets']]} are not "
+                             f"{record['method']}'s budgets {[row['budget'] for row in decoded]}")
+        record = {**record, "budgets": [{**row, **{key: new[key] for key in MASK_FIELDS}}
+                                        for row, new in zip(record["budgets"], decoded)]}
     atomic_write({result_path: json_writer(record)})
     return record
 

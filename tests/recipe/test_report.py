@@ -107,6 +107,35 @@ def test_markdown_has_every_claim_and_section():
         assert part in text
 
 
+def selector_run(seed, choices):
+    """A selector run on 3 layers: ``choices`` is ``{label: (distinct masks, top mask, share)}``."""
+    selector = run("selector", seed, {label: 0.3 for label in ("k=3", "k=2", "k=1", "n=2", "n=1")})
+    for row in selector["budgets"]:
+        if row["budget"] in choices:
+            row.update(zip(("distinct_masks", "top_mask", "top_mask_share"), choices[row["budget"]]))
+    return selector
+
+
+def test_selector_choice_table_shows_how_input_conditioned_the_masks_are():
+    data = results([0.2] * 3, [0.3] * 3)
+    assert report.selector_choice_table(data) == ""  # no selector run records its choices yet
+    data["runs"] += [selector_run(0, {"k=2": (1, "011", 1.0), "n=2": (1, "011", 1.0), "k=1": (1, "010", 1.0),
+                                      "n=1": (1, "001", 1.0)}),
+                     selector_run(1, {"k=2": (3, "110", 0.5), "n=2": (1, "110", 1.0)}),
+                     selector_run(2, {})]  # recorded before the choices were: no row
+    table = report.selector_choice_table(data)
+    lines = table.splitlines()
+    assert "| seed | k=2 | k=1 |" in lines
+    # seed 0: one fixed mask per k, the evenly spaced one at k = 2 (not at k = 1: another mask);
+    # seed 1: three masks, whatever the spaced row ran.
+    assert "| 0 | 1 · 011 · 100 % · *spaced* | 1 · 010 · 100 % |" in lines
+    assert "| 1 | 3 · 110 · 50 % |  |" in lines
+    assert not any(line.startswith("| 2 |") for line in lines)
+    text = markdown(data)
+    assert table in text and "| masks | top mask % |" in text
+    assert "| selector | k=2 | 30.00 ± 0.00 (3) |" in text and "| 2.0 ± 1.4 | 75.0 ± 35.4 |" in text
+
+
 def test_markdown_says_how_each_run_was_timed():
     data = results([0.2] * 3, [0.3] * 3)  # runs without a timing stamp: an earlier scheme
     assert "6 runs timed each budget's repeats back to back" in markdown(data)

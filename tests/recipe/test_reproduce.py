@@ -11,8 +11,8 @@ from dynenc.asr import load_checkpoint
 from dynenc.config import ModelConfig
 from dynenc.methods import method_names
 from dynenc.recipe.language_model import find_lmplz
-from dynenc.recipe.reproduce import (LANGUAGE_MODEL, PROTOCOLS, Protocol, RecipePlan, _status, gather_results,
-                                      restore_results, run_dir, run_one, timing_stamp, write_report)
+from dynenc.recipe.reproduce import (LANGUAGE_MODEL, MASK_FIELDS, PROTOCOLS, Protocol, RecipePlan, _status,
+                                      gather_results, restore_results, run_dir, run_one, timing_stamp, write_report)
 from dynenc.recipe.synthesis import synthesize_corpus
 from dynenc.recipe.tokenizer import prepare_units
 
@@ -107,6 +107,10 @@ def test_runs_resume_and_gather(corpus, tmp_path):
     labels = [row["budget"] for row in layer_drop["budgets"]]
     assert labels[:2] == ["n=2", "n=1"] and "n=1 random" in labels
     assert {row["budget"]: row["executed"] for row in layer_drop["budgets"]}["n=1"] == pytest.approx(0.5)
+    # Each budget row records the layers its utterances ran; full depth chooses none.
+    choices = {row["budget"]: tuple(row[key] for key in MASK_FIELDS) for row in layer_drop["budgets"]}
+    assert choices["n=2"] == (1, "11", 1.0) and choices["n=1"] == (1, "01", 1.0)
+    assert tuple(static["budgets"][0][key] for key in MASK_FIELDS) == (None, None, None)
 
     # Finished runs are skipped: the record is read back, nothing retrained.
     result = run_dir(runs, "static", 0) / "result.json"
@@ -155,6 +159,12 @@ def test_runs_resume_and_gather(corpus, tmp_path):
     assert run_one(TINY, _BY_NAME["layer_drop"], 0, corpus, runs, progress=False) == retimed
     assert " done " in _status(TINY, runs, todo)
     assert model.stat().st_mtime_ns == model_stamp
+    # ... and one recorded before the layer choices were gets them, the rest of the record kept.
+    path.write_text(json.dumps({**retimed, "budgets": [{k: v for k, v in row.items() if k not in MASK_FIELDS}
+                                                       for row in retimed["budgets"]]}))
+    assert "to measure again" in _status(TINY, runs, todo)
+    assert run_one(TINY, _BY_NAME["layer_drop"], 0, corpus, runs, progress=False) == retimed
+    assert json.loads(path.read_text()) == retimed and model.stat().st_mtime_ns == model_stamp
     # Measuring again needs the run's model: one restored without it (a fresh clone) is rebuilt
     # first, and its record keeps its accuracy.
     path.write_text(json.dumps(stale))
