@@ -277,15 +277,17 @@ def plot(results: Dict, path: Path) -> None:
 
 
 def markdown(results: Dict) -> str:
-    lines = ["| method | budget | WER % | executed | time s | speed-up | exit | skipped | blank frames |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | budget | WER % | executed | time s | speed-up | exit | skipped | blank frames | masks (top) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for method, entry in results["methods"].items():
         for r in entry["rows"]:
             exit_layer = "" if r["mean_exit_layer"] is None else f"{r['mean_exit_layer']:.2f}"
             skipped = "" if r["skipped_frame_fraction"] is None else f"{100 * r['skipped_frame_fraction']:.0f} %"
+            masks = "" if r["distinct_masks"] is None else f"{r['distinct_masks']} ({100 * r['top_mask_share']:.0f} %)"
             wer = f"{100 * r['wer']:.1f}" + (f" (beam {100 * r['wer_beam']:.1f})" if "wer_beam" in r else "")
             lines.append(f"| {method} | {r['budget']} | {wer} | {r['executed_fraction']:.2f} | {r['seconds']:.2f} | "
-                         f"{r['speedup']:.2f}x | {exit_layer} | {skipped} | {100 * r['blank_fraction']:.0f} % |")
+                         f"{r['speedup']:.2f}x | {exit_layer} | {skipped} | {100 * r['blank_fraction']:.0f} % | "
+                         f"{masks} |")
     return "\n".join(lines) + "\n\n" + equal_compute_table(results)
 
 

@@ -44,6 +44,8 @@ def test_train_decode_wer(corpus, tmp_path, method):
     rows = results["methods"][method]["rows"]
     assert rows and all(0 <= r["wer"] and 0 < r["executed_fraction"] <= 1 for r in rows)
     assert all(0 <= r["blank_fraction"] <= 1 for r in rows), "the corpus's blank-frame fraction is reported"
+    assert all(r["distinct_masks"] is None for r in rows), "neither method chooses layers per utterance"
+    assert "| masks (top) |" in (out / "results.md").read_text()
     assert (out / "wer_vs_compute.png").stat().st_size > 1000
 
 
