@@ -536,6 +536,13 @@ LM_COLUMN = "all, lexicon + LM"
 BEAM_COLUMNS = {LEXICON_COLUMN: "wer_lexicon", LM_COLUMN: "wer_lm"}
 
 
+def _beam_description(results: Dict) -> str:
+    """The beam sizes the runs' lexicon and LM WERs were decoded with (their ``lexicon_beam``)."""
+    beams = Counter(run["lexicon_beam"] for run in results.get("runs", []) if "lexicon_beam" in run)
+    return (" (beam " + " or ".join(f"{beam} in {_plural(n, 'run')}" if len(beams) > 1 else str(beam)
+                                    for beam, n in sorted(beams.items())) + ")") if beams else ""
+
+
 def _lm_description(results: Dict) -> str:
     """How the runs' LM WERs were decoded, from their ``lm`` stamps and chosen weights."""
     scored = [run for run in results.get("runs", []) if isinstance(run.get("lm"), dict)]
@@ -740,7 +747,8 @@ def markdown(results: Dict, figure_path: str = "results/wer_vs_compute.png",
         "different distance from the training voices (espeak: unseen accents and variants; flite: rms, a "
         "speaker no engine trains on; festival: its diphone engine, never trained on, for the kal speaker "
         f"that flite trains on). *{LEXICON_COLUMN}*: the whole test split decoded by a beam search restricted "
-        f"to the corpus vocabulary, no language model. *{LM_COLUMN}*: the same search scored by a word "
+        f"to the corpus vocabulary{_beam_description(results)}, no language model. *{LM_COLUMN}*: the same "
+        "search scored by a word "
         f"{_lm_description(results)}. A cell's mean is over the seeds that report it.\n",
         engine_table(results),
         "## Deviations from the papers\n", "\n".join(f"- {d}" for d in DEVIATIONS) + "\n"]

@@ -104,7 +104,8 @@ _BY_NAME = {protocol.name: protocol for protocol in PROTOCOLS}
 class RecipePlan:
     """Everything the recipe's numbers depend on (a JSON file via ``--plan``).
 
-    Sized so one run takes at most ~20 min on a 2-core CPU (the longest, ``total`` epochs).
+    The defaults (plan v2) size one run to at most ~20 min on a 2-core CPU (the longest,
+    ``total`` epochs); ``docs/results-v3/plan.json`` trades that for twice the speech.
 
     Attributes:
         num_train, num_dev, num_test: corpus utterances per split (test: held-out voices).
@@ -113,7 +114,10 @@ class RecipePlan:
         lr, finetune_lr: peak learning rates from scratch / when starting from a model.
         inter_ctc_weight: InterCTC weight of the protocols with ``inter_ctc`` (0 = plain CTC).
         max_frames: padded feature frames per training batch.
-        lexicon_beam: beam size of the full-depth lexicon-constrained WER (``wer_lexicon``).
+        lexicon_beam: beam size of the full-depth lexicon-constrained WERs (``wer_lexicon`` and,
+            with the n-gram LM, ``wer_lm``). 128: of 32 / 64 / 128 / 256, the smallest after
+            which the dev WER with the LM stopped improving (5.71 % at 128 and 256, 6.77 % at
+            32; v3 static seed 0), so the search, not the beam, limits the WER.
         timing_utterances: the first N test utterances are timed (each batch's fastest of
             ``timing_repeats`` runs interleaved over the budgets, at 2 and at 1 thread); WER
             uses the whole test split.
@@ -131,7 +135,7 @@ class RecipePlan:
     finetune_lr: float = 1e-3
     inter_ctc_weight: float = 0.3
     max_frames: int = 2500
-    lexicon_beam: int = 32
+    lexicon_beam: int = 128
     timing_utterances: int = 200
     timing_repeats: int = 3
     model: ModelConfig = dataclasses.field(default_factory=recipe_model)
@@ -273,6 +277,14 @@ def language_model_wer(model, dev: Sequence, test: Sequence, tokenizer, data: Pa
     return {"wer_lm": wer(test, weight), "lm_weight": weight, "lm": LANGUAGE_MODEL}
 
 
+def beam_wers(plan: RecipePlan, model, dev: Sequence, test: Sequence, tokenizer, data: Path) -> Dict:
+    """The record's full-depth beam-search WERs at ``plan.lexicon_beam``: ``wer_lexicon``
+    (:func:`lexicon_wer`), the LM fields (:func:`language_model_wer`) and ``lexicon_beam``."""
+    return {"wer_lexicon": lexicon_wer(model, test, tokenizer, data, plan.lexicon_beam),
+            **language_model_wer(model, dev, test, tokenizer, data, plan.lexicon_beam),
+            "lexicon_beam": plan.lexicon_beam}
+
+
 def _check_same_corpus(out: Path, data: Path) -> None:
     """A run directory belongs to one corpus and one set of units (their cache keys,
     ``config.json`` and ``units.json``): the plan alone does not say which voices are held out."""
@@ -329,8 +341,7 @@ def run_one(plan: RecipePlan, protocol: Protocol, seed: int, data: Path, runs: P
         "budgets": sweep_budgets(model, protocol.method, test, test[:plan.timing_utterances], tokenizer,
                                  plan.timing_repeats, progress),
         "wer_by_engine": wer_by_engine(model, test, [r.get("engine", "unknown") for r in read_manifest(data, "test")], tokenizer),
-        "wer_lexicon": lexicon_wer(model, test, tokenizer, data, plan.lexicon_beam),
-        **language_model_wer(model, dev, test, tokenizer, data, plan.lexicon_beam),
+        **beam_wers(plan, model, dev, test, tokenizer, data),
         "timing": timing_stamp(plan),
     }
     atomic_write({result_path: json_writer(record)})
@@ -400,7 +411,7 @@ def restore_results(plan: RecipePlan, data: Path, runs: Path, results_json: Path
     if not Path(results_json).is_file():
         return []
     results = json.loads(Path(results_json).read_text())
-    if (results.get("plan") != json.loads(config_json(plan))
+    if (_trained_plan(results.get("plan")) != _trained_plan(json.loads(config_json(plan)))
             or results.get("corpus") != corpus_summary(data, plan.units)):
         print(f"recipe: {results_json} was made under another plan or corpus; its runs are not restored")
         return []
@@ -422,18 +433,30 @@ def restore_results(plan: RecipePlan, data: Path, runs: Path, results_json: Path
 
 
 def _stale(plan: RecipePlan, record: Dict) -> Tuple[bool, bool, bool]:
-    """Whether a finished run's ``(speeds, LM WER, layer choices)`` were measured another way
-    than now (the last: not recorded, :data:`MASK_FIELDS`)."""
-    return (record.get("timing") != timing_stamp(plan), record.get("lm") != LANGUAGE_MODEL,
+    """Whether a finished run's ``(speeds, lexicon and LM WERs, layer choices)`` were measured
+    another way than now (the last: not recorded, :data:`MASK_FIELDS`)."""
+    return (record.get("timing") != timing_stamp(plan),
+            record.get("lm") != LANGUAGE_MODEL or record.get("lexicon_beam") != plan.lexicon_beam,
             any(MASK_FIELDS[0] not in row for row in record["budgets"]))
+
+
+# Plan fields that say how a finished run is measured, not what it trained: a result made
+# under other values is restored and measured again (:func:`_stale`), not discarded.
+MEASUREMENT_FIELDS = ("lexicon_beam", "timing_utterances", "timing_repeats")
+
+
+def _trained_plan(plan: object) -> Optional[Dict]:
+    """A plan's JSON without :data:`MEASUREMENT_FIELDS` (None for anything but a dict)."""
+    return {key: value for key, value in plan.items() if key not in MEASUREMENT_FIELDS} \
+        if isinstance(plan, dict) else None
 
 
 def _update(plan: RecipePlan, protocol: Protocol, seed: int, data: Path, runs: Path, progress: bool) -> Dict:
     """A finished run's record, with what was measured another way measured again (its accuracy
     numbers stay, nothing is retrained): speeds timed under another scheme
-    (:func:`timing_stamp`) by :func:`time_rows` on the run's own device, and the LM WER of
-    another :data:`LANGUAGE_MODEL` (or none) by :func:`language_model_wer`, and layer choices
-    not yet recorded (:data:`MASK_FIELDS`) by :func:`decode_budgets`. Each needs the run's
+    (:func:`timing_stamp`) by :func:`time_rows` on the run's own device; the lexicon and LM
+    WERs of another beam size or :data:`LANGUAGE_MODEL` (or none) by :func:`beam_wers`; layer
+    choices not yet recorded (:data:`MASK_FIELDS`) by :func:`decode_budgets`. Each needs the run's
     model; one restored without it is rebuilt first (:func:`_ensure_model`). Rewrites
     ``result.json``.
 
@@ -460,9 +483,10 @@ def _update(plan: RecipePlan, protocol: Protocol, seed: int, data: Path, runs: P
         record = {**record, "budgets": time_rows(budgets, model, record["method"], test[:plan.timing_utterances],
                                                  tokenizer, plan.timing_repeats), "timing": timing_stamp(plan)}
     if rescore:
-        print(f"recipe: scoring {protocol.name} seed {seed} with the {LANGUAGE_MODEL['order']}-gram LM")
+        print(f"recipe: scoring {protocol.name} seed {seed} with beam {plan.lexicon_beam} and the "
+              f"{LANGUAGE_MODEL['order']}-gram LM")
         dev = load_split(data, "dev", tokenizer=tokenizer)
-        record = {**record, **language_model_wer(model, dev, test, tokenizer, data, plan.lexicon_beam)}
+        record = {**record, **beam_wers(plan, model, dev, test, tokenizer, data)}
     if remask:
         print(f"recipe: recording the layer choices of {protocol.name} seed {seed}")
         decoded = decode_budgets(model, record["method"], test, tokenizer, progress)

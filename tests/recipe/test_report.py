@@ -198,6 +198,13 @@ def test_engine_table_averages_the_seeds_that_report_engines():
     assert "no run is scored with one yet" in markdown({"runs": [run("b", 0, {"n=2": 0.5})]})
 
 
+def test_engine_section_names_the_beam_sizes():
+    runs = [run("a", seed, {"n=2": 0.5}, lexicon_beam=beam) for seed, beam in enumerate((128, 128, 32))]
+    assert "restricted to the corpus vocabulary (beam 128), no language model" in markdown({"runs": runs[:2]})
+    assert "(beam 32 in 1 run or 128 in 2 runs)" in markdown({"runs": runs})
+    assert "corpus vocabulary, no language model" in markdown({"runs": [run("b", 0, {"n=2": 0.5})]})
+
+
 def test_report_links_are_relative_to_the_report(tmp_path):
     docs = tmp_path / "docs"
     assert report.relative_to_report(docs / "results-v3" / "wer.png", docs / "results-v3.md") == "results-v3/wer.png"

@@ -99,6 +99,7 @@ def test_runs_resume_and_gather(corpus, tmp_path):
     engines = static["wer_by_engine"]  # every test utterance's engine, each scored at full depth
     assert set(engines) <= {"espeak", "flite", "festival"} and engines and all(w >= 0 for w in engines.values())
     assert isinstance(static["wer_lexicon"], float) and static["wer_lexicon"] >= 0
+    assert static["lexicon_beam"] == TINY.lexicon_beam
     # ... and with the training transcripts' n-gram LM, at the LM weight the dev split chose.
     assert isinstance(static["wer_lm"], float) and static["wer_lm"] >= 0
     assert static["lm"] == LANGUAGE_MODEL and static["lm_weight"] in LANGUAGE_MODEL["weights"]
@@ -165,6 +166,10 @@ def test_runs_resume_and_gather(corpus, tmp_path):
     assert "to measure again" in _status(TINY, runs, todo)
     assert run_one(TINY, _BY_NAME["layer_drop"], 0, corpus, runs, progress=False) == retimed
     assert json.loads(path.read_text()) == retimed and model.stat().st_mtime_ns == model_stamp
+    # ... and one decoded with another beam is decoded again (lexicon and LM WERs) at the plan's.
+    path.write_text(json.dumps({**retimed, "lexicon_beam": 1, "wer_lexicon": -1.0, "wer_lm": -1.0}))
+    assert "to measure again" in _status(TINY, runs, todo)
+    assert run_one(TINY, _BY_NAME["layer_drop"], 0, corpus, runs, progress=False) == retimed
     # Measuring again needs the run's model: one restored without it (a fresh clone) is rebuilt
     # first, and its record keeps its accuracy.
     path.write_text(json.dumps(stale))
@@ -234,6 +239,10 @@ def test_a_fresh_clone_restores_finished_runs_and_rebuilds_their_models(corpus, 
 
     # Results of another plan are not this plan's runs; a record naming no protocol is refused.
     assert restore_results(dataclasses.replace(TINY, lr=1e-2), corpus, tmp_path / "lr", results) == []
+    # ... but other measurement settings only make them stale: restored, to be measured again.
+    measured_otherwise = dataclasses.replace(TINY, lexicon_beam=2, timing_repeats=2)
+    assert restore_results(measured_otherwise, corpus, tmp_path / "beam", results) == [("static", 0), ("layer_drop", 0)]
+    assert "to measure again" in _status(measured_otherwise, tmp_path / "beam", [(_BY_NAME["static"], 0)])
     bad = json.loads(results.read_text())
     bad["runs"][0]["protocol"] = "nope"
     results.write_text(json.dumps(bad))
