@@ -633,7 +633,8 @@ def selector_choice_table(results: Dict) -> str:
             if row.get("distinct_masks") is None:
                 cells.append("")
                 continue
-            same = row["distinct_masks"] == spaced.get("distinct_masks") == 1 and row["top_mask"] == spaced.get("top_mask")
+            same = (row["distinct_masks"] == spaced.get("distinct_masks") == 1
+                    and row["top_mask"] == spaced.get("top_mask"))
             cells.append(f"{row['distinct_masks']} · {row['top_mask']} · {row['top_mask_share'] * 100:.0f} %"
                          + (" · *spaced*" if same else ""))
         if any(cells):
