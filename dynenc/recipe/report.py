@@ -722,8 +722,8 @@ def markdown(results: Dict, figure_path: str = "results/wer_vs_compute.png",
         out += [f"### {group}\n", claim_table([v for v in verdicts if v.claim.group == group])]
         if group == _EXIT_GROUP:
             out.append(paper_exit_table(results))
-        if group == _SELECTOR_GROUP:
-            out.append(selector_choice_table(results))
+        if group == _SELECTOR_GROUP and (choices := selector_choice_table(results)):
+            out.append(choices)
     out += ["## Runs\n", _table(("protocol", "method", "init", "epochs", "seeds", "train minutes"), [
         (p, e["method"], e["init"], e["epochs"], f"{len(e['seeds'])} ({_cell(e['seeds'])})",
          _stat_cell(e["train_minutes"], digits=1)) for p, e in agg["protocols"].items()]),

@@ -104,8 +104,9 @@ _BY_NAME = {protocol.name: protocol for protocol in PROTOCOLS}
 class RecipePlan:
     """Everything the recipe's numbers depend on (a JSON file via ``--plan``).
 
-    The defaults (plan v2) size one run to at most ~20 min on a 2-core CPU (the longest,
-    ``total`` epochs); ``docs/results-v3/plan.json`` trades that for twice the speech.
+    The defaults are plan v3 (``docs/results/plan.json``): the longest run (``total`` epochs)
+    takes ~40 min on a 2-core CPU. ``docs/results-v2/plan.json`` is the earlier plan behind
+    ``docs/results-v2.md``: half the training speech, 12 scratch epochs, lexicon beam 32.
 
     Attributes:
         num_train, num_dev, num_test: corpus utterances per split (test: held-out voices).
@@ -124,11 +125,11 @@ class RecipePlan:
         model: the model every protocol trains.
     """
 
-    num_train: int = 2400
+    num_train: int = 4800
     num_dev: int = 300
     num_test: int = 1000
     units: str = "bpe64"
-    scratch_epochs: int = 12
+    scratch_epochs: int = 18
     finetune_epochs: int = 3
     selector_epochs: int = 2
     lr: float = 2e-3

@@ -207,10 +207,10 @@ def test_engine_section_names_the_beam_sizes():
 
 def test_report_links_are_relative_to_the_report(tmp_path):
     docs = tmp_path / "docs"
-    assert report.relative_to_report(docs / "results-v3" / "wer.png", docs / "results-v3.md") == "results-v3/wer.png"
+    assert report.relative_to_report(docs / "results-v2" / "wer.png", docs / "results-v2.md") == "results-v2/wer.png"
     assert report.relative_to_report(docs / "wer.png", docs / "sub" / "r.md") == "../wer.png"
-    text = markdown(results([0.2, 0.3, 0.25], [0.3]), "results-v3/wer.png", "results-v3/results.json")
-    assert "![WER vs executed compute](results-v3/wer.png)" in text and "from `results-v3/results.json`" in text
+    text = markdown(results([0.2, 0.3, 0.25], [0.3]), "results-v2/wer.png", "results-v2/results.json")
+    assert "![WER vs executed compute](results-v2/wer.png)" in text and "from `results-v2/results.json`" in text
 
 
 def test_figure_is_written(tmp_path):

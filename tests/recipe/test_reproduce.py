@@ -2,13 +2,14 @@
 import dataclasses
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 from dynenc import cli
 from dynenc.asr import load_checkpoint
-from dynenc.config import ModelConfig
+from dynenc.config import ModelConfig, config_json, load_config
 from dynenc.methods import method_names
 from dynenc.recipe.language_model import find_lmplz
 from dynenc.recipe.reproduce import (LANGUAGE_MODEL, MASK_FIELDS, PROTOCOLS, Protocol, RecipePlan, _status,
@@ -33,6 +34,15 @@ def test_protocols_are_in_dependency_order_and_registered():
         assert protocol.init is None or protocol.init in seen, protocol.name
         seen.add(protocol.name)
     assert len(seen) == len(PROTOCOLS)
+
+
+@pytest.mark.parametrize("report", ["results", "results-v2"])
+def test_committed_plans_load_and_the_defaults_are_the_current_report(report):
+    # docs/results.md is what `make recipe` reproduces; docs/results-v2.md stays reproducible.
+    docs = Path(__file__).resolve().parents[2] / "docs"
+    plan = load_config(RecipePlan, docs / report / "plan.json")
+    assert json.loads(config_json(plan)) == json.loads((docs / report / "results.json").read_text())["plan"]
+    assert (plan == RecipePlan()) == (report == "results")
 
 
 def test_every_compared_model_gets_the_same_total_epochs():
