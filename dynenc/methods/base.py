@@ -130,6 +130,8 @@ class Method:
         budgets: the evaluation sweep of a trained model: ``model -> [(label, budget)]``.
         model_fields: the :class:`ModelConfig` fields the method needs, filled in where the
             given config leaves them unset (e.g. early exit: exit heads after every second layer).
+        chooses_layers: whether its budgets pick each sample's layers (a ``layer_mask`` in the
+            :class:`Decisions`); only these have layer choices to report.
     """
 
     name: str
@@ -139,6 +141,7 @@ class Method:
     objective: Callable[[ObjectiveSettings, CTCModel], Objective]
     budgets: Callable[[CTCModel], List[Tuple[str, Budget]]]
     model_fields: Callable[[ModelConfig], Dict[str, Any]] = no_model_fields
+    chooses_layers: bool = False
 
 
 def run_masked(model: CTCModel, x: Tensor, lengths: Tensor, layer_mask: Optional[Tensor]) -> InferenceResult:

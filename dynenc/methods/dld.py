@@ -74,4 +74,4 @@ def objective(settings: ObjectiveSettings, model: CTCModel) -> DLDObjective:
 
 
 METHOD = Method("dld", "layer dropping + distillation from a full-depth teacher", layer_drop.LayerDropBudget,
-                layer_drop.run, objective, layer_drop.budgets)
+                layer_drop.run, objective, layer_drop.budgets, chooses_layers=True)

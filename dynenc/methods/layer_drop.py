@@ -135,4 +135,4 @@ def objective(settings: ObjectiveSettings, model: CTCModel) -> LayerDropCTC:
 
 
 METHOD = Method("layer_drop", "random layer dropping (per-sample or per-batch Bernoulli gates)", LayerDropBudget, run,
-                objective, budgets)
+                objective, budgets, chooses_layers=True)

@@ -160,4 +160,4 @@ def model_fields(config: ModelConfig) -> Dict[str, Any]:
 
 
 METHOD = Method("selector", "input-conditioned layer selection (top-k of a learned selector)", SelectorBudget, run,
-                objective, budgets, model_fields)
+                objective, budgets, model_fields, chooses_layers=True)

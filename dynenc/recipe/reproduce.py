@@ -435,10 +435,11 @@ def restore_results(plan: RecipePlan, data: Path, runs: Path, results_json: Path
 
 def _stale(plan: RecipePlan, record: Dict) -> Tuple[bool, bool, bool]:
     """Whether a finished run's ``(speeds, lexicon and LM WERs, layer choices)`` were measured
-    another way than now (the last: not recorded, :data:`MASK_FIELDS`)."""
+    another way than now (the last: not recorded, :data:`MASK_FIELDS`, by a method that
+    chooses layers; the others have none to record)."""
     return (record.get("timing") != timing_stamp(plan),
             record.get("lm") != LANGUAGE_MODEL or record.get("lexicon_beam") != plan.lexicon_beam,
-            any(MASK_FIELDS[0] not in row for row in record["budgets"]))
+            get_method(record["method"]).chooses_layers and any(MASK_FIELDS[0] not in row for row in record["budgets"]))
 
 
 # Plan fields that say how a finished run is measured, not what it trained: a result made

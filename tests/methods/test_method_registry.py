@@ -36,10 +36,13 @@ def test_every_method_trains_and_sweeps_through_the_registry(name):
     loss.backward()
     assert torch.isfinite(loss) and logs
     features, lengths, _, _ = toy_batch(1, batch_size=3)
+    masked = []
     for label, budget in method.budgets(model):
         assert isinstance(budget, tuple(m.budget_type for m in METHODS.values())), label
         result = infer(model, features, lengths, budget)
         assert 0 <= result.report.executed_fraction <= 1, label
+        masked.append(result.decisions.layer_mask is not None)
+    assert any(masked) == method.chooses_layers  # the recipe records layer choices by this flag
 
 
 def test_method_fields_fill_only_what_the_config_leaves_unset():

@@ -128,6 +128,11 @@ def test_runs_resume_and_gather(corpus, tmp_path):
     stamp = result.stat().st_mtime_ns
     assert run_one(TINY, _BY_NAME["static"], 0, corpus, runs, progress=False) == static
     assert result.stat().st_mtime_ns == stamp
+    # A method that chooses no layers has none to record: its record without them is done.
+    result.write_text(json.dumps({**static, "budgets": [{k: v for k, v in row.items() if k not in MASK_FIELDS}
+                                                        for row in static["budgets"]]}))
+    assert " done " in _status(TINY, runs, [(_BY_NAME["static"], 0)])
+    result.write_text(json.dumps(static))
 
     # A run directory belongs to one plan, finished or not.
     for finished in (True, False):
