@@ -298,13 +298,24 @@ def _check_same_corpus(out: Path, data: Path) -> None:
                          "directory to rerun it on this corpus")
 
 
+def _within_runs(config: TrainConfig) -> TrainConfig:
+    """``config`` with its checkpoint paths cut to ``<protocol>/seed<n>/model.pt``: the runs
+    directory may be moved or renamed between sessions without changing what a run is."""
+    def cut(path: str) -> str:
+        return path if path in ("", "self") else str(Path(*Path(path).parts[-3:]))
+    return dataclasses.replace(config, init=cut(config.init), teacher=cut(config.teacher))
+
+
 def _check_same_config(out: Path, config: TrainConfig) -> None:
     """A run directory belongs to one configuration: resuming it under another plan would mix them."""
     path = out / "run_config.json"
     if path.is_file():
-        if load_config(TrainConfig, path) != config:
-            raise ValueError(f"{out} was started with another configuration ({path}); remove the directory "
-                             "to rerun it under the current plan")
+        started = load_config(TrainConfig, path)
+        if _within_runs(started) != _within_runs(config):
+            changed = [f.name for f in dataclasses.fields(config)
+                       if getattr(_within_runs(started), f.name) != getattr(_within_runs(config), f.name)]
+            raise ValueError(f"{out} was started with another configuration ({path}: {', '.join(changed)} "
+                             "differ); remove the directory to rerun it under the current plan")
     else:
         save_config(config, path)
 

@@ -138,8 +138,13 @@ def test_runs_resume_and_gather(corpus, tmp_path):
     for finished in (True, False):
         if not finished:
             (run_dir(runs, "static", 0) / "result.json").unlink()
-        with pytest.raises(ValueError, match="another configuration"):
+        with pytest.raises(ValueError, match="another configuration .*: lr differ"):
             run_one(dataclasses.replace(TINY, lr=1e-2), _BY_NAME["static"], 0, corpus, runs, progress=False)
+    # The runs directory may move: a run's init names another run of the same directory.
+    moved = tmp_path / "moved"
+    runs.rename(moved)
+    assert run_one(TINY, _BY_NAME["layer_drop"], 0, corpus, moved, progress=False) == layer_drop
+    moved.rename(runs)
     # ... and to one corpus: the plan does not name the held-out voices. A finished run stays finished.
     stamp = run_dir(runs, "layer_drop", 0) / "corpus.json"
     assert json.loads(stamp.read_text())["config.json"] == json.loads((corpus / "config.json").read_text())
