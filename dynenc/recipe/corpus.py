@@ -79,7 +79,8 @@ def corpus_statistics(out_dir: str | os.PathLike) -> dict:
 
     Returns:
         ``{"splits": {split: {"utterances", "hours", "words" (running), "distinct_words",
-        "speakers": {"count", "list"}, "engines": {engine: utterances}}},
+        "speakers": {"count", "list"}, "engines": {engine: utterances}, "reverberated"
+        (share of the utterances), "snr_db": [min, max], "tempo": [min, max]}},
         "vocabulary_size", "held_out_speakers"}`` -- the held-out speakers are those of
         test that occur in neither train nor dev.
 
@@ -95,6 +96,9 @@ def corpus_statistics(out_dir: str | os.PathLike) -> dict:
             seconds = sum(float(r["duration"]) for r in records)
             speakers[split] = sorted({r["speaker"] for r in records})
             engines = Counter(r["engine"] for r in records)
+            reverberated = sum(r["rt60"] is not None for r in records) / max(len(records), 1)
+            snr_db, tempo = ([min(r[k] for r in records), max(r[k] for r in records)] if records else []
+                             for k in ("snr_db", "tempo"))
         except KeyError as e:
             raise ValueError(f"{manifest_path(out_dir, split)}: records lack {e}; run `dynenc data` again") from None
         words = [w for r in records for w in r["text"].split()]
@@ -105,6 +109,9 @@ def corpus_statistics(out_dir: str | os.PathLike) -> dict:
             "distinct_words": len(set(words)),
             "speakers": {"count": len(speakers[split]), "list": speakers[split]},
             "engines": dict(sorted(engines.items())),
+            "reverberated": round(reverberated, 4),
+            "snr_db": snr_db,
+            "tempo": tempo,
         }
     vocabulary = vocabulary_path(out_dir).read_text().split()
     seen = set(speakers["train"]) | set(speakers["dev"])

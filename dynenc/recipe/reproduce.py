@@ -519,16 +519,38 @@ def runs_to_do(seeds: Sequence[int], protocols: Sequence[Protocol]) -> Iterator[
             yield protocol, seed
 
 
+def _voices_by_engine(speakers: Sequence[str]) -> str:
+    """``"engine:voice"`` speakers grouped by engine; an engine with many voices as its base
+    voices (the part before ``+``, e.g. espeak's accents) and a count."""
+    voices: Dict[str, List[str]] = {}
+    for speaker in speakers:
+        engine, _, voice = speaker.partition(":")
+        voices.setdefault(engine, []).append(voice)
+    return "; ".join(
+        f"{engine}: {', '.join(names)}" if len(names) <= 8 else
+        f"{engine}: {len(names)} voices ({', '.join(sorted({n.split('+')[0] for n in names}))}, each with variants)"
+        for engine, names in sorted(voices.items()))
+
+
+def _range(values: Sequence[float]) -> str:
+    return f"{values[0]:g}-{values[1]:g}" if values else ""
+
+
 def corpus_summary(data: Path, units: str) -> Dict:
-    """The corpus as the report shows it: engines, units, the test size, held-out speakers,
-    and one row of statistics per split (speakers counted, engines as utterance counts)."""
+    """The corpus as the report shows it: engines, units, the test size, training and
+    held-out voices, and one row of statistics per split (speakers counted, engines as
+    utterance counts, the share reverberated, the SNR and tempo ranges)."""
     stats = corpus_statistics(data)
-    splits = {split: {**entry, "speakers": entry["speakers"]["count"],
-                      "engines": ", ".join(f"{engine} {n}" for engine, n in entry["engines"].items())}
+    splits = {split: {**{k: v for k, v in entry.items() if k not in ("reverberated", "snr_db", "tempo")},
+                      "speakers": entry["speakers"]["count"],
+                      "engines": ", ".join(f"{engine} {n}" for engine, n in entry["engines"].items()),
+                      "reverberated %": round(100 * entry["reverberated"], 1),
+                      "SNR dB": _range(entry["snr_db"]), "tempo": _range(entry["tempo"])}
               for split, entry in stats["splits"].items()}
     engines = sorted({engine for entry in stats["splits"].values() for engine in entry["engines"]})
     return {"engines": engines, "units": units, "vocabulary_size": stats["vocabulary_size"],
             "test_utterances": splits["test"]["utterances"],
+            "training_voices": _voices_by_engine(stats["splits"]["train"]["speakers"]["list"]),
             "held_out_speakers": ", ".join(stats["held_out_speakers"]), **splits}
 
 

@@ -171,6 +171,10 @@ def test_statistics_match_manifests(corpus):
         assert st["speakers"]["list"] == sorted({r["speaker"] for r in recs})
         assert st["speakers"]["count"] == len(st["speakers"]["list"])
         assert sum(st["engines"].values()) == COUNTS[split]
+        assert st["reverberated"] == pytest.approx(sum(r["rt60"] is not None for r in recs) / len(recs), abs=1e-4)
+        assert st["snr_db"] == [min(r["snr_db"] for r in recs), max(r["snr_db"] for r in recs)]
+        assert S.SNR_RANGE_DB[0] <= st["snr_db"][0] <= st["snr_db"][1] <= S.SNR_RANGE_DB[1]
+        assert S.TEMPO_RANGE[0] <= st["tempo"][0] <= st["tempo"][1] <= S.TEMPO_RANGE[1]
     assert stats["held_out_speakers"] == stats["splits"]["test"]["speakers"]["list"]
 
 
