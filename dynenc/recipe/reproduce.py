@@ -244,7 +244,8 @@ def wer_by_engine(model, test: Sequence, engines: Sequence[str], tokenizer) -> D
     groups: Dict[str, List] = {}
     for item, engine in zip(test, engines, strict=True):
         groups.setdefault(engine, []).append(item)
-    return {engine: decode_split(model, items, tokenizer, FullBudget())["wer"] for engine, items in sorted(groups.items())}
+    return {engine: decode_split(model, items, tokenizer, FullBudget())["wer"]
+            for engine, items in sorted(groups.items())}
 
 
 def lexicon_wer(model, test: Sequence, tokenizer, data: Path, beam_size: int) -> float:
@@ -352,7 +353,8 @@ def run_one(plan: RecipePlan, protocol: Protocol, seed: int, data: Path, runs: P
         "best_epoch": payload.get("epoch", -1) + 1,
         "budgets": sweep_budgets(model, protocol.method, test, test[:plan.timing_utterances], tokenizer,
                                  plan.timing_repeats, progress),
-        "wer_by_engine": wer_by_engine(model, test, [r.get("engine", "unknown") for r in read_manifest(data, "test")], tokenizer),
+        "wer_by_engine": wer_by_engine(model, test, [r.get("engine", "unknown") for r in read_manifest(data, "test")],
+                                       tokenizer),
         **beam_wers(plan, model, dev, test, tokenizer, data),
         "timing": timing_stamp(plan),
     }
@@ -414,25 +416,35 @@ def training_log(out: Path) -> Dict[str, List[float]]:
             "dev_wer_per_epoch": [entry["dev_wer"] for entry in log]}
 
 
+def _recorded_runs(plan: RecipePlan, data: Path, results_json: Path) -> Dict[Tuple[Protocol, int], Dict]:
+    """The run records of ``results_json`` made under ``plan`` from the corpus in ``data``
+    (not checked while the corpus is not synthesized yet), by ``(protocol, seed)``."""
+    if not Path(results_json).is_file():
+        return {}
+    results = json.loads(Path(results_json).read_text())
+    corpus_made = (Path(data) / "config.json").is_file()
+    if (_trained_plan(results.get("plan")) != _trained_plan(json.loads(config_json(plan)))
+            or (corpus_made and results.get("corpus") != corpus_summary(data, plan.units))):
+        print(f"recipe: {results_json} was made under another plan or corpus; its runs are not restored")
+        return {}
+    recorded = {}
+    for record in results.get("runs", []):
+        protocol, seed = _BY_NAME.get(record.get("protocol")), record.get("seed")
+        if protocol is None or not isinstance(seed, int):
+            raise ValueError(f"{results_json}: a run record names protocol {record.get('protocol')!r}, seed "
+                             f"{seed!r}; expected one of {list(_BY_NAME)} and an integer seed")
+        recorded[protocol, seed] = record
+    return recorded
+
+
 def restore_results(plan: RecipePlan, data: Path, runs: Path, results_json: Path) -> List[Tuple[str, int]]:
     """Put the finished runs recorded in ``results_json`` (the committed results) back into
     ``runs`` where their ``result.json`` is missing, e.g. in a fresh clone, so they are
     skipped, gathered into the next results and, when a later run starts from one,
     rebuilt (:func:`_ensure_model`). Only results made under ``plan`` from the same corpus
     are restored; returns the restored ``(protocol, seed)`` pairs."""
-    if not Path(results_json).is_file():
-        return []
-    results = json.loads(Path(results_json).read_text())
-    if (_trained_plan(results.get("plan")) != _trained_plan(json.loads(config_json(plan)))
-            or results.get("corpus") != corpus_summary(data, plan.units)):
-        print(f"recipe: {results_json} was made under another plan or corpus; its runs are not restored")
-        return []
     restored = []
-    for record in results.get("runs", []):
-        protocol, seed = _BY_NAME.get(record.get("protocol")), record.get("seed")
-        if protocol is None or not isinstance(seed, int):
-            raise ValueError(f"{results_json}: a run record names protocol {record.get('protocol')!r}, seed "
-                             f"{seed!r}; expected one of {list(_BY_NAME)} and an integer seed")
+    for (protocol, seed), record in _recorded_runs(plan, data, results_json).items():
         out = run_dir(runs, protocol.name, seed)
         if (out / "result.json").is_file():
             continue
@@ -587,16 +599,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true")
 
 
-def _status(plan: RecipePlan, runs: Path, todo: Sequence[Tuple[Protocol, int]]) -> str:
-    lines = []
+def _status(plan: RecipePlan, runs: Path, todo: Sequence[Tuple[Protocol, int]],
+            recorded: Optional[Dict[Tuple[Protocol, int], Dict]] = None) -> str:
+    """A line per run: done, to measure again, started, to do, or recorded (in the committed
+    results only, e.g. in a fresh clone: the next run restores it instead of training it)."""
+    lines, recorded, restorable = [], recorded or {}, False
     for protocol, seed in todo:
         out = run_dir(runs, protocol.name, seed)
         result = out / "result.json"
-        if result.is_file():
-            state = "to measure again" if any(_stale(plan, json.loads(result.read_text()))) else "done"
+        if result.is_file() or (protocol, seed) in recorded:
+            record = json.loads(result.read_text()) if result.is_file() else recorded[protocol, seed]
+            state = "to measure again" if any(_stale(plan, record)) else "done"
+            restorable |= not result.is_file()
+            state = state if result.is_file() else f"recorded, {state}"
         else:
             state = "started" if find_checkpoint(out, "last") is not None else "to do"
-        lines.append(f"{protocol.name:<20} seed {seed}  {plan.epochs(protocol):>3} epochs  {state:<16} {protocol.why}")
+        lines.append(f"{protocol.name:<20} seed {seed}  {plan.epochs(protocol):>3} epochs  {state:<24} {protocol.why}")
+    if restorable:
+        lines.append("recorded: in the committed results only; the next run restores it instead of training it "
+                     "(its model is rebuilt only when a run to do starts from it or it is measured again)")
     return "\n".join(lines)
 
 
@@ -610,7 +631,7 @@ def run(args: argparse.Namespace) -> int:
     protocols = [_BY_NAME[name] for name in args.protocols] if args.protocols else list(PROTOCOLS)
     todo = list(runs_to_do(args.seeds, protocols))
     if args.status:
-        print(_status(plan, runs, todo))
+        print(_status(plan, runs, todo, _recorded_runs(plan, data, Path(args.results))))
         return 0
     if args.report_only:
         restore_results(plan, data, runs, Path(args.results))

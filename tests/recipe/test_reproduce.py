@@ -12,8 +12,9 @@ from dynenc.asr import load_checkpoint
 from dynenc.config import ModelConfig, config_json, load_config
 from dynenc.methods import method_names
 from dynenc.recipe.language_model import find_lmplz
-from dynenc.recipe.reproduce import (LANGUAGE_MODEL, MASK_FIELDS, PROTOCOLS, Protocol, RecipePlan, _status,
-                                      gather_results, restore_results, run_dir, run_one, timing_stamp, write_report)
+from dynenc.recipe.reproduce import (LANGUAGE_MODEL, MASK_FIELDS, PROTOCOLS, Protocol, RecipePlan, _recorded_runs,
+                                      _status, gather_results, restore_results, run_dir, run_one, timing_stamp,
+                                      write_report)
 from dynenc.recipe.synthesis import synthesize_corpus
 from dynenc.recipe.tokenizer import prepare_units
 
@@ -226,6 +227,13 @@ def test_a_fresh_clone_restores_finished_runs_and_rebuilds_their_models(corpus, 
                  for name in ("static", "layer_drop")}
 
     fresh = tmp_path / "fresh"
+    # Before the next run restores them, --status says the committed results hold them.
+    todo = [(_BY_NAME[name], 0) for name in ("static", "layer_drop", "selector")]
+    status = _status(TINY, fresh, todo, _recorded_runs(TINY, corpus, results)).splitlines()
+    assert [line.split()[0] for line in status[:3]] == ["static", "layer_drop", "selector"]
+    assert "recorded, done" in status[0] and "recorded, done" in status[1] and "to do" in status[2]
+    assert status[3].startswith("recorded: in the committed results only")
+    assert "recorded" not in _status(TINY, fresh, todo)
     assert restore_results(TINY, corpus, fresh, results) == [("static", 0), ("layer_drop", 0)]
     assert restore_results(TINY, corpus, fresh, results) == []  # already there
     assert not (run_dir(fresh, "static", 0) / "model.pt").exists()
