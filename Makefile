@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 TORCH_PINS := torch==2.14.1 torchaudio==2.11.0
 SOURCES := $(wildcard csrc/*.cpp csrc/*.h) setup.py pyproject.toml
 
-.PHONY: install test bench speech-engines kenlm recipe recipe-v2 clean gpu-check
+.PHONY: install test bench speech-engines kenlm recipe recipe-v2 recipe-bpe256 clean gpu-check
 
 # Re-run when the Makefile (its package list) changes, so an existing .venv gets new packages.
 $(VENV)/.deps: Makefile
@@ -69,6 +69,14 @@ recipe: install speech-engines kenlm
 recipe-v2: install speech-engines kenlm
 	$(PY) -m dynenc recipe --seeds $(SEEDS) --plan docs/results-v2/plan.json --data data/speech-v2 \
 		--runs runs/recipe-v2 --results docs/results-v2/results.json --report docs/results-v2.md
+
+# Blank skipping nearer its regime: plan v3 with 256 BPE units (fewer tokens per frame, so more
+# blank frames than bpe64 leaves), only the static start and blank skip. A corpus directory
+# holds one set of units: data/speech-bpe256 is data/speech's corpus (same seed, same audio).
+recipe-bpe256: install speech-engines kenlm
+	$(PY) -m dynenc recipe --seeds $(SEEDS) --protocols static blank_skip --plan docs/results-bpe256/plan.json \
+		--data data/speech-bpe256 --runs runs/recipe-bpe256 --results docs/results-bpe256/results.json \
+		--report docs/results-bpe256.md
 
 clean:
 	rm -rf build *.egg-info dynenc/_C*.so
