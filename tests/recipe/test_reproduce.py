@@ -37,9 +37,10 @@ def test_protocols_are_in_dependency_order_and_registered():
     assert len(seen) == len(PROTOCOLS)
 
 
-@pytest.mark.parametrize("report", ["results", "results-v2"])
+@pytest.mark.parametrize("report", ["results", "results-v2", "results-bpe256"])
 def test_committed_plans_load_and_the_defaults_are_the_current_report(report):
-    # docs/results.md is what `make recipe` reproduces; docs/results-v2.md stays reproducible.
+    # docs/results.md is what `make recipe` reproduces; docs/results-v2.md and the bpe256
+    # blank-skip study (make recipe-v2, make recipe-bpe256) stay reproducible.
     docs = Path(__file__).resolve().parents[2] / "docs"
     plan = load_config(RecipePlan, docs / report / "plan.json")
     assert json.loads(config_json(plan)) == json.loads((docs / report / "results.json").read_text())["plan"]
