@@ -311,10 +311,9 @@ def _check_same_config(out: Path, config: TrainConfig) -> None:
     """A run directory belongs to one configuration: resuming it under another plan would mix them."""
     path = out / "run_config.json"
     if path.is_file():
-        started = load_config(TrainConfig, path)
-        if _within_runs(started) != _within_runs(config):
-            changed = [f.name for f in dataclasses.fields(config)
-                       if getattr(_within_runs(started), f.name) != getattr(_within_runs(config), f.name)]
+        started, wanted = _within_runs(load_config(TrainConfig, path)), _within_runs(config)
+        changed = [f.name for f in dataclasses.fields(config) if getattr(started, f.name) != getattr(wanted, f.name)]
+        if changed:
             raise ValueError(f"{out} was started with another configuration ({path}: {', '.join(changed)} "
                              "differ); remove the directory to rerun it under the current plan")
     else:
@@ -607,11 +606,13 @@ def _status(plan: RecipePlan, runs: Path, todo: Sequence[Tuple[Protocol, int]],
     for protocol, seed in todo:
         out = run_dir(runs, protocol.name, seed)
         result = out / "result.json"
-        if result.is_file() or (protocol, seed) in recorded:
-            record = json.loads(result.read_text()) if result.is_file() else recorded[protocol, seed]
-            state = "to measure again" if any(_stale(plan, record)) else "done"
-            restorable |= not result.is_file()
-            state = state if result.is_file() else f"recorded, {state}"
+        if result.is_file():
+            record, where = json.loads(result.read_text()), ""
+        else:
+            record, where = recorded.get((protocol, seed)), "recorded, "
+            restorable |= record is not None
+        if record is not None:
+            state = where + ("to measure again" if any(_stale(plan, record)) else "done")
         else:
             state = "started" if find_checkpoint(out, "last") is not None else "to do"
         lines.append(f"{protocol.name:<20} seed {seed}  {plan.epochs(protocol):>3} epochs  {state:<24} {protocol.why}")
