@@ -5,6 +5,7 @@ C++ ``dynenc._C`` on CPU, Triton ``dynenc.kernels`` on CUDA), ``dynenc.routing``
 routing plans), ``dynenc.model`` (``DynamicConformer``; its layer in ``dynenc.layer``);
 docs/architecture.md has the map.
 """
+
 import torch  # noqa: F401  (the C++ extension needs torch's symbols loaded first)
 
 from . import ops, routing
@@ -13,7 +14,7 @@ from .model import DynamicConformer, EncoderOutput, ExecutedWork
 from .ops import current_backend, use_backend
 from .routing import LayerRoute, PackedBatch, Schedule, VarlenBatch, pack
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one place: pyproject.toml reads it (static, without importing dynenc)
 
 __all__ = [
     "DynamicConformer",

@@ -1,5 +1,6 @@
 """Crash-safe file writes: a fsynced temp file in the target's directory, then ``os.replace``
 (checkpoints, configs, caches)."""
+
 from __future__ import annotations
 
 import json
@@ -8,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import IO, Callable, Dict
 
-Writer = Callable[[IO[bytes]], None]
+Writer = Callable[[IO[bytes]], object]  # what it returns is ignored
 
 
 def json_writer(obj: object) -> Writer:

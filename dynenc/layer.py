@@ -1,9 +1,10 @@
 """``DynamicConformerLayer``: one Conformer block with torchaudio's submodules and parameter
 names, on packed rows (the encoder's path) or on torchaudio's ``[T, B, D]`` + padding mask;
 its feed-forward and convolution modules, and the norms on packed rows."""
+
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Callable, List, Optional, Tuple, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -74,12 +75,22 @@ def batch_norm_rows(x: Tensor, norm: nn.BatchNorm1d) -> Tensor:
     which torch.compile cannot decide for a data-dependent N."""
     if norm.training or norm.running_mean is None:
         if guard_or_false(x.shape[0] == 1) and norm.training:
-            raise ValueError("BatchNorm1d in training needs more than one active frame in a layer, got one (a layer "
-                             "that runs on a single one-frame sample); drop that mask, use use_group_norm=True, "
-                             "or run in eval mode")
+            raise ValueError(
+                "BatchNorm1d in training needs more than one active frame in a layer, got one (a layer "
+                "that runs on a single one-frame sample); drop that mask, use use_group_norm=True, "
+                "or run in eval mode"
+            )
         return norm(x)
-    return torch.ops.aten._native_batch_norm_legit_no_training(x, norm.weight, norm.bias, norm.running_mean,
-                                                                norm.running_var, 0.0, norm.eps)[0]
+    return torch.ops.aten._native_batch_norm_legit_no_training(
+        x, norm.weight, norm.bias, norm.running_mean, norm.running_var, 0.0, norm.eps
+    )[0]
+
+
+#: What ``_ConvolutionModule.sequential`` holds, for the type checker (to it an ``nn.Sequential``
+#: holds plain Modules): pointwise conv, GLU, depthwise conv, norm, activation, pointwise conv, dropout.
+_ConvParts = Tuple[
+    nn.Conv1d, nn.Module, nn.Conv1d, Union[nn.GroupNorm, nn.BatchNorm1d], nn.Module, nn.Conv1d, nn.Module
+]
 
 
 class _ConvolutionModule(nn.Module):
@@ -94,8 +105,14 @@ class _ConvolutionModule(nn.Module):
         self.sequential = nn.Sequential(
             nn.Conv1d(input_dim, 2 * input_dim, 1, bias=True),
             nn.GLU(dim=1),
-            nn.Conv1d(input_dim, input_dim, depthwise_kernel_size, groups=input_dim, bias=True,
-                      padding=(depthwise_kernel_size - 1) // 2),
+            nn.Conv1d(
+                input_dim,
+                input_dim,
+                depthwise_kernel_size,
+                groups=input_dim,
+                bias=True,
+                padding=(depthwise_kernel_size - 1) // 2,
+            ),
             nn.GroupNorm(num_groups=1, num_channels=input_dim) if use_group_norm else nn.BatchNorm1d(input_dim),
             nn.SiLU(),
             nn.Conv1d(input_dim, input_dim, kernel_size=1, bias=True),
@@ -107,7 +124,7 @@ class _ConvolutionModule(nn.Module):
 
     def after_norm(self, h: Tensor, batch: VarlenBatch) -> Tensor:
         """The module after its LayerNorm, on the normalised rows ``h``."""
-        pointwise1, _, depthwise, norm, activation, pointwise2, dropout = self.sequential
+        pointwise1, _, depthwise, norm, activation, pointwise2, dropout = cast(_ConvParts, self.sequential)
         h = F.glu(F.linear(h, pointwise1.weight.squeeze(-1), pointwise1.bias), dim=-1)
         h = ops.varlen_dwconv1d(h, batch.cu_seqlens, depthwise.weight.squeeze(1), depthwise.bias)
         h = varlen_group_norm(h, batch, norm) if isinstance(norm, nn.GroupNorm) else batch_norm_rows(h, norm)
@@ -117,17 +134,26 @@ class _ConvolutionModule(nn.Module):
 
 def _listened(module: nn.Module) -> bool:
     """Whether calls of ``module`` are observed (its own or global forward hooks)."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or nn.modules.module._global_forward_hooks
-                or nn.modules.module._global_forward_pre_hooks)
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or nn.modules.module._global_forward_hooks
+        or nn.modules.module._global_forward_pre_hooks
+    )
 
 
 def _attention_is_plain(attn: nn.Module) -> bool:
     """True when ``attn`` is an ``nn.MultiheadAttention`` (parametrized or not) whose own
     forward would compute exactly what the fused varlen path computes, and nobody listens to
     its calls (no forward hooks): then the fast path may skip calling it."""
-    return (isinstance(attn, nn.MultiheadAttention) and type(attn).forward is nn.MultiheadAttention.forward
-            and attn._qkv_same_embed_dim and attn.bias_k is None and not attn.add_zero_attn
-            and not _listened(attn))
+    return (
+        isinstance(attn, nn.MultiheadAttention)
+        and type(attn).forward is nn.MultiheadAttention.forward
+        and attn._qkv_same_embed_dim
+        and attn.bias_k is None
+        and not attn.add_zero_attn
+        and not _listened(attn)
+    )
 
 
 def _plain_layer_norm(norm: nn.Module, x: Tensor, out: Tensor) -> Optional[nn.LayerNorm]:
@@ -136,8 +162,12 @@ def _plain_layer_norm(norm: nn.Module, x: Tensor, out: Tensor) -> Optional[nn.La
     (parametrized or not) over x's last dim with its own forward, nobody listening to its
     calls (no forward hooks), and one dtype for the stream, the block output and the affine
     parameters (or autocast, which the op follows); else None (call it as a module)."""
-    if not (isinstance(norm, nn.LayerNorm) and type(norm).forward is nn.LayerNorm.forward
-            and tuple(norm.normalized_shape) == (x.shape[-1],) and not _listened(norm)):
+    if not (
+        isinstance(norm, nn.LayerNorm)
+        and type(norm).forward is nn.LayerNorm.forward
+        and tuple(norm.normalized_shape) == (x.shape[-1],)
+        and not _listened(norm)
+    ):
         return None
     params = [p for p in (norm.weight, norm.bias) if p is not None]
     if all(t.dtype == x.dtype for t in (out, *params)) or torch.is_autocast_enabled(x.device.type):
@@ -151,12 +181,17 @@ def _block_norm(block: nn.Module, x: Tensor, out: Tensor) -> Optional[nn.LayerNo
     too (``ops.add_layer_norm``) and the block then run from its normalised input
     (``after_norm``): the block keeps its own forward, nobody listens to its calls and the
     norm is plain (:func:`_plain_layer_norm`). None: call the block as a module."""
-    if type(block) in (_FeedForwardModule, _ConvolutionModule):
+    if type(block) is _FeedForwardModule or type(block) is _ConvolutionModule:
         if _listened(block):
             return None
-        norm = block.sequential[0] if type(block) is _FeedForwardModule else block.layer_norm
+        norm = block.sequential[0] if isinstance(block, _FeedForwardModule) else block.layer_norm
         return _plain_layer_norm(norm, x, out)
     return _plain_layer_norm(block, x, out)
+
+
+#: A residual block of :meth:`DynamicConformerLayer._forward_packed`: (the module that starts with
+#: its LayerNorm, the block on x, the block after its LayerNorm, residual scale).
+_Block = Tuple[nn.Module, Callable[[Tensor], Tensor], Callable[[Tensor], Tensor], float]
 
 
 class DynamicConformerLayer(nn.Module):
@@ -184,8 +219,16 @@ class DynamicConformerLayer(nn.Module):
     hooked norm (or module) is called as a module instead.
     """
 
-    def __init__(self, input_dim: int, ffn_dim: int, num_attention_heads: int, depthwise_conv_kernel_size: int,
-                 dropout: float = 0.0, use_group_norm: bool = False, convolution_first: bool = False) -> None:
+    def __init__(
+        self,
+        input_dim: int,
+        ffn_dim: int,
+        num_attention_heads: int,
+        depthwise_conv_kernel_size: int,
+        dropout: float = 0.0,
+        use_group_norm: bool = False,
+        convolution_first: bool = False,
+    ) -> None:
         super().__init__()
         self.ffn1 = _FeedForwardModule(input_dim, ffn_dim, dropout=dropout)
         self.self_attn_layer_norm = nn.LayerNorm(input_dim)
@@ -214,8 +257,9 @@ class DynamicConformerLayer(nn.Module):
         # An empty sequence keeps one (zero) key so no softmax row is fully masked (NaN); its
         # output is never read back.
         key_padding_mask = ~valid_frames(batch.lengths.clamp_min(1), frames)
-        out = self.self_attn(query=padded, key=padded, value=padded, key_padding_mask=key_padding_mask,
-                             need_weights=False)[0]
+        out = self.self_attn(
+            query=padded, key=padded, value=padded, key_padding_mask=key_padding_mask, need_weights=False
+        )[0]
         return ops.gather_rows(out.transpose(0, 1).reshape(num_seqs * frames, dim), positions)
 
     def forward(self, input: Tensor, key_padding_mask: Union[Optional[Tensor], VarlenBatch]) -> Tensor:
@@ -228,15 +272,19 @@ class DynamicConformerLayer(nn.Module):
         if key_padding_mask is None:
             lengths = torch.full((batch_size,), frames, dtype=torch.int64, device=input.device)
         else:
-            validation.check_tensor("key_padding_mask", key_padding_mask, dim=2, layout="[B, T]",
-                                    dtypes=(torch.bool,), device=input.device)
+            validation.check_tensor(
+                "key_padding_mask", key_padding_mask, dim=2, layout="[B, T]", dtypes=(torch.bool,), device=input.device
+            )
             if tuple(key_padding_mask.shape) != (batch_size, frames):
-                raise ValueError(f"key_padding_mask must have shape ({batch_size}, {frames}), got "
-                                 f"{tuple(key_padding_mask.shape)}")
+                raise ValueError(
+                    f"key_padding_mask must have shape ({batch_size}, {frames}), got {tuple(key_padding_mask.shape)}"
+                )
             lengths = frames - key_padding_mask.sum(1)
             if not torch.equal(key_padding_mask, ~valid_frames(lengths, frames)):
-                raise ValueError("key_padding_mask must mark padding at the end of each sequence (True from its "
-                                 "length on), as torchaudio's Conformer builds it")
+                raise ValueError(
+                    "key_padding_mask must mark padding at the end of each sequence (True from its "
+                    "length on), as torchaudio's Conformer builds it"
+                )
         packed = pack(input.transpose(0, 1), lengths)
         return packed.unpack(self._forward_packed(packed.x, packed.batch)).transpose(0, 1)
 
@@ -251,13 +299,23 @@ class DynamicConformerLayer(nn.Module):
         # plain (_block_norm), both are one op (ops.add_layer_norm) and the next block starts
         # from its output h.
         attn_norm = self.self_attn_layer_norm
-        ffn1 = (self.ffn1, self.ffn1, self.ffn1.after_norm, 0.5)
-        conv = (self.conv_module, lambda x: self.conv_module(x, batch),
-                lambda h: self.conv_module.after_norm(h, batch), 1.0)
-        attention = (attn_norm, lambda x: self._attention_block(attn_norm(x), batch),
-                     lambda h: self._attention_block(h, batch), 1.0)
-        ffn2 = (self.ffn2, self.ffn2, self.ffn2.after_norm, 0.5)
-        blocks = [ffn1, conv, attention, ffn2] if self.convolution_first else [ffn1, attention, conv, ffn2]
+        ffn1: _Block = (self.ffn1, self.ffn1, self.ffn1.after_norm, 0.5)
+        conv: _Block = (
+            self.conv_module,
+            lambda x: self.conv_module(x, batch),
+            lambda h: self.conv_module.after_norm(h, batch),
+            1.0,
+        )
+        attention: _Block = (
+            attn_norm,
+            lambda x: self._attention_block(attn_norm(x), batch),
+            lambda h: self._attention_block(h, batch),
+            1.0,
+        )
+        ffn2: _Block = (self.ffn2, self.ffn2, self.ffn2.after_norm, 0.5)
+        blocks: List[_Block] = (
+            [ffn1, conv, attention, ffn2] if self.convolution_first else [ffn1, attention, conv, ffn2]
+        )
         h: Optional[Tensor] = None
         for i, (_, block, after_norm, alpha) in enumerate(blocks):
             out = block(x) if h is None else after_norm(h)

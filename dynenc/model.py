@@ -2,16 +2,17 @@
 per-frame depth.
 
 Submodule and parameter names are those of ``torchaudio.models.Conformer`` so its state
-dict loads with ``strict=True`` (the layer: :mod:`dynenc.layer`). Inside, every layer runs on the packed ``[N, D]`` rows of
-the samples/frames its route selects; skipped (sample, layer) pairs, padded frames and
-dropped frames are never computed.
+dict loads with ``strict=True`` (the layer: :mod:`dynenc.layer`). Inside, every layer runs on
+the packed ``[N, D]`` rows of the samples/frames its route selects; skipped (sample, layer)
+pairs, padded frames and dropped frames are never computed.
 """
+
 from __future__ import annotations
 
 import contextlib
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Protocol, Tuple
+from typing import Any, Dict, List, Optional, Protocol, Tuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -19,10 +20,9 @@ from torch.fx.experimental.symbolic_shapes import guard_or_false
 from torch.utils.checkpoint import checkpoint
 
 from . import ops, validation
-from .padded import PaddedConformer
 from .layer import DynamicConformerLayer
-from .routing import HostSizes, LayerRoute, PackedBatch, Schedule, VarlenBatch, pack, row_depth
-
+from .padded import PaddedConformer
+from .routing import HostSizes, LayerRoute, PackedBatch, Schedule, VarlenBatch, pack, read_host_inputs, row_depth
 
 SKIP_MODES = ("identity", "final_norm")
 
@@ -106,16 +106,21 @@ def _batch_norm_stats_frozen(module: nn.Module):
     checkpointing) and for a layer called on zero rows, which must not count as a batch.
     (Momentum 0 rather than ``track_running_stats=False``: the recomputation must save the
     same tensors as the forward.)"""
-    norms = [(m, m.momentum, m.num_batches_tracked.clone()) for m in module.modules()
-             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    for norm, _, _ in norms:
+    norms = [
+        (m, m.momentum, m.num_batches_tracked, m.num_batches_tracked.clone())
+        for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        and m.track_running_stats
+        and m.num_batches_tracked is not None
+    ]
+    for norm, _, _, _ in norms:
         norm.momentum = 0.0
     try:
         yield
     finally:
-        for norm, momentum, counter in norms:
+        for norm, momentum, tracked, counter in norms:
             norm.momentum = momentum
-            norm.num_batches_tracked.copy_(counter)
+            tracked.copy_(counter)
 
 
 class DynamicConformer(nn.Module):
@@ -148,14 +153,28 @@ class DynamicConformer(nn.Module):
     gradient buckets) whatever its masks; see :meth:`_run_layer`.
     """
 
-    def __init__(self, input_dim: int, num_heads: int, ffn_dim: int, num_layers: int, depthwise_conv_kernel_size: int,
-                 dropout: float = 0.0, use_group_norm: bool = False, convolution_first: bool = False,
-                 skip_mode: str = "identity", checkpoint_layers: bool = False) -> None:
+    def __init__(
+        self,
+        input_dim: int,
+        num_heads: int,
+        ffn_dim: int,
+        num_layers: int,
+        depthwise_conv_kernel_size: int,
+        dropout: float = 0.0,
+        use_group_norm: bool = False,
+        convolution_first: bool = False,
+        skip_mode: str = "identity",
+        checkpoint_layers: bool = False,
+    ) -> None:
         super().__init__()
         if skip_mode not in SKIP_MODES:
             raise ValueError(f"skip_mode must be one of {SKIP_MODES}, got {skip_mode!r}")
-        for name, value in (("input_dim", input_dim), ("num_heads", num_heads), ("ffn_dim", ffn_dim),
-                            ("depthwise_conv_kernel_size", depthwise_conv_kernel_size)):
+        for name, value in (
+            ("input_dim", input_dim),
+            ("num_heads", num_heads),
+            ("ffn_dim", ffn_dim),
+            ("depthwise_conv_kernel_size", depthwise_conv_kernel_size),
+        ):
             validation.check_int(name, value, low=1)
         validation.check_int("num_layers", num_layers, low=0)
         if not 0.0 <= dropout < 1.0:
@@ -169,13 +188,20 @@ class DynamicConformer(nn.Module):
         self.skip_mode = skip_mode
         self.checkpoint_layers = checkpoint_layers
         self.conformer_layers = nn.ModuleList(
-            DynamicConformerLayer(input_dim, ffn_dim, num_heads, depthwise_conv_kernel_size, dropout=dropout,
-                                  use_group_norm=use_group_norm, convolution_first=convolution_first)
+            DynamicConformerLayer(
+                input_dim,
+                ffn_dim,
+                num_heads,
+                depthwise_conv_kernel_size,
+                dropout=dropout,
+                use_group_norm=use_group_norm,
+                convolution_first=convolution_first,
+            )
             for _ in range(num_layers)
         )
 
     @classmethod
-    def from_torchaudio(cls, model: nn.Module) -> "DynamicConformer":
+    def from_torchaudio(cls, model: nn.Module) -> DynamicConformer:
         """A DynamicConformer with the configuration and weights of a ``torchaudio.models.Conformer``.
 
         Every layer is compared with a freshly built torchaudio ``ConformerLayer`` of the
@@ -188,13 +214,16 @@ class DynamicConformer(nn.Module):
 
         layers = getattr(model, "conformer_layers", None)
         if not isinstance(model, nn.Module) or not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-            raise TypeError(f"model must be a torchaudio.models.Conformer (a module with a non-empty "
-                            f"conformer_layers ModuleList), got {type(model).__name__}")
+            raise TypeError(
+                f"model must be a torchaudio.models.Conformer (a module with a non-empty "
+                f"conformer_layers ModuleList), got {type(model).__name__}"
+            )
         extra = sorted(name for name, _ in model.named_children() if name != "conformer_layers")
         if extra:
-            raise ValueError(f"model has submodules {extra} besides conformer_layers, which a DynamicConformer "
-                             "does not have")
-        first = layers[0]
+            raise ValueError(
+                f"model has submodules {extra} besides conformer_layers, which a DynamicConformer does not have"
+            )
+        first: Any = layers[0]  # duck-typed as a torchaudio ConformerLayer (its structure is checked below)
         try:
             config = dict(
                 input_dim=first.self_attn.embed_dim,
@@ -215,8 +244,10 @@ class DynamicConformer(nn.Module):
             for (name, want), (got_name, got) in zip(expected, found):
                 if (name, want) != (got_name, got):
                     got = got if got_name == name else f"submodule {got_name!r} {got}"
-                    raise ValueError(f"model.conformer_layers[{i}].{name or '(layer)'} differs from what a "
-                                     f"DynamicConformer of layer 0's configuration has: expected {want}, got {got}")
+                    raise ValueError(
+                        f"model.conformer_layers[{i}].{name or '(layer)'} differs from what a "
+                        f"DynamicConformer of layer 0's configuration has: expected {want}, got {got}"
+                    )
             if len(found) != len(expected):
                 raise ValueError(f"model.conformer_layers[{i}] has {len(found)} submodules, expected {len(expected)}")
         dynamic = cls(**config)
@@ -226,12 +257,23 @@ class DynamicConformer(nn.Module):
         return dynamic
 
     def _weight_dtype(self) -> torch.dtype:
-        return self.conformer_layers[0].final_layer_norm.weight.dtype if self.num_layers else torch.get_default_dtype()
+        if not self.num_layers:
+            return torch.get_default_dtype()
+        return cast(DynamicConformerLayer, self.conformer_layers[0]).final_layer_norm.weight.dtype
 
     # ------------------------------------------------------------------ forward
-    def forward(self, input: Tensor, lengths: Tensor, *, layer_mask: Optional[Tensor] = None,
-                depth: Optional[Tensor] = None, gates: Optional[Tensor] = None,
-                policy: Optional[RoutingPolicy] = None, return_report: bool = False, return_hidden: bool = False):
+    def forward(
+        self,
+        input: Tensor,
+        lengths: Tensor,
+        *,
+        layer_mask: Optional[Tensor] = None,
+        depth: Optional[Tensor] = None,
+        gates: Optional[Tensor] = None,
+        policy: Optional[RoutingPolicy] = None,
+        return_report: bool = False,
+        return_hidden: bool = False,
+    ):
         """Encode a padded batch with per-sample / per-frame depth.
 
         Args:
@@ -252,13 +294,19 @@ class DynamicConformer(nn.Module):
             :class:`EncoderOutput` when ``return_report``.
         """
         if torch.jit.is_tracing():
-            return self._traced_forward(input, lengths, layer_mask, depth, gates, policy, return_report or return_hidden)
-        # The forward's one host sync (outside torch.compile; a policy's decisions add their
-        # own): it reads lengths, depth and layer_mask, which size the packing and the routes.
-        frames, host = validation.check_encoder_inputs(input, lengths, self.input_dim, self.num_layers,
-                                                       self._weight_dtype(), layer_mask, depth, gates, policy)
-        sizes = None if host is None else HostSizes.from_inputs(host.lengths, self.num_layers, host.depth,
-                                                                host.layer_mask)
+            return self._traced_forward(
+                input, lengths, layer_mask, depth, gates, policy, return_report or return_hidden
+            )
+        frames = validation.check_encoder_inputs(
+            input, lengths, self.input_dim, self.num_layers, self._weight_dtype(), layer_mask, depth, gates, policy
+        )
+        sizes = None  # while compiling: the plan reads its sizes as data-dependent ints
+        if not torch.compiler.is_compiling():
+            # The forward's one host sync (a policy's decisions add their own): lengths, depth
+            # and layer_mask, which size the packing and the routes, checked on the host copies.
+            host = read_host_inputs(frames, depth, layer_mask)
+            validation.check_host_ranges(host.lengths, host.depth, input.shape[1], self.num_layers)
+            sizes = HostSizes.from_inputs(host.lengths, self.num_layers, host.depth, host.layer_mask)
         # Every index and cu_seqlens below is built here, right by construction: the CUDA ops
         # skip their value checks (a host sync each). Not entered while compiling: a compiled
         # graph calls the ops from outside this frame, and there the checks run.
@@ -292,12 +340,19 @@ class DynamicConformer(nn.Module):
         """Under ``torch.jit.trace``: the padded twin, whose trace holds for other lengths and
         batch sizes (the packed path's sizes are data-dependent and would be frozen)."""
         if any(arg is not None and arg is not False for arg in routing_and_report):
-            raise ValueError("torch.jit.trace supports forward(input, lengths) at full depth only; for a fixed budget "
-                             "trace dynenc.padded.PaddedConformer(model, layers=...), for routing use torch.export")
+            raise ValueError(
+                "torch.jit.trace supports forward(input, lengths) at full depth only; for a fixed budget "
+                "trace dynenc.padded.PaddedConformer(model, layers=...), for routing use torch.export"
+            )
         return PaddedConformer(self).eval()(input, lengths)
 
-    def forward_packed(self, x: Tensor, schedule: Schedule, policy: Optional[RoutingPolicy] = None,
-                       hidden: Optional[List[Tensor]] = None):
+    def forward_packed(
+        self,
+        x: Tensor,
+        schedule: Schedule,
+        policy: Optional[RoutingPolicy] = None,
+        hidden: Optional[List[Tensor]] = None,
+    ):
         """Run the layers on packed rows ``x [N, D]`` under ``schedule``; returns
         ``(x [N, D], routes, decisions)`` where ``routes[l]`` is the route layer l executed
         and ``decisions[l]`` the policy's decision after layer l. When ``hidden`` is a list,
@@ -307,12 +362,13 @@ class DynamicConformer(nn.Module):
         decisions: Dict[int, Any] = {}
         for layer_id, layer in enumerate(self.conformer_layers):
             with torch.profiler.record_function(f"dynenc.layer{layer_id}"):
-                x = self._run_layer(layer, x, routes[layer_id])
+                # routes(0), and each decision's routes(l + 1) after l, fill every layer's entry: no None.
+                x = self._run_layer(cast(DynamicConformerLayer, layer), x, cast(LayerRoute, routes[layer_id]))
             if hidden is not None:
                 hidden.append(x)
-            if layer_id in decision_layers and layer_id + 1 < self.num_layers:
+            if policy is not None and layer_id in decision_layers and layer_id + 1 < self.num_layers:
                 schedule, decisions[layer_id] = policy.decide(layer_id, x, schedule)
-                routes[layer_id + 1:] = schedule.routes(layer_id + 1)[layer_id + 1:]
+                routes[layer_id + 1 :] = schedule.routes(layer_id + 1)[layer_id + 1 :]
         return x, routes, decisions
 
     def _run_layer(self, layer: DynamicConformerLayer, x: Tensor, route: LayerRoute) -> Tensor:
@@ -324,9 +380,11 @@ class DynamicConformer(nn.Module):
         # What a skipped row becomes, and what a gate interpolates from (see skip_mode).
         if self.skip_mode == "final_norm":
             if _is_fully_sharded(layer):
-                raise ValueError("skip_mode='final_norm' is not supported with a layer sharded by fully_shard: the "
-                                 "skipped rows' LayerNorm would read the layer's sharded parameters outside its "
-                                 "forward; use skip_mode='identity' or shard the whole model as one unit")
+                raise ValueError(
+                    "skip_mode='final_norm' is not supported with a layer sharded by fully_shard: the "
+                    "skipped rows' LayerNorm would read the layer's sharded parameters outside its "
+                    "forward; use skip_mode='identity' or shard the whole model as one unit"
+                )
             base = layer.final_layer_norm(x)
         else:
             base = x
@@ -348,8 +406,13 @@ class DynamicConformer(nn.Module):
         """``layer(rows [M, D], batch)``, recomputed in the backward when ``checkpoint_layers``."""
         if not (self.checkpoint_layers and self.training and torch.is_grad_enabled()):
             return layer(rows, batch)
-        return checkpoint(layer, rows, batch, use_reentrant=False,
-                          context_fn=lambda: (contextlib.nullcontext(), _batch_norm_stats_frozen(layer)))
+        return checkpoint(
+            layer,
+            rows,
+            batch,
+            use_reentrant=False,
+            context_fn=lambda: (contextlib.nullcontext(), _batch_norm_stats_frozen(layer)),
+        )
 
     # ------------------------------------------------------------------ accounting
     def layer_flops(self, tokens: int, sum_sq_lengths: float) -> float:
@@ -364,8 +427,10 @@ class DynamicConformer(nn.Module):
         device = packed.x.device
         depth_rows = row_depth(routes, packed.batch.num_rows, device)
         frame_depth = packed.unpack(depth_rows.unsqueeze(1).double()).squeeze(2).long()
-        sum_sq = torch.stack([(r.batch.lengths.double() ** 2).sum() for r in routes if r is not None and r.num_rows > 0]
-                             or [torch.zeros((), dtype=torch.float64, device=device)])
+        sum_sq = torch.stack(
+            [(r.batch.lengths.double() ** 2).sum() for r in routes if r is not None and r.num_rows > 0]
+            or [torch.zeros((), dtype=torch.float64, device=device)]
+        )
         tokens = [0 if r is None else r.num_rows for r in routes]
         flops = sum(self.layer_flops(t, s) for t, s in zip([t for t in tokens if t > 0], sum_sq.tolist()))
         return ExecutedWork(tokens, packed.batch.num_rows, self.num_layers, frame_depth.amax(1), frame_depth, flops)

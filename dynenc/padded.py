@@ -16,23 +16,29 @@ Example::
     >>> scripted = torch.jit.script(encoder)            # scripts PaddedConformer(encoder)
     >>> budget = PaddedConformer(encoder, layers=[1, 3, 5, 7]).eval()   # 4 of 8 layers
 """
+
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Optional, Sequence, Tuple, cast
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:  # annotations only: model.py imports this module
+    from .layer import DynamicConformerLayer, _ConvolutionModule, _ConvParts
+    from .model import DynamicConformer
 
 
 class PaddedConvolution(nn.Module):
     """The convolution module of a layer on ``[T, B, D]`` with padded frames zeroed before the
     depthwise conv (the per-sequence zero padding of the packed op)."""
 
-    def __init__(self, conv_module: nn.Module) -> None:
+    def __init__(self, conv_module: _ConvolutionModule) -> None:
         super().__init__()
         self.layer_norm = conv_module.layer_norm
-        self.pointwise1, self.glu, self.depthwise, self.norm, self.activation, self.pointwise2, self.dropout = (
-            conv_module.sequential)
+        self.pointwise1, self.glu, self.depthwise, self.norm, self.activation, self.pointwise2, self.dropout = cast(
+            "_ConvParts", conv_module.sequential
+        )
         self.group_norm = isinstance(self.norm, nn.GroupNorm)
 
     def forward(self, x: Tensor, valid: Tensor) -> Tensor:
@@ -58,7 +64,7 @@ class PaddedLayer(nn.Module):
     """One Conformer block on ``[T, B, D]`` (torchaudio's ``ConformerLayer`` computation with
     the leak-free convolution above); ``runs=False`` makes it a skipped layer."""
 
-    def __init__(self, layer: nn.Module, runs: bool, skip_mode: str) -> None:
+    def __init__(self, layer: DynamicConformerLayer, runs: bool, skip_mode: str) -> None:
         super().__init__()
         self.ffn1, self.ffn2 = layer.ffn1, layer.ffn2
         self.self_attn_layer_norm, self.self_attn = layer.self_attn_layer_norm, layer.self_attn
@@ -90,8 +96,13 @@ class PaddedConformer(nn.Module):
     ``start..stop - 1`` (all by default; a span serves an export that stops at an exit). Layers
     that neither run nor apply a skip norm are left out of the module. Inference only."""
 
-    def __init__(self, encoder: nn.Module, layers: Optional[Sequence[int]] = None, start: int = 0,
-                 stop: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        encoder: DynamicConformer,
+        layers: Optional[Sequence[int]] = None,
+        start: int = 0,
+        stop: Optional[int] = None,
+    ) -> None:
         super().__init__()
         num_layers = len(encoder.conformer_layers)
         runs = set(range(num_layers)) if layers is None else set(layers)
@@ -102,8 +113,10 @@ class PaddedConformer(nn.Module):
             raise ValueError(f"start and stop must satisfy 0 <= start <= stop <= {num_layers}, got {start}, {stop}")
         skip_norm = encoder.skip_mode == "final_norm"
         self.conformer_layers = nn.ModuleList(
-            PaddedLayer(layer, i in runs, encoder.skip_mode) for i, layer in enumerate(encoder.conformer_layers)
-            if start <= i < stop and (i in runs or skip_norm))
+            PaddedLayer(cast("DynamicConformerLayer", layer), i in runs, encoder.skip_mode)
+            for i, layer in enumerate(encoder.conformer_layers)
+            if start <= i < stop and (i in runs or skip_norm)
+        )
 
     def forward(self, input: Tensor, lengths: Tensor) -> Tuple[Tensor, Tensor]:
         if self.training:
@@ -117,4 +130,3 @@ class PaddedConformer(nn.Module):
         for layer in self.conformer_layers:
             x = layer(x, key_padding_mask, valid)
         return (x * valid).transpose(0, 1), lengths
-

@@ -5,6 +5,7 @@ Prints the top ops (``key_averages``) and the dynenc entries — the ``dynenc::`
 and the ``dynenc.plan`` / ``dynenc.layer{i}`` / ... ``record_function`` ranges — and writes a
 Chrome trace (open it in ``chrome://tracing`` or https://ui.perfetto.dev).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,22 +28,36 @@ SIZES = MODEL_SIZES + ("batch", "frames")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = BenchConfig()
     add_size_arguments(parser, SIZES, lambda name: f"default {size_of(defaults, name)}")
-    parser.add_argument("--keep", type=float, default=0.5,
-                        help="fraction of layers each sample keeps (its own random subset); default 0.5")
+    parser.add_argument(
+        "--keep",
+        type=float,
+        default=0.5,
+        help="fraction of layers each sample keeps (its own random subset); default 0.5",
+    )
     parser.add_argument("--backward", action="store_true", help="profile forward + backward (training mode)")
     parser.add_argument("--backend", choices=("native", "reference"), default="native", help="dynenc op backend")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="device (default: cuda when available, else cpu)")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="device (default: cuda when available, else cpu)",
+    )
     parser.add_argument("--row-limit", type=int, default=25, help="rows of the top-ops table (default 25)")
-    parser.add_argument("--out", type=Path, default=Path("out/profile/trace.json"),
-                        help="Chrome trace path (default out/profile/trace.json)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("out/profile/trace.json"),
+        help="Chrome trace path (default out/profile/trace.json)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seeds the weights, inputs and masks (default 0)")
 
 
 def dynenc_entries(events, sort_key: str) -> list:
     """The profiler averages of dynenc ops (``dynenc::*``) and ranges (``dynenc.*``)."""
-    return sorted((e for e in events if e.key.startswith(("dynenc::", "dynenc."))),
-                  key=lambda e: getattr(e, sort_key), reverse=True)
+    return sorted(
+        (e for e in events if e.key.startswith(("dynenc::", "dynenc."))),
+        key=lambda e: getattr(e, sort_key),
+        reverse=True,
+    )
 
 
 def format_entries(entries: Sequence, device_time: bool) -> str:
@@ -89,9 +104,11 @@ def run(args: argparse.Namespace) -> int:
     events = prof.key_averages()
     mode = "forward + backward" if args.backward else "forward"
     model_config = config.model
-    print(f"dynenc profile: {mode}, backend {args.backend}, {device}; D={model_config.dim} "
-          f"L={model_config.num_layers} B={config.batch} T={config.frames}, each sample keeps {args.keep:.0%} of the "
-          f"layers ({int(mask.sum())} of {mask.numel()} (sample, layer) pairs)")
+    print(
+        f"dynenc profile: {mode}, backend {args.backend}, {device}; D={model_config.dim} "
+        f"L={model_config.num_layers} B={config.batch} T={config.frames}, each sample keeps {args.keep:.0%} of the "
+        f"layers ({int(mask.sum())} of {mask.numel()} (sample, layer) pairs)"
+    )
     print(events.table(sort_by=sort_key, row_limit=args.row_limit))
     print("dynenc ops and ranges:")
     print(format_entries(dynenc_entries(events, "device_time_total" if on_device else "cpu_time_total"), on_device))

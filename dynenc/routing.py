@@ -9,13 +9,14 @@ Routes are computed on the device with one host sync per decision point (to lear
 sizes of the active sets), none when their :class:`HostSizes` are known from the forward's
 one read of its inputs.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import itertools
 import math
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -58,14 +59,19 @@ class VarlenBatch:
         sample = seq if order is None else order.index_select(0, seq)
         return sample * self.max_seqlen + offset_in_seq
 
+    @classmethod
+    def with_seq_ids(cls, cu_seqlens: Tensor, max_seqlen: int, num_rows: int, seq_ids: Tensor) -> VarlenBatch:
+        """A batch whose rows' sequence ids (int64 ``[num_rows]``) its builder already holds, e.g.
+        a route's rows gathered from the full batch's ids: they are not computed again."""
+        batch = cls(cu_seqlens, max_seqlen, num_rows)
+        batch._seq_ids = seq_ids
+        return batch
+
     @property
     def seq_ids(self) -> Tensor:
-        """int64 ``[num_rows]``: the sequence each row belongs to."""
+        """int64 ``[num_rows]``: the sequence each row belongs to (computed once)."""
         if self._seq_ids is None:
-            num_seqs = self.num_seqs
-            self._seq_ids = torch.repeat_interleave(
-                torch.arange(num_seqs, device=self.cu_seqlens.device), self.lengths, output_size=self.num_rows
-            )
+            self._seq_ids = ops.rows.sequence_ids(self.cu_seqlens, self.num_rows)
         return self._seq_ids
 
 
@@ -109,7 +115,7 @@ def pack(input: Tensor, lengths: Tensor, order: Optional[Tensor] = None, num_row
     lengths = lengths.to(torch.int64)
     packed_lengths = lengths if order is None else lengths.index_select(0, order)
     if num_rows is None:
-        num_rows = lengths.sum().item()
+        num_rows = cast(int, lengths.sum().item())  # an int64 sum: int (a SymInt under torch.compile)
     torch._check(num_rows >= 0)
     cu_seqlens = F.pad(packed_lengths.cumsum(0), (1, 0)).to(torch.int32)
     batch = VarlenBatch(cu_seqlens, max_frames, num_rows)
@@ -135,6 +141,29 @@ class LayerRoute:
         return self.batch.num_rows
 
 
+class HostInputs(NamedTuple):
+    """Host copies of ``DynamicConformer.forward``'s integer inputs, read in its one sync: valid
+    frames per sample, depth per sample (or None) and layer_mask rows as 0/1 (or None)."""
+
+    lengths: List[int]
+    depth: Optional[List[int]]
+    layer_mask: Optional[List[List[int]]]
+
+
+def read_host_inputs(frames: Tensor, depth: Optional[Tensor] = None, layer_mask: Optional[Tensor] = None) -> HostInputs:
+    """The forward's one host sync: ``frames`` int64 ``[B]``, ``depth`` ``[B]`` and ``layer_mask``
+    ``[B, L]`` read together; they size the packing and the routes (:meth:`HostSizes.from_inputs`)."""
+    batch_size = frames.shape[0]
+    parts = [frames] + [t.to(torch.int64).reshape(-1) for t in (depth, layer_mask) if t is not None]
+    values = (torch.cat(parts) if len(parts) > 1 else frames).tolist()
+    rest = values[batch_size:]
+    rows = None
+    if layer_mask is not None:
+        num_layers = layer_mask.shape[1]
+        rows = [rest[b * num_layers : (b + 1) * num_layers] for b in range(batch_size)]
+    return HostInputs(values[:batch_size], rest if depth is not None else None, rows)
+
+
 @dataclass(frozen=True)
 class HostSizes:
     """The sizes of a forward's packing and routing plan, computed on the host from its
@@ -153,8 +182,13 @@ class HostSizes:
     layer_rows: Tuple[int, ...]
 
     @classmethod
-    def from_inputs(cls, lengths: Sequence[int], num_layers: int, depth: Optional[Sequence[int]] = None,
-                    layer_mask: Optional[Sequence[Sequence[int]]] = None) -> "HostSizes":
+    def from_inputs(
+        cls,
+        lengths: Sequence[int],
+        num_layers: int,
+        depth: Optional[Sequence[int]] = None,
+        layer_mask: Optional[Sequence[Sequence[int]]] = None,
+    ) -> HostSizes:
         """From the valid frames per sample and at most one of ``depth`` (per sample) and
         ``layer_mask`` (``[B][L]``, truthy = runs), all host values in original sample order."""
         num_rows, num_seqs = sum(lengths), len(lengths)
@@ -193,7 +227,7 @@ class Schedule:
     gates: Optional[Tensor] = None
     sizes: Optional[HostSizes] = None
 
-    def replace(self, **changes) -> "Schedule":
+    def replace(self, **changes) -> Schedule:
         """A copy with ``changes``; ``sizes`` is dropped (unless given) when what runs changes."""
         if changes.keys() - {"gates", "sizes"}:
             changes.setdefault("sizes", None)
@@ -225,9 +259,8 @@ class Schedule:
             counts = torch.stack([active_seqs, rows], 1).tolist()  # one host sync for every layer
         routes = []
         for layer, (num_seqs, num_rows) in zip(layers, counts):
-            sub = VarlenBatch(full.cu_seqlens[: num_seqs + 1], full.max_seqlen, num_rows)
             seq_ids = full.seq_ids[:num_rows]
-            sub._seq_ids = seq_ids
+            sub = VarlenBatch.with_seq_ids(full.cu_seqlens[: num_seqs + 1], full.max_seqlen, num_rows, seq_ids)
             routes.append(LayerRoute(None, sub, self._gate(layer, seq_ids)))
         return routes
 
@@ -249,9 +282,8 @@ class Schedule:
         routes = []
         for i in range(num_layers):
             index = indices[bounds[i] : bounds[i + 1]]
-            sub = VarlenBatch(active_cu[i], full.max_seqlen, bounds[i + 1] - bounds[i])
             seq_ids = all_seq_ids[bounds[i] : bounds[i + 1]]
-            sub._seq_ids = seq_ids
+            sub = VarlenBatch.with_seq_ids(active_cu[i], full.max_seqlen, bounds[i + 1] - bounds[i], seq_ids)
             routes.append(LayerRoute(index, sub, self._gate(start + i, seq_ids)))
         return routes
 

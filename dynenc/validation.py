@@ -9,12 +9,13 @@ and a check that cannot be decided while tracing is left to the kernel's own che
 Checks of tensor *values* (index ranges, ``cu_seqlens`` order) read the tensor on the host;
 they are run where the kernel itself would not catch a bad value.
 """
+
 from __future__ import annotations
 
 import contextlib
 import contextvars
 import math
-from typing import Any, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterator, Optional, Sequence, cast
 
 import torch
 from torch import Tensor
@@ -46,8 +47,14 @@ def _dtype_names(dtypes: Sequence[torch.dtype]) -> str:
     return ", ".join(str(d).replace("torch.", "") for d in dtypes)
 
 
-def check_tensor(name: str, value: Any, dim: Optional[int] = None, layout: str = "",
-                 dtypes: Optional[Sequence[torch.dtype]] = None, device: Optional[torch.device] = None) -> None:
+def check_tensor(
+    name: str,
+    value: Any,
+    dim: Optional[int] = None,
+    layout: str = "",
+    dtypes: Optional[Sequence[torch.dtype]] = None,
+    device: Optional[torch.device] = None,
+) -> None:
     """``value`` is a tensor with ``dim`` dimensions (``layout`` names them), one of
     ``dtypes`` and on ``device``."""
     if not isinstance(value, Tensor):
@@ -83,8 +90,8 @@ def check_index_values(name: str, index: Tensor, num_rows: int, distinct: bool) 
     """Every entry of ``index`` in ``[0, num_rows)`` (and no row twice when ``distinct``). Host sync."""
     if torch.compiler.is_compiling() or index.numel() == 0:
         return
-    low, high = torch.aminmax(index)
-    low, high = int(low), int(high)
+    extrema = torch.aminmax(index)
+    low, high = int(extrema.min), int(extrema.max)
     if low < 0 or high >= num_rows:
         raise ValueError(f"{name} must hold rows in [0, {num_rows}), got values in [{low}, {high}]")
     if distinct and torch.unique(index).numel() != index.numel():
@@ -106,8 +113,10 @@ def check_cu_seqlens_values(cu_seqlens: Tensor, num_rows: int, max_seqlen: Optio
     bounds = cu_seqlens.tolist()
     lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
     if bounds[0] != 0 or any(n < 0 for n in lengths) or bounds[-1] != num_rows:
-        raise ValueError(f"cu_seqlens must start at 0, never decrease and end at the number of rows {num_rows}, "
-                         f"got {bounds if len(bounds) <= 8 else bounds[:4] + ['...'] + bounds[-4:]}")
+        raise ValueError(
+            f"cu_seqlens must start at 0, never decrease and end at the number of rows {num_rows}, "
+            f"got {bounds if len(bounds) <= 8 else bounds[:4] + ['...'] + bounds[-4:]}"
+        )
     if max_seqlen is not None and lengths and max(lengths) > max_seqlen:
         raise ValueError(f"max_seqlen must be >= the longest sequence ({max(lengths)}), got {max_seqlen}")
 
@@ -129,7 +138,7 @@ def check_int(name: str, value: Any, low: Optional[int] = None, high: Optional[i
         raise TypeError(f"{name} must be an int, got {value!r}")
     if guard_or_false((low is not None and value < low) or (high is not None and value > high)):
         raise ValueError(f"{name} must {_bounds(low, high)}, got {value}")
-    return value
+    return cast(int, value)  # a SymInt stands in for an int while tracing
 
 
 def check_device(name: str, device: Any) -> torch.device:
@@ -156,17 +165,23 @@ def _bounds(low: Optional[float], high: Optional[float]) -> str:
     return f"be <= {high}" if low is None else f"lie in [{low}, {high}]"
 
 
+def _constant(message: str) -> Callable[[], str]:
+    """A message callback for ``torch._check`` (bound now, not to a loop variable)."""
+    return lambda: message
+
+
 def check_range(ranges: Sequence[tuple]) -> None:
     """``low <= values <= high`` for each ``(name, values, low, high, high_name)``, with one host
     sync for all of them (a runtime assertion while compiling: the values are data-dependent)."""
     if torch.compiler.is_compiling():
         for name, values, low, high, high_name in ranges:
             message = f"{name} must lie in [{low}, {high_name}={high}]"
-            torch._check(values.min().item() >= low, lambda message=message: message)
-            torch._check(values.max().item() <= high, lambda message=message: message)
+            torch._check(values.min().item() >= low, _constant(message))
+            torch._check(values.max().item() <= high, _constant(message))
         return
-    found = torch.stack([e.to(torch.int64) for _, values, _, _, _ in ranges
-                         for e in (values.min(), values.max())]).tolist()
+    found = torch.stack(
+        [e.to(torch.int64) for _, values, _, _, _ in ranges for e in (values.min(), values.max())]
+    ).tolist()
     for (name, _, low, high, high_name), lo, hi in zip(ranges, found[::2], found[1::2]):
         _check_found_range(name, lo, hi, low, high, high_name)
 
@@ -176,30 +191,29 @@ def _check_found_range(name: str, lo: int, hi: int, low: int, high: int, high_na
         raise ValueError(f"{name} must lie in [{low}, {high_name}={high}], got min {lo} max {hi}")
 
 
-class HostInputs(NamedTuple):
-    """The host copies of ``DynamicConformer.forward``'s integer inputs, read in its one sync:
-    valid frames per sample, depth per sample (or None) and layer_mask rows as 0/1 (or None)."""
-
-    lengths: List[int]
-    depth: Optional[List[int]]
-    layer_mask: Optional[List[List[int]]]
-
-
 def integer_lengths(lengths: Tensor) -> Tensor:
     """int64 valid-frame counts from integer or floating ``lengths``, as torchaudio reads them:
     frame t is valid iff ``t < lengths[b]``, so a floating length counts ``ceil`` frames."""
     return (lengths.ceil() if lengths.is_floating_point() else lengths).to(torch.int64)
 
 
-def check_encoder_inputs(input: Any, lengths: Any, input_dim: int, num_layers: int, weight_dtype: torch.dtype,
-                         layer_mask: Any = None, depth: Any = None, gates: Any = None,
-                         policy: Any = None) -> Tuple[Tensor, Optional[HostInputs]]:
-    """The arguments of ``DynamicConformer.forward`` (see its docstring); one host sync.
+def check_encoder_inputs(
+    input: Any,
+    lengths: Any,
+    input_dim: int,
+    num_layers: int,
+    weight_dtype: torch.dtype,
+    layer_mask: Any = None,
+    depth: Any = None,
+    gates: Any = None,
+    policy: Any = None,
+) -> Tensor:
+    """The arguments of ``DynamicConformer.forward`` (see its docstring): kinds, shapes, dtypes
+    and devices, without reading a value on the host. The value ranges (lengths, depth) are
+    checked by :func:`check_host_ranges` on the values the forward reads anyway
+    (:func:`dynenc.routing.read_host_inputs`), or, while compiling, by runtime assertions.
 
-    Returns the valid-frame counts as int64 ``[B]`` (:func:`integer_lengths`) and the
-    :class:`HostInputs` read in that sync, from which the forward sizes its packing and
-    routing plan without syncing again (None while compiling: the ranges become runtime
-    assertions and the plan reads its sizes as data-dependent ints)."""
+    Returns the valid-frame counts as int64 ``[B]`` (:func:`integer_lengths`)."""
     check_tensor("input", input, dim=3, layout=f"[B, T, {input_dim}]")
     if input.shape[2] != input_dim:
         raise ValueError(f"input must be a [B, T, {input_dim}] tensor, got {tuple(input.shape)}")
@@ -207,8 +221,10 @@ def check_encoder_inputs(input: Any, lengths: Any, input_dim: int, num_layers: i
         raise TypeError(f"input must be a floating-point tensor, got {input.dtype}")
     autocast = input.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(input.device.type)
     if input.dtype != weight_dtype and not autocast:
-        raise TypeError(f"input must have the model's dtype {weight_dtype} (convert it with .to({weight_dtype}) or the "
-                        f"model with .to({input.dtype}), or run under torch.autocast), got {input.dtype}")
+        raise TypeError(
+            f"input must have the model's dtype {weight_dtype} (convert it with .to({weight_dtype}) or the "
+            f"model with .to({input.dtype}), or run under torch.autocast), got {input.dtype}"
+        )
     batch_size, max_frames = input.shape[:2]
     if batch_size == 0 or max_frames == 0:
         raise ValueError(f"input must have at least one sample and one frame, got shape {tuple(input.shape)}")
@@ -222,35 +238,41 @@ def check_encoder_inputs(input: Any, lengths: Any, input_dim: int, num_layers: i
     if layer_mask is not None:
         check_tensor("layer_mask", layer_mask, dtypes=(torch.bool,), device=input.device)
         if tuple(layer_mask.shape) != (batch_size, num_layers):
-            raise ValueError(f"layer_mask must be a bool tensor of shape ({batch_size}, {num_layers}), got "
-                             f"{tuple(layer_mask.shape)}")
+            raise ValueError(
+                f"layer_mask must be a bool tensor of shape ({batch_size}, {num_layers}), got {tuple(layer_mask.shape)}"
+            )
     if depth is not None:
         check_tensor("depth", depth, device=input.device)
         if depth.is_floating_point() or depth.dtype == torch.bool or tuple(depth.shape) != (batch_size,):
-            raise ValueError(f"depth must be an integer tensor of shape ({batch_size},), got {depth.dtype} "
-                             f"{tuple(depth.shape)}")
+            raise ValueError(
+                f"depth must be an integer tensor of shape ({batch_size},), got {depth.dtype} {tuple(depth.shape)}"
+            )
     if gates is not None:
         check_tensor("gates", gates, device=input.device)
         if tuple(gates.shape) != (batch_size, num_layers) or not gates.is_floating_point():
-            raise ValueError(f"gates must be a float tensor of shape ({batch_size}, {num_layers}), got "
-                             f"{gates.dtype} {tuple(gates.shape)}")
-    if policy is not None and not (isinstance(getattr(policy, "decision_layers", None), tuple)
-                                   and callable(getattr(policy, "decide", None))):
-        raise TypeError(f"policy must be a routing policy (a tuple decision_layers and a decide(layer, x, schedule) "
-                        f"method), got {type(policy).__name__}")
+            raise ValueError(
+                f"gates must be a float tensor of shape ({batch_size}, {num_layers}), got "
+                f"{gates.dtype} {tuple(gates.shape)}"
+            )
+    if policy is not None and not (
+        isinstance(getattr(policy, "decision_layers", None), tuple) and callable(getattr(policy, "decide", None))
+    ):
+        raise TypeError(
+            f"policy must be a routing policy (a tuple decision_layers and a decide(layer, x, schedule) "
+            f"method), got {type(policy).__name__}"
+        )
     frames = integer_lengths(lengths)
-    ranges = [("lengths", frames, 0, max_frames, "T")]
-    if depth is not None:
-        ranges.append(("depth", depth, 0, num_layers, "num_layers"))
     if torch.compiler.is_compiling():
+        ranges = [("lengths", frames, 0, max_frames, "T")]
+        if depth is not None:
+            ranges.append(("depth", depth, 0, num_layers, "num_layers"))
         check_range(ranges)
-        return frames, None
-    parts = [frames] + [t.to(torch.int64).reshape(-1) for t in (depth, layer_mask) if t is not None]
-    values = (torch.cat(parts) if len(parts) > 1 else frames).tolist()  # the one host sync
-    rest = values[batch_size:]
-    host = HostInputs(values[:batch_size], rest if depth is not None else None,
-                      [rest[b * num_layers:(b + 1) * num_layers] for b in range(batch_size)]
-                      if layer_mask is not None else None)
-    for (name, _, low, high, high_name), found in zip(ranges, (host.lengths, host.depth)):
-        _check_found_range(name, min(found), max(found), low, high, high_name)
-    return frames, host
+    return frames
+
+
+def check_host_ranges(lengths: Sequence[int], depth: Optional[Sequence[int]], max_frames: int, num_layers: int) -> None:
+    """``0 <= lengths <= T`` and ``0 <= depth <= num_layers`` on host copies of the forward's
+    inputs (no sync of its own)."""
+    _check_found_range("lengths", min(lengths), max(lengths), 0, max_frames, "T")
+    if depth is not None:
+        _check_found_range("depth", min(depth), max(depth), 0, num_layers, "num_layers")

@@ -1,11 +1,11 @@
-"""A tiny hand-written corpus for tests that need a feature split but not espeak-ng: sine
-tones (utterance i lasts 0.3 + 0.1 i s) in the manifest layout of dynenc.recipe.corpus."""
+"""A tiny hand-written corpus for tests that need a data directory but no speech engine: sine
+tones (utterance i lasts 0.3 + 0.1 i s) in the manifest layout of dynenc.asr.manifest."""
 import json
 
 import numpy as np
 import soundfile as sf
 
-from dynenc.recipe.corpus import SAMPLE_RATE
+from dynenc.asr.features import SAMPLE_RATE
 
 
 def tone(index: int, seconds: float) -> np.ndarray:
@@ -30,3 +30,14 @@ def write_tone_corpus(root, texts):
             lines.append(json.dumps({"id": uid, "path": rel, "text": text, "duration": len(audio) / SAMPLE_RATE}))
         (root / f"{split}.jsonl").write_text("".join(line + "\n" for line in lines))
     return root
+
+
+WORDS = ("go", "left", "right", "stop", "turn", "red", "door", "open", "zero", "one", "two", "three")
+
+
+def write_tone_splits(root, num_train, num_dev, num_test):
+    """:func:`write_tone_corpus` with ``num_*`` utterances per split, each transcript two or three
+    of :data:`WORDS` chosen by its index (deterministic)."""
+    def texts(count, offset):
+        return [" ".join(WORDS[(offset + i * k) % len(WORDS)] for k in range(1, 3 + i % 2)) for i in range(count)]
+    return write_tone_corpus(root, {"train": texts(num_train, 0), "dev": texts(num_dev, 5), "test": texts(num_test, 7)})

@@ -1,5 +1,5 @@
 """Checkpoints: ``<name>.pt`` holds state dicts (+ RNG and training state, for a bit-exact
-resume) and ``<name>.json`` beside it the model's :class:`~dynenc.config.ModelConfig`.
+resume) and ``<name>.json`` beside it the model's :class:`~dynenc.asr.ModelConfig`.
 
 Both files are written atomically (a fsynced temp file in the same directory, then
 ``os.replace``), so a crash while saving leaves the previous checkpoint intact. Loading uses
@@ -14,24 +14,27 @@ one is moved aside first and removed after, and read if a crash came between the
 renames). :func:`load_checkpoint` loads either kind into a single-process
 :class:`CTCModel`.
 """
+
 from __future__ import annotations
 
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..config import ModelConfig, config_json, load_config
+from ..config import config_json, load_config
 from ..fileio import atomic_write, fsync_directory
+from .config import ModelConfig
 from .ctc_model import CTCModel
 
 SHARDED_SUFFIX = ".dcp"
 SHARDED_CONFIG = "config.json"
 SHARDED_STATE = "state.pt"
+
 
 def save_checkpoint(path: Path, model: CTCModel, optimizer: Optional[torch.optim.Optimizer] = None, **state) -> None:
     """Save ``model`` (+ ``optimizer`` and any extra ``state``) to ``path`` and its config beside."""
@@ -41,8 +44,12 @@ def save_checkpoint(path: Path, model: CTCModel, optimizer: Optional[torch.optim
     if optimizer is not None:
         payload["optimizer"] = optimizer.state_dict()
     config_text = config_json(model.config)
-    atomic_write({path: lambda file: torch.save(payload, file),
-                  path.with_suffix(".json"): lambda file: file.write(config_text.encode())})
+    atomic_write(
+        {
+            path: lambda file: torch.save(payload, file),
+            path.with_suffix(".json"): lambda file: file.write(config_text.encode()),
+        }
+    )
 
 
 def read_model_config(path: Path) -> ModelConfig:
@@ -72,13 +79,28 @@ def read_payload(path: Path, map_location: str = "cpu", key: Optional[str] = "mo
     return payload
 
 
-def restore_state(module: nn.Module, state: dict, path: Path) -> None:
-    """``module.load_state_dict(state, strict=True)`` naming ``path`` when they do not match."""
+def check_shapes(module: nn.Module, state: dict, path: Path) -> None:
+    """Raise ``ValueError`` naming ``path``, the first entry of ``state`` whose shape differs from
+    ``module``'s entry of that name, and both shapes (entries only one side has are not compared)."""
+    own = module.state_dict()
+    for name, value in state.items():
+        if name in own and hasattr(value, "shape") and tuple(value.shape) != tuple(own[name].shape):
+            raise ValueError(
+                f"checkpoint {path} does not match the model {type(module).__name__}: {name} has shape "
+                f"{tuple(value.shape)} there and {tuple(own[name].shape)} here"
+            )
+
+
+def restore_state(module: nn.Module, state: dict, path: Path, strict: bool = True) -> List[str]:
+    """``module.load_state_dict(state, strict)`` naming ``path`` (and, for a shape, the first
+    mismatched entry) when they do not match; the names of ``module``'s entries ``state`` lacks."""
+    check_shapes(module, state, path)
     try:
-        module.load_state_dict(state, strict=True)
+        return list(module.load_state_dict(state, strict=strict).missing_keys)
     except RuntimeError as error:
-        raise ValueError(f"checkpoint {path} does not match the model {type(module).__name__} built from its "
-                         f"config: {error}") from error
+        raise ValueError(
+            f"checkpoint {path} does not match the model {type(module).__name__} built from its config: {error}"
+        ) from error
 
 
 def load_checkpoint(path: Path, map_location: str = "cpu") -> Tuple[CTCModel, dict]:
@@ -117,8 +139,13 @@ def _readable(path: Path) -> Path:
     raise FileNotFoundError(f"sharded checkpoint {path} does not exist")
 
 
-def save_sharded_checkpoint(path: Path, model: nn.Module, config_model: CTCModel,
-                            optimizer: Optional[torch.optim.Optimizer] = None, **state: Any) -> None:
+def save_sharded_checkpoint(
+    path: Path,
+    model: nn.Module,
+    config_model: CTCModel,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    **state: Any,
+) -> None:
     """Collective (every rank calls it): save FSDP2-sharded ``model`` (+ ``optimizer``) as the
     DCP directory ``path``, and any extra ``state`` (rank 0's; a dict of tensors and plain
     values, the same on every rank) beside the shards.
@@ -144,8 +171,12 @@ def save_sharded_checkpoint(path: Path, model: nn.Module, config_model: CTCModel
         payload = {"model": model_state, "optimizer": optimizer_state}
     save(payload, checkpoint_id=temp)
     if leader:
-        atomic_write({temp / SHARDED_CONFIG: lambda file: file.write(config_json(config_model.config).encode()),
-                      temp / SHARDED_STATE: lambda file: torch.save(state, file)})
+        atomic_write(
+            {
+                temp / SHARDED_CONFIG: lambda file: file.write(config_json(config_model.config).encode()),
+                temp / SHARDED_STATE: lambda file: torch.save(state, file),
+            }
+        )
         aside = _aside(path)
         shutil.rmtree(aside, ignore_errors=True)
         if path.exists():
@@ -172,8 +203,12 @@ def load_sharded_state(path: Path, model: nn.Module, optimizer: Optional[torch.o
         load(wanted, checkpoint_id=directory)
     except Exception as error:  # DCP raises several types for a missing or mismatched entry
         raise ValueError(f"cannot load sharded checkpoint {path} into {type(model).__name__}: {error}") from error
-    set_state_dict(model, optimizer if optimizer is not None else [], model_state_dict=wanted["model"],
-                   optim_state_dict=wanted.get("optimizer", {}))
+    set_state_dict(
+        model,
+        optimizer if optimizer is not None else [],
+        model_state_dict=wanted["model"],
+        optim_state_dict=wanted.get("optimizer", {}),
+    )
     return read_payload(directory / SHARDED_STATE, key=None)
 
 

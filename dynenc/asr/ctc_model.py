@@ -1,5 +1,6 @@
 """``CTCModel``: front-end + ``DynamicConformer`` + CTC head, plus the optional modules
 the methods read (exit heads, the intermediate blank head, the layer selector)."""
+
 from __future__ import annotations
 
 from typing import Tuple
@@ -9,14 +10,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import validation
-from ..config import ModelConfig
 from ..model import DynamicConformer, EncoderOutput
+from .config import ModelConfig
 from .frontend import Conv2dSubsampling
-from .heads import BlankHead, LayerSelector
+from .heads import CTCHead, LayerSelector
 
 
 class CTCModel(nn.Module):
-    """A CTC speech model built from a validated :class:`~dynenc.config.ModelConfig`.
+    """A CTC speech model built from a validated :class:`~dynenc.asr.ModelConfig`.
 
     ``forward(features [B, T, F], lengths [B], **routing)`` returns
     ``(log_probs [B, T', V], lengths [B], EncoderOutput)``; ``routing`` goes to
@@ -28,22 +29,33 @@ class CTCModel(nn.Module):
         super().__init__()
         self.config = config
         self.frontend = Conv2dSubsampling(config.num_features, config.dim)
-        self.encoder = DynamicConformer(config.dim, config.num_heads, config.ffn_dim, config.num_layers,
-                                        config.kernel_size, dropout=config.dropout)
+        self.encoder = DynamicConformer(
+            config.dim, config.num_heads, config.ffn_dim, config.num_layers, config.kernel_size, dropout=config.dropout
+        )
         # A factorized head returns log-probabilities; log_softmax of them is the identity, so
         # every caller may treat both kinds alike.
-        self.ctc_head = (BlankHead(config.dim, config.vocab_size, factorized=True) if config.factorized_final_ctc
-                         else nn.Linear(config.dim, config.vocab_size))
-        self.exit_heads = nn.ModuleDict({str(l): nn.Linear(config.dim, config.vocab_size) for l in config.exit_layers
-                                         if l != config.num_layers})
-        self.blank_head = (BlankHead(config.dim, config.vocab_size, config.factorized_ctc)
-                           if config.blank_skip_layer else None)
-        self.selector = (LayerSelector(config.dim, config.num_layers, config.selector_hidden)
-                         if config.selector_hidden else None)
+        self.ctc_head = (
+            CTCHead(config.dim, config.vocab_size, factorized=True)
+            if config.factorized_final_ctc
+            else nn.Linear(config.dim, config.vocab_size)
+        )
+        self.exit_heads = nn.ModuleDict(
+            {
+                str(depth): nn.Linear(config.dim, config.vocab_size)
+                for depth in config.exit_depths
+                if depth != config.num_layers
+            }
+        )
+        self.blank_head = (
+            CTCHead(config.dim, config.vocab_size, config.factorized_ctc) if config.blank_skip_depth else None
+        )
+        self.selector = (
+            LayerSelector(config.dim, config.num_layers, config.selector_hidden) if config.selector_hidden else None
+        )
 
-    def exit_head(self, layer: int) -> nn.Module:
-        """The CTC head read after 1-based ``layer`` (the final head for the last layer)."""
-        return self.ctc_head if layer == self.config.num_layers else self.exit_heads[str(layer)]
+    def exit_head(self, depth: int) -> nn.Module:
+        """The CTC head read after the first ``depth`` layers (the final head at the model's depth)."""
+        return self.ctc_head if depth == self.config.num_layers else self.exit_heads[str(depth)]
 
     def embed(self, features: Tensor, lengths: Tensor) -> Tuple[Tensor, Tensor]:
         """Front-end: ``[B, T, F]`` -> ``([B, T', D], lengths')`` (the encoder's input)."""
@@ -54,8 +66,10 @@ class CTCModel(nn.Module):
             raise ValueError(f"features need at least 7 frames for 4x subsampling, got {features.shape[1]}")
         validation.check_tensor("lengths", lengths, dim=1, layout="[B]", device=features.device)
         if lengths.shape[0] != features.shape[0] or lengths.is_floating_point() or lengths.dtype == torch.bool:
-            raise ValueError(f"lengths must be an integer tensor of shape ({features.shape[0]},), got "
-                             f"{lengths.dtype} {tuple(lengths.shape)}")
+            raise ValueError(
+                f"lengths must be an integer tensor of shape ({features.shape[0]},), got "
+                f"{lengths.dtype} {tuple(lengths.shape)}"
+            )
         # Checked in the caller's units: the subsampled numbers would not say what was wrong.
         validation.check_range([("lengths", lengths, 0, features.shape[1], "T")])
         return self.frontend(features, lengths)

@@ -1,4 +1,5 @@
 """The convolutional front-end of the CTC model: 4x time subsampling of fbank features."""
+
 from __future__ import annotations
 
 from typing import Tuple
@@ -16,7 +17,9 @@ class Conv2dSubsampling(nn.Module):
 
     def __init__(self, num_features: int, dim: int, channels: int = 64) -> None:
         super().__init__()
-        self.conv = nn.Sequential(nn.Conv2d(1, channels, 3, 2), nn.ReLU(), nn.Conv2d(channels, channels, 3, 2), nn.ReLU())
+        self.conv = nn.Sequential(
+            nn.Conv2d(1, channels, 3, 2), nn.ReLU(), nn.Conv2d(channels, channels, 3, 2), nn.ReLU()
+        )
         freq = ((num_features - 1) // 2 - 1) // 2
         self.proj = nn.Linear(channels * freq, dim)
 

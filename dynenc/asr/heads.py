@@ -1,6 +1,8 @@
-"""Output modules the CTC model owns beside the encoder: the intermediate blank head of
-CTC-blank frame skipping and the input-conditioned layer selector. (The final and
-early-exit heads are plain ``nn.Linear`` projections followed by a log-softmax.)"""
+"""Output modules the CTC model owns beside the encoder: the (optionally factorized) CTC head
+that CTC-blank frame skipping reads p(blank) from, and the input-conditioned layer selector.
+(The early-exit heads and an unfactorized final head are plain ``nn.Linear`` projections
+followed by a log-softmax.)"""
+
 from __future__ import annotations
 
 from typing import Union
@@ -12,8 +14,9 @@ from torch import Tensor, nn
 from ..routing import valid_frames
 
 
-class BlankHead(nn.Module):
-    """Intermediate CTC head ``[*, D] -> [*, V]`` log-probabilities (blank = 0).
+class CTCHead(nn.Module):
+    """CTC head ``[*, D] -> [*, V]`` log-probabilities (blank = 0) that also reads ``log p(blank)``
+    alone: the blank-skip model's intermediate head, and its final head when that is factorized.
 
     Factorized (*choice*): a 1-unit blank logit b and token logits z give
     ``p(blank) = sigmoid(b)`` and ``p(v) = sigmoid(-b) * softmax(z)_v``, so the skip decision

@@ -1,4 +1,5 @@
 """Losses shared by the training objectives (and the benchmark's training steps)."""
+
 from __future__ import annotations
 
 import torch
@@ -11,8 +12,9 @@ from ..routing import valid_frames
 def ctc_loss(log_probs: Tensor, lengths: Tensor, targets: Tensor, target_lengths: Tensor) -> Tensor:
     """Mean-over-batch CTC loss of ``log_probs [B, T', V]`` (blank = 0; per-utterance sum
     over frames divided by the target length)."""
-    return F.ctc_loss(log_probs.transpose(0, 1), targets, lengths, target_lengths, blank=0, reduction="mean",
-                      zero_infinity=True)
+    return F.ctc_loss(
+        log_probs.transpose(0, 1), targets, lengths, target_lengths, blank=0, reduction="mean", zero_infinity=True
+    )
 
 
 def masked_mean(values: Tensor, lengths: Tensor) -> Tensor:
@@ -21,8 +23,9 @@ def masked_mean(values: Tensor, lengths: Tensor) -> Tensor:
     return (values * valid).sum() / valid.sum().clamp_min(1)
 
 
-def distillation_kl(teacher_log_probs: Tensor, student_log_probs: Tensor, lengths: Tensor,
-                    temperature: float = 1.0) -> Tensor:
+def distillation_kl(
+    teacher_log_probs: Tensor, student_log_probs: Tensor, lengths: Tensor, temperature: float = 1.0
+) -> Tensor:
     """``T^2 * KL(teacher || student)`` of frame posteriors at temperature T, mean over valid frames.
 
     Both inputs are log-probabilities ``[B, T', V]``; softening at temperature T is

@@ -1,5 +1,6 @@
-"""``python -m dynenc.methods``: the registered method names, one per line (read by the
-Makefile's ``recipe`` target); ``--describe`` adds each one's summary."""
+"""``python -m dynenc.methods``: the registered method names, one per line (for scripts and
+shells); ``--describe`` adds each one's summary."""
+
 import sys
 
 from .registry import METHODS

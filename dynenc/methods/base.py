@@ -1,6 +1,7 @@
 """What every method module provides (a :class:`Method` spec) and the pieces they share:
 the budget base class and its field checks, the inference result, the objective protocol,
 the frozen (eval-mode, no-grad) pass."""
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..asr import CTCModel, ctc_loss
-from ..config import ModelConfig
+from ..asr.config import ModelConfig
 from ..model import ExecutedWork
 
 Batch = Tuple[Tensor, Tensor, Tensor, Tensor]  # features [B, T, F], lengths [B], targets [sum U], target_lengths [B]
@@ -27,7 +28,7 @@ class Objective(Protocol):
 
 class ObjectiveSettings(Protocol):
     """The training hyper-parameters the methods' objective factories read
-    (:class:`dynenc.recipe.train.TrainConfig` has them)."""
+    (:class:`dynenc.asr.train.TrainConfig` has them)."""
 
     drop_prob: float
     kd_weight: float
@@ -63,14 +64,14 @@ def frozen(module: nn.Module) -> Iterator[None]:
 
 
 def exit_ctc_losses(model: CTCModel, batch: Batch) -> Dict[int, Tensor]:
-    """CTC loss of every exit head (``model.config.exit_set``, the last layer's being the final
+    """CTC loss of every exit head (``model.config.head_depths``, the last layer's being the final
     head), all from one full-depth forward that keeps each layer's hidden states:
     ``{layer: loss}``."""
     features, lengths, targets, target_lengths = batch
     x, x_lengths = model.embed(features, lengths)
     out = model.encoder(x, x_lengths, return_hidden=True)
     losses = {}
-    for layer in model.config.exit_set:
+    for layer in model.config.head_depths:
         log_probs = F.log_softmax(model.exit_head(layer)(out.packed.unpack(out.hidden[layer - 1])), dim=-1)
         losses[layer] = ctc_loss(log_probs, x_lengths, targets, target_lengths)
     return losses
@@ -80,8 +81,9 @@ def require_one_of(where: str, **options: Any) -> None:
     """Exactly one of ``options`` is not None."""
     given = [name for name, value in options.items() if value is not None]
     if len(given) != 1:
-        raise ValueError(f"{where} needs exactly one of {' and '.join(options)}, got "
-                         f"{', '.join(given) if given else 'neither'}")
+        raise ValueError(
+            f"{where} needs exactly one of {' and '.join(options)}, got {', '.join(given) if given else 'neither'}"
+        )
 
 
 @dataclass
@@ -90,12 +92,13 @@ class Decisions:
 
     Attributes:
         layer_mask: bool ``[B, L]`` the layers each sample ran (layer dropping, selector).
-        exit_layer: int64 ``[B]`` the 1-based layer each sample exited after (early exit).
+        exit_depth: int64 ``[B]`` the depth each sample exited at: the number of layers it ran
+            (early exit).
         skipped_frames: bool ``[B, T']`` frames that skipped the upper layers (blank skip).
     """
 
     layer_mask: Optional[Tensor] = None
-    exit_layer: Optional[Tensor] = None
+    exit_depth: Optional[Tensor] = None
     skipped_frames: Optional[Tensor] = None
 
 
@@ -116,9 +119,10 @@ def no_model_fields(config: ModelConfig) -> Dict[str, Any]:
     return {}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Method:
-    """One dynamic-depth method, as the registry holds it.
+    """One dynamic-depth method, as the registry holds it (built by keyword: seven fields read
+    better by name than by position).
 
     Attributes:
         name: the ``--method`` name (and ``runs/<name>``).

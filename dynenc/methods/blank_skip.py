@@ -1,7 +1,8 @@
 """CTC-blank frame skipping (arXiv 2401.02046): the model's intermediate
-:class:`~dynenc.asr.heads.BlankHead` at layer K scores p(blank) per frame; frames with
+:class:`~dynenc.asr.heads.CTCHead` at layer K scores p(blank) per frame; frames with
 p(blank) > tau leave the sequence for layers K+1..L unless they lie within w frames of a
 non-blank frame (spike extension). Skipped frames emit blank (*choice*)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,8 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
-from ..asr import BlankHead, CTCModel, ctc_loss, distillation_kl, masked_mean
-from ..config import ModelConfig
+from ..asr import CTCHead, CTCModel, ctc_loss, distillation_kl, masked_mean
+from ..asr.config import ModelConfig
 from ..model import EncoderOutput
 from ..routing import Schedule, VarlenBatch
 from ..validation import check_int, check_real
@@ -27,6 +28,13 @@ def dilate_within_sequences(mask: Tensor, batch: VarlenBatch, window: int) -> Te
         return mask
     weight = torch.ones(1, 2 * window + 1, dtype=torch.float32, device=mask.device)
     return ops.varlen_dwconv1d(mask.float().unsqueeze(1), batch.cu_seqlens, weight)[:, 0] > 0.5
+
+
+def blank_head(model: CTCModel, what: str) -> CTCHead:
+    """``model``'s intermediate blank head; ``ValueError`` naming ``what`` when it has none."""
+    if model.blank_head is None:
+        raise ValueError(f"{what} needs a model with an intermediate blank head (ModelConfig.blank_skip_depth > 0)")
+    return model.blank_head
 
 
 @dataclass(frozen=True)
@@ -44,17 +52,15 @@ class BlankSkipBudget(Budget):
         check_int("BlankSkipBudget.spike_window", self.spike_window, low=0)
 
     def check(self, model: CTCModel) -> None:
-        if model.blank_head is None:
-            raise ValueError("a BlankSkipBudget needs a model with an intermediate blank head "
-                             "(ModelConfig.blank_skip_layer > 0)")
+        blank_head(model, "a BlankSkipBudget")
 
 
 @dataclass(frozen=True, eq=False)
 class BlankSkipPolicy:
-    """Routing policy: after 1-based layer ``layer`` (K), keep only the non-blank frames
+    """Routing policy: at depth ``layer`` (K: after the first K layers), keep only the non-blank frames
     (+ spike extension). Its decision is the bool ``[N]`` packed-row mask of skipped frames."""
 
-    head: BlankHead
+    head: CTCHead
     layer: int
     budget: BlankSkipBudget
 
@@ -71,8 +77,9 @@ class BlankSkipPolicy:
         return schedule.replace(row_alive=keep), ~keep
 
 
-def skipping_forward(model: CTCModel, x: Tensor, lengths: Tensor, budget: BlankSkipBudget,
-                     return_hidden: bool = False) -> Tuple[Tensor, Tensor, EncoderOutput]:
+def skipping_forward(
+    model: CTCModel, x: Tensor, lengths: Tensor, budget: BlankSkipBudget, return_hidden: bool = False
+) -> Tuple[Tensor, Tensor, EncoderOutput]:
     """The encoder with frames skipped after layer K, then the final head on the frames that
     ran every layer only (skipped frames emit blank, *choice*, and cost nothing there).
 
@@ -80,7 +87,7 @@ def skipping_forward(model: CTCModel, x: Tensor, lengths: Tensor, budget: BlankS
     the same compacted sequences in both. Returns ``(log_probs [B, T', V], skipped bool
     [B, T'], EncoderOutput)``.
     """
-    policy = BlankSkipPolicy(model.blank_head, model.config.blank_skip_layer, budget)
+    policy = BlankSkipPolicy(blank_head(model, "blank skipping"), model.config.blank_skip_depth, budget)
     out = model.encoder(x, lengths, policy=policy, return_report=True, return_hidden=return_hidden)
     packed = out.packed
     skipped_rows = out.decisions[policy.layer - 1]
@@ -110,15 +117,19 @@ class BlankSkipObjective:
     so the upper layers learn on the compacted sequences they will see.
     """
 
-    def __init__(self, intermediate_weight: float = 0.5, kd_weight: float = 0.5, temperature: float = 1.0,
-                 skip_threshold: Optional[float] = None, spike_window: int = 1) -> None:
+    def __init__(
+        self,
+        intermediate_weight: float = 0.5,
+        kd_weight: float = 0.5,
+        temperature: float = 1.0,
+        skip_threshold: Optional[float] = None,
+        spike_window: int = 1,
+    ) -> None:
         self.intermediate_weight, self.kd_weight, self.temperature = intermediate_weight, kd_weight, temperature
         self.skipping = None if skip_threshold is None else BlankSkipBudget(skip_threshold, spike_window)
 
     def __call__(self, model: CTCModel, batch: Batch) -> Tuple[Tensor, Logs]:
-        if model.blank_head is None:
-            raise ValueError("BlankSkipObjective needs a model with an intermediate blank head "
-                             "(ModelConfig.blank_skip_layer > 0)")
+        head = blank_head(model, "BlankSkipObjective")
         features, lengths, targets, target_lengths = batch
         x, x_lengths = model.embed(features, lengths)
         logs = {}
@@ -128,7 +139,7 @@ class BlankSkipObjective:
         else:
             final_lp, skipped, out = skipping_forward(model, x, x_lengths, self.skipping, return_hidden=True)
             logs["skipped"] = masked_mean(skipped.to(x.dtype), x_lengths).item()
-        inter_lp = model.blank_head(out.packed.unpack(out.hidden[model.config.blank_skip_layer - 1]))
+        inter_lp = head(out.packed.unpack(out.hidden[model.config.blank_skip_depth - 1]))
         final = ctc_loss(final_lp, x_lengths, targets, target_lengths)
         inter = ctc_loss(inter_lp, x_lengths, targets, target_lengths)
         kd = distillation_kl(final_lp, inter_lp, x_lengths, self.temperature)
@@ -139,19 +150,28 @@ class BlankSkipObjective:
 
 
 def budgets(model: CTCModel) -> List[Tuple[str, Budget]]:
-    return [("full", FullBudget())] + [(f"tau={t}", BlankSkipBudget(t, spike_window=1))
-                                       for t in (0.999, 0.99, 0.95, 0.9, 0.8, 0.6)]
+    return [("full", FullBudget())] + [
+        (f"tau={t}", BlankSkipBudget(t, spike_window=1)) for t in (0.999, 0.99, 0.95, 0.9, 0.8, 0.6)
+    ]
 
 
 def objective(settings: ObjectiveSettings, model: CTCModel) -> BlankSkipObjective:
-    return BlankSkipObjective(kd_weight=settings.kd_weight, temperature=settings.temperature,
-                              skip_threshold=settings.skip_threshold or None)
+    return BlankSkipObjective(
+        kd_weight=settings.kd_weight, temperature=settings.temperature, skip_threshold=settings.skip_threshold or None
+    )
 
 
 def model_fields(config: ModelConfig) -> Dict[str, Any]:
     """The blank head at layer L/2, factorized, unless the config places it."""
-    return {} if config.blank_skip_layer else {"blank_skip_layer": config.num_layers // 2, "factorized_ctc": True}
+    return {} if config.blank_skip_depth else {"blank_skip_depth": config.num_layers // 2, "factorized_ctc": True}
 
 
-METHOD = Method("blank_skip", "CTC-blank frame skipping after an intermediate blank head", BlankSkipBudget, run,
-                objective, budgets, model_fields)
+METHOD = Method(
+    name="blank_skip",
+    summary="CTC-blank frame skipping after an intermediate blank head",
+    budget_type=BlankSkipBudget,
+    run=run,
+    objective=objective,
+    budgets=budgets,
+    model_fields=model_fields,
+)

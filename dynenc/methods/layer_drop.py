@@ -1,5 +1,6 @@
 """Random layer dropping (LD): Bernoulli keep masks drawn with torch's RNG on the device for
 training; a fixed number n of layers at inference (evenly spaced, the first n, or random)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ GATINGS = ("per_sample", "per_batch")
 
 
 def linear_drop_schedule(num_layers: int, p_max: float) -> Tensor:
-    """NeMo-style schedule: layer l (1-based) drops with probability ``p_max * l / L``."""
+    """NeMo-style schedule: layer l (0-based) drops with probability ``p_max * (l + 1) / L``."""
     return p_max * torch.arange(1, num_layers + 1, dtype=torch.float32) / num_layers
 
 
@@ -38,8 +39,9 @@ class RandomLayerDrop:
             default of the authors' LD code).
     """
 
-    def __init__(self, num_layers: int, p: Union[float, Sequence[float], Tensor] = 0.5,
-                 gating: str = "per_sample") -> None:
+    def __init__(
+        self, num_layers: int, p: Union[float, Sequence[float], Tensor] = 0.5, gating: str = "per_sample"
+    ) -> None:
         check_gating("RandomLayerDrop.gating", gating)
         probs = torch.as_tensor(p, dtype=torch.float32).flatten()
         if probs.numel() == 1:
@@ -59,8 +61,14 @@ class RandomLayerDrop:
         return (uniform >= self.drop_prob.to(device)).expand(batch_size, -1)
 
 
-def fixed_layers_mask(num_layers: int, n: int, batch_size: int, strategy: str = "every_other",
-                      device: Optional[torch.device] = None, generator: Optional[torch.Generator] = None) -> Tensor:
+def fixed_layers_mask(
+    num_layers: int,
+    n: int,
+    batch_size: int,
+    strategy: str = "every_other",
+    device: Optional[torch.device] = None,
+    generator: Optional[torch.Generator] = None,
+) -> Tensor:
     """bool ``[B, L]`` masks running exactly ``n`` layers per sample.
 
     Strategies: ``"every_other"`` (evenly spaced layers, always including the last one, so
@@ -126,7 +134,7 @@ def run(model: CTCModel, x: Tensor, lengths: Tensor, budget: LayerDropBudget) ->
 def budgets(model: CTCModel) -> List[Tuple[str, Budget]]:
     """n = L..1 evenly spaced, then n = L-1..1 random subsets."""
     num_layers = model.config.num_layers
-    every_other = [(f"n={n}", LayerDropBudget(n)) for n in range(num_layers, 0, -1)]
+    every_other: List[Tuple[str, Budget]] = [(f"n={n}", LayerDropBudget(n)) for n in range(num_layers, 0, -1)]
     return every_other + [(f"n={n} random", LayerDropBudget(n, "random")) for n in range(num_layers - 1, 0, -1)]
 
 
@@ -134,5 +142,12 @@ def objective(settings: ObjectiveSettings, model: CTCModel) -> LayerDropCTC:
     return LayerDropCTC(model.config.num_layers, settings.drop_prob, settings.gating)
 
 
-METHOD = Method("layer_drop", "random layer dropping (per-sample or per-batch Bernoulli gates)", LayerDropBudget, run,
-                objective, budgets, chooses_layers=True)
+METHOD = Method(
+    name="layer_drop",
+    summary="random layer dropping (per-sample or per-batch Bernoulli gates)",
+    budget_type=LayerDropBudget,
+    run=run,
+    objective=objective,
+    budgets=budgets,
+    chooses_layers=True,
+)

@@ -1,9 +1,10 @@
 """The one table of methods (name -> :class:`Method`) and the one inference entry point.
 
-``dynenc train``, ``dynenc eval``, :func:`infer` and the Makefile (``python -m
-dynenc.methods``) read this table. Adding a method = a module defining ``METHOD`` + its
+``dynenc train``, ``dynenc eval``, :func:`infer` and ``python -m dynenc.methods`` (the
+listing) read this table. Adding a method = a module defining ``METHOD`` + its
 name in ``_MODULES``.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -26,8 +27,10 @@ def _runners() -> Dict[Type[Budget], Runner]:
     runners: Dict[Type[Budget], Runner] = {}
     for method in METHODS.values():
         if runners.setdefault(method.budget_type, method.run) is not method.run:
-            raise TypeError(f"method {method.name!r} runs {method.budget_type.__name__} differently from "
-                            f"another method with that budget type")
+            raise TypeError(
+                f"method {method.name!r} runs {method.budget_type.__name__} differently from "
+                f"another method with that budget type"
+            )
     return runners
 
 

@@ -1,21 +1,22 @@
 """Input-conditioned layer selection (arXiv 2507.07954): the model's
 :class:`~dynenc.asr.heads.LayerSelector` scores every layer from the encoder's input; top-k
 (or a threshold) picks each sample's layers."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union, cast
 
 import torch
 from torch import Tensor
 
-from ..asr import CTCModel, ctc_loss
-from ..config import ModelConfig
+from ..asr import CTCModel, LayerSelector, ctc_loss
+from ..asr.config import ModelConfig
 from ..validation import check_int, check_real
-from .base import Batch, Budget, InferenceResult, Logs, Method, ObjectiveSettings, require_one_of, run_masked
 from . import layer_drop
+from .base import Batch, Budget, InferenceResult, Logs, Method, ObjectiveSettings, require_one_of, run_masked
 
-SELECTOR_HIDDEN = 64  # the recipe's selector width when the config names none
+SELECTOR_HIDDEN = 64  # the selector's width when the config names none
 
 
 def topk_mask(logits: Tensor, k: Union[int, Tensor]) -> Tensor:
@@ -47,8 +48,9 @@ def relaxed_topk(scores: Tensor, k: int, temperature: float = 1.0) -> Tensor:
     return khot
 
 
-def straight_through_topk(logits: Tensor, k: int, temperature: float = 1.0,
-                          generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
+def straight_through_topk(
+    logits: Tensor, k: int, temperature: float = 1.0, generator: Optional[torch.Generator] = None
+) -> Tuple[Tensor, Tensor]:
     """Training-time selection (*choice*): Gumbel top-k with a straight-through relaxed top-k.
 
     ``logits + Gumbel`` noise sampled this way makes the hard top-k a sample of k layers
@@ -72,9 +74,11 @@ def budget_regulariser(logits: Tensor, k: Union[int, Tensor]) -> Tensor:
     return ((torch.sigmoid(logits).sum(1) - k) ** 2).mean()
 
 
-def _require_selector(model: CTCModel, what: str) -> None:
+def _selector(model: CTCModel, what: str) -> LayerSelector:
+    """``model``'s layer selector; ``ValueError`` naming ``what`` when it has none."""
     if model.selector is None:
         raise ValueError(f"{what} needs a model with a layer selector (ModelConfig.selector_hidden > 0)")
+    return model.selector
 
 
 class SelectorObjective:
@@ -91,11 +95,11 @@ class SelectorObjective:
         self.temperature = temperature
 
     def __call__(self, model: CTCModel, batch: Batch) -> Tuple[Tensor, Logs]:
-        _require_selector(model, "SelectorObjective")
+        selector = _selector(model, "SelectorObjective")
         features, lengths, targets, target_lengths = batch
         k = int(torch.randint(self.min_layers, model.config.num_layers + 1, ()))  # torch RNG: resumable
         x, x_lengths = model.embed(features, lengths)
-        logits = model.selector(x, x_lengths, k)
+        logits = selector(x, x_lengths, k)
         mask, gates = straight_through_topk(logits, k, self.temperature)
         log_probs, _, _ = model.encode(x, x_lengths, layer_mask=mask, gates=gates)
         ctc = ctc_loss(log_probs, x_lengths, targets, target_lengths)
@@ -121,25 +125,25 @@ class SelectorBudget(Budget):
             if self.target is not None:
                 raise ValueError("SelectorBudget.target is the threshold mode's budget; with k, the budget is k")
         else:
-            check_real("SelectorBudget.threshold", self.threshold)
-            if not 0 < self.threshold < 1:
+            if not 0 < check_real("SelectorBudget.threshold", self.threshold) < 1:
                 raise ValueError(f"SelectorBudget.threshold must lie in (0, 1), got {self.threshold}")
             if self.target is not None:
                 check_int("SelectorBudget.target", self.target, low=0)
 
     def check(self, model: CTCModel) -> None:
-        _require_selector(model, "a SelectorBudget")
+        _selector(model, "a SelectorBudget")
         for name in ("k", "target"):
             if getattr(self, name) is not None:
                 check_int(f"SelectorBudget.{name}", getattr(self, name), low=0, high=model.config.num_layers)
 
 
 def run(model: CTCModel, x: Tensor, lengths: Tensor, budget: SelectorBudget) -> InferenceResult:
+    selector = _selector(model, "a SelectorBudget")
     if budget.k is not None:
-        mask = topk_mask(model.selector(x, lengths, budget.k), budget.k)
+        mask = topk_mask(selector(x, lengths, budget.k), budget.k)
     else:
         target = model.config.num_layers if budget.target is None else budget.target
-        mask = threshold_mask(model.selector(x, lengths, target), budget.threshold)
+        mask = threshold_mask(selector(x, lengths, target), cast(float, budget.threshold))
     return run_masked(model, x, lengths, mask)
 
 
@@ -159,5 +163,13 @@ def model_fields(config: ModelConfig) -> Dict[str, Any]:
     return {} if config.selector_hidden else {"selector_hidden": SELECTOR_HIDDEN}
 
 
-METHOD = Method("selector", "input-conditioned layer selection (top-k of a learned selector)", SelectorBudget, run,
-                objective, budgets, model_fields, chooses_layers=True)
+METHOD = Method(
+    name="selector",
+    summary="input-conditioned layer selection (top-k of a learned selector)",
+    budget_type=SelectorBudget,
+    run=run,
+    objective=objective,
+    budgets=budgets,
+    model_fields=model_fields,
+    chooses_layers=True,
+)

@@ -1,9 +1,10 @@
 """Full depth: the static baseline and DLD's teacher. Every sample runs every layer.
 
-With intermediate CTC heads (``ModelConfig.exit_layers``) and a weight it trains with
+With intermediate CTC heads (``ModelConfig.exit_depths``) and a weight it trains with
 intermediate CTC in the style of InterCTC (Lee & Watanabe, ICASSP 2021), but each
 intermediate layer has a head of its own where the paper shares the final projection: the
 heads only add loss terms, inference still decodes the last layer."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ class StaticCTC:
         self.inter_ctc_weight = check_inter_ctc_weight("inter_ctc_weight", inter_ctc_weight)
 
     def __call__(self, model: CTCModel, batch: Batch) -> Tuple[Tensor, Logs]:
-        if len(model.config.exit_set) == 1:
+        if len(model.config.head_depths) == 1:
             features, lengths, targets, target_lengths = batch
             log_probs, out_lengths, _ = model(features, lengths)
             loss = ctc_loss(log_probs, out_lengths, targets, target_lengths)
@@ -68,4 +69,11 @@ def budgets(model: CTCModel) -> List[Tuple[str, Budget]]:
     return [("full", FullBudget())]
 
 
-METHOD = Method("static", "full-depth CTC: the baseline and the DLD teacher", FullBudget, run, objective, budgets)
+METHOD = Method(
+    name="static",
+    summary="full-depth CTC: the baseline and the DLD teacher",
+    budget_type=FullBudget,
+    run=run,
+    objective=objective,
+    budgets=budgets,
+)

@@ -7,6 +7,7 @@ Example::
     >>> cu_seqlens = torch.tensor([0, 3, 7], dtype=torch.int32)
     >>> out = dynenc.ops.varlen_attention(q, k, v, cu_seqlens, max_seqlen=4)   # [7, 2, 16]
 """
+
 from __future__ import annotations
 
 import math
@@ -22,8 +23,9 @@ from .registry import autocast, native, refuse_double_backward, register_autocas
 __all__ = ["varlen_attention"]
 
 
-def reference_varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor,
-                               scale: Optional[float] = None) -> Tensor:
+def reference_varlen_attention(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, scale: Optional[float] = None
+) -> Tensor:
     """Softmax attention of each sequence alone, in plain PyTorch."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     out = torch.zeros_like(q)
@@ -37,8 +39,9 @@ def reference_varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tens
     return out
 
 
-def check_varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int,
-                           scale: Optional[float] = None) -> None:
+def check_varlen_attention(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: Optional[float] = None
+) -> None:
     V.check_tensor("q", q, dim=3, layout="[rows, heads, head_dim]", dtypes=V.FLOATING)
     if guard_or_false(q.shape[1] < 1) or guard_or_false(q.shape[2] < 1):
         raise ValueError(f"q must have at least one head and head_dim >= 1, got shape {tuple(q.shape)}")
@@ -50,22 +53,41 @@ def check_varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, 
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
 
 
-def check_varlen_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
-                                    logsumexp: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float) -> None:
+def check_varlen_attention_backward(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    logsumexp: Tensor,
+    cu_seqlens: Tensor,
+    max_seqlen: int,
+    scale: float,
+) -> None:
     check_varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale)
     V.check_like("grad_out", grad_out, "q", q, dims=(0, 1, 2))
     V.check_like("out", out, "q", q, dims=(0, 1, 2))
     V.check_tensor("logsumexp", logsumexp, dim=2, layout="[rows, heads]", dtypes=(torch.float32,), device=q.device)
 
 
-def check_values_varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int,
-                                  scale: Optional[float] = None) -> None:
+def check_values_varlen_attention(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: Optional[float] = None
+) -> None:
     # max_seqlen sizes the GPU grid: a sequence longer than it would leave rows never computed.
     V.check_cu_seqlens_values(cu_seqlens, q.shape[0], max_seqlen)
 
 
-def check_values_varlen_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
-                                           logsumexp: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float) -> None:
+def check_values_varlen_attention_backward(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    logsumexp: Tensor,
+    cu_seqlens: Tensor,
+    max_seqlen: int,
+    scale: float,
+) -> None:
     V.check_cu_seqlens_values(cu_seqlens, q.shape[0], max_seqlen)
 
 
@@ -104,8 +126,9 @@ def _backward(ctx, grad_out, _grad_logsumexp):
 torch.library.register_autograd("dynenc::varlen_attention", _backward, setup_context=_setup)
 
 
-def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int,
-                     scale: Optional[float] = None) -> Tensor:
+def varlen_attention(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: Optional[float] = None
+) -> Tensor:
     """Block-diagonal softmax attention over packed sequences.
 
     Args:

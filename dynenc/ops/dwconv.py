@@ -8,6 +8,7 @@ Example::
     >>> weight, bias = torch.randn(8, 5), torch.randn(8)        # Conv1d(groups=8).weight[:, 0, :]
     >>> out = dynenc.ops.varlen_dwconv1d(x, cu_seqlens, weight, bias)   # [7, 8]
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -18,14 +19,9 @@ from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from .. import validation as V
 from .registry import autocast, dispatch, refuse_double_backward, register_autocast, register_cuda
+from .rows import sequence_ids
 
 __all__ = ["varlen_dwconv1d"]
-
-
-def sequence_ids(cu_seqlens: Tensor, num_rows: int) -> Tensor:
-    """int64 ``[num_rows]``: the sequence each packed row belongs to."""
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    return torch.repeat_interleave(torch.arange(lengths.numel(), device=cu_seqlens.device), lengths, output_size=num_rows)
 
 
 def reference_varlen_dwconv1d(x: Tensor, cu_seqlens: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -115,5 +111,6 @@ def varlen_dwconv1d(x: Tensor, cu_seqlens: Tensor, weight: Tensor, bias: Optiona
     """
     x, cu_seqlens, weight, bias = autocast("lower", x, cu_seqlens, weight, bias)
     check_varlen_dwconv1d(x, cu_seqlens, weight, bias)
-    return dispatch("varlen_dwconv1d", reference_varlen_dwconv1d, check_values_varlen_dwconv1d,
-                    x, cu_seqlens, weight, bias)
+    return dispatch(
+        "varlen_dwconv1d", reference_varlen_dwconv1d, check_values_varlen_dwconv1d, x, cu_seqlens, weight, bias
+    )

@@ -14,6 +14,7 @@ Example::
     >>> x, h = dynenc.ops.add_layer_norm(x, block_out, 0.5, norm.weight, norm.bias, norm.eps)
     >>> # x == x_old + 0.5 * block_out, h == norm(x)
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -33,8 +34,9 @@ MAX_CUDA_FEATURES = 8192
 
 
 # ----------------------------------------------------------------------------- reference
-def reference_add_layer_norm(x: Tensor, residual: Tensor, alpha: float, weight: Optional[Tensor],
-                             bias: Optional[Tensor], eps: float) -> Tuple[Tensor, Tensor]:
+def reference_add_layer_norm(
+    x: Tensor, residual: Tensor, alpha: float, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
+) -> Tuple[Tensor, Tensor]:
     """``s = x + alpha * residual; (s, F.layer_norm(s, (D,), weight, bias, eps))`` in plain PyTorch."""
     s = x + alpha * residual
     return s, F.layer_norm(s, (s.shape[-1],), weight, bias, eps)
@@ -56,12 +58,14 @@ def _check_param(name: str, value: Optional[Tensor], x: Tensor) -> None:
         return
     V.check_tensor(name, value, dim=1, layout="[features]", dtypes=(x.dtype,), device=x.device)
     if guard_or_false(value.shape[0] != x.shape[1]):
-        raise ValueError(f"{name} must have shape ({x.shape[1]},) (one entry per feature of x), "
-                         f"got {tuple(value.shape)}")
+        raise ValueError(
+            f"{name} must have shape ({x.shape[1]},) (one entry per feature of x), got {tuple(value.shape)}"
+        )
 
 
-def check_add_layer_norm(x: Tensor, residual: Tensor, alpha: float, weight: Optional[Tensor], bias: Optional[Tensor],
-                         eps: float) -> None:
+def check_add_layer_norm(
+    x: Tensor, residual: Tensor, alpha: float, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
+) -> None:
     V.check_tensor("x", x, dim=2, layout="[rows, features]", dtypes=V.FLOATING)
     _check_features("x", x)
     V.check_like("residual", residual, "x", x, dims=(0, 1))
@@ -71,8 +75,15 @@ def check_add_layer_norm(x: Tensor, residual: Tensor, alpha: float, weight: Opti
     V.check_real("eps", eps, low=0)
 
 
-def check_add_layer_norm_backward(grad_out: Tensor, grad_sum: Optional[Tensor], sum: Tensor, mean: Tensor,
-                                  rstd: Tensor, weight: Optional[Tensor], alpha: float) -> None:
+def check_add_layer_norm_backward(
+    grad_out: Tensor,
+    grad_sum: Optional[Tensor],
+    sum: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
+    weight: Optional[Tensor],
+    alpha: float,
+) -> None:
     V.check_tensor("sum", sum, dim=2, layout="[rows, features]", dtypes=V.FLOATING)
     _check_features("sum", sum)
     V.check_like("grad_out", grad_out, "sum", sum, dims=(0, 1))
@@ -81,16 +92,19 @@ def check_add_layer_norm_backward(grad_out: Tensor, grad_sum: Optional[Tensor], 
     for name, stat in (("mean", mean), ("rstd", rstd)):
         V.check_tensor(name, stat, dim=1, layout="[rows]", dtypes=(_stat_dtype(sum),), device=sum.device)
         if guard_or_false(stat.shape[0] != sum.shape[0]):
-            raise ValueError(f"{name} must have shape ({sum.shape[0]},) (one entry per row of sum), "
-                             f"got {tuple(stat.shape)}")
+            raise ValueError(
+                f"{name} must have shape ({sum.shape[0]},) (one entry per row of sum), got {tuple(stat.shape)}"
+            )
     _check_param("weight", weight, sum)
     V.check_real("alpha", alpha)
 
 
 def _check_cuda_width(name: str, value: Tensor) -> None:
     if guard_or_false(value.shape[1] > MAX_CUDA_FEATURES):
-        raise ValueError(f"{name} must have at most {MAX_CUDA_FEATURES} features on CUDA (the Triton kernels keep "
-                         f"whole rows in registers), got shape {tuple(value.shape)}")
+        raise ValueError(
+            f"{name} must have at most {MAX_CUDA_FEATURES} features on CUDA (the Triton kernels keep "
+            f"whole rows in registers), got shape {tuple(value.shape)}"
+        )
 
 
 def _check_add_layer_norm_cuda(x, residual, alpha, weight, bias, eps) -> None:
@@ -121,8 +135,12 @@ def _(x, residual, alpha, weight, bias, eps):
 @torch.library.register_fake("dynenc::add_layer_norm_backward")
 def _(grad_out, grad_sum, sum, mean, rstd, weight, alpha):
     dim = sum.shape[1]
-    return (sum.new_empty(sum.shape), sum.new_empty(sum.shape), (sum if weight is None else weight).new_empty(dim),
-            sum.new_empty(dim))
+    return (
+        sum.new_empty(sum.shape),
+        sum.new_empty(sum.shape),
+        (sum if weight is None else weight).new_empty(dim),
+        sum.new_empty(dim),
+    )
 
 
 def _setup(ctx, inputs, output):
@@ -143,17 +161,30 @@ def _backward(ctx, grad_sum, grad_out, _grad_mean, _grad_rstd):
             return None, None, None, None, None, None
         return grad_sum, grad_sum * ctx.alpha, None, None, None, None
     grad_x, grad_residual, grad_weight, grad_bias = torch.ops.dynenc.add_layer_norm_backward(
-        grad_out, grad_sum, total, mean, rstd, weight, ctx.alpha)
-    return (grad_x, grad_residual, None, grad_weight if weight is not None else None,
-            grad_bias if ctx.has_bias else None, None)
+        grad_out, grad_sum, total, mean, rstd, weight, ctx.alpha
+    )
+    return (
+        grad_x,
+        grad_residual,
+        None,
+        grad_weight if weight is not None else None,
+        grad_bias if ctx.has_bias else None,
+        None,
+    )
 
 
 torch.library.register_autograd("dynenc::add_layer_norm", _backward, setup_context=_setup)
 
 
 # ----------------------------------------------------------------------------- public API
-def add_layer_norm(x: Tensor, residual: Tensor, alpha: float = 1.0, weight: Optional[Tensor] = None,
-                   bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tuple[Tensor, Tensor]:
+def add_layer_norm(
+    x: Tensor,
+    residual: Tensor,
+    alpha: float = 1.0,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+) -> Tuple[Tensor, Tensor]:
     """A residual add and the LayerNorm of its sum in one pass (one kernel launch on CUDA).
 
     Args:

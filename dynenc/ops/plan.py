@@ -9,6 +9,7 @@ Example::
     >>> indices[offsets[1]:offsets[2]], active_cu[1]        # layer 1: rows 1, 3, 4; lengths 1, 2
     (tensor([1, 3, 4]), tensor([0, 1, 3], dtype=torch.int32))
 """
+
 from __future__ import annotations
 
 from typing import Tuple
@@ -18,8 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import validation as V
-from .dwconv import sequence_ids
 from .registry import dispatch, register_cuda
+from .rows import sequence_ids
 
 __all__ = ["build_plan"]
 

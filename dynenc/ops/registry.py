@@ -5,6 +5,7 @@ three homes: ``csrc/<module>.cpp`` (schema + CPU kernel), ``kernels/<module>.py`
 launcher of the same name) and ``dynenc/ops/<module>.py`` (public function, validation,
 reference, fake impl, autograd). The tests and the benchmark read the table too.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -148,7 +149,9 @@ def refuse_double_backward(name: str) -> None:
     treating the first derivatives as constants."""
 
     def backward(ctx, *grads):
-        raise RuntimeError(f"dynenc::{name} is not differentiable: double backward (create_graph=True, "
-                           "gradgradcheck) through dynenc ops is not supported; use dynenc.use_backend('reference')")
+        raise RuntimeError(
+            f"dynenc::{name} is not differentiable: double backward (create_graph=True, "
+            "gradgradcheck) through dynenc ops is not supported; use dynenc.use_backend('reference')"
+        )
 
     torch.library.register_autograd(f"dynenc::{name}", backward)

@@ -11,6 +11,7 @@ Example::
     >>> y = dynenc.ops.gather_rows(x, index) * 2                       # [2, 4]
     >>> out = dynenc.ops.gated_residual_scatter(x, y, None, index)    # rows 1, 3 replaced
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -23,6 +24,15 @@ from .. import validation as V
 from .registry import autocast, dispatch, refuse_double_backward, register_autocast, register_cuda
 
 __all__ = ["gated_residual_scatter", "gather_rows", "scatter_rows"]
+
+
+def sequence_ids(cu_seqlens: Tensor, num_rows: int) -> Tensor:
+    """int64 ``[num_rows]``: the sequence each packed row belongs to (``cu_seqlens`` int32
+    ``[B + 1]``). Not an op: the one definition the references and the routing share."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    return torch.repeat_interleave(
+        torch.arange(lengths.numel(), device=cu_seqlens.device), lengths, output_size=num_rows
+    )
 
 
 # ----------------------------------------------------------------------------- references
@@ -64,8 +74,9 @@ def check_gated_residual_scatter(x: Tensor, y: Tensor, gate: Optional[Tensor], i
         V.check_index("index", index, x.device, y.shape[0])
 
 
-def check_gated_residual_scatter_backward(grad_out: Tensor, x: Tensor, y: Tensor, gate: Optional[Tensor],
-                                          index: Optional[Tensor]) -> None:
+def check_gated_residual_scatter_backward(
+    grad_out: Tensor, x: Tensor, y: Tensor, gate: Optional[Tensor], index: Optional[Tensor]
+) -> None:
     check_gated_residual_scatter(x, y, gate, index)
     V.check_like("grad_out", grad_out, "x", x, dims=(0, 1))
 
@@ -88,8 +99,9 @@ def check_values_gated_residual_scatter(x: Tensor, y: Tensor, gate: Optional[Ten
         V.check_index_values("index", index, x.shape[0], distinct=True)
 
 
-def check_values_gated_residual_scatter_backward(grad_out: Tensor, x: Tensor, y: Tensor, gate: Optional[Tensor],
-                                                 index: Optional[Tensor]) -> None:
+def check_values_gated_residual_scatter_backward(
+    grad_out: Tensor, x: Tensor, y: Tensor, gate: Optional[Tensor], index: Optional[Tensor]
+) -> None:
     check_values_gated_residual_scatter(x, y, gate, index)
 
 
@@ -103,8 +115,11 @@ def check_values_scatter_rows(y: Tensor, index: Tensor, num_rows: int) -> None:
 
 # ----------------------------------------------------------------------------- registration
 register_cuda("gated_residual_scatter", check_gated_residual_scatter, check_values_gated_residual_scatter)
-register_cuda("gated_residual_scatter_backward", check_gated_residual_scatter_backward,
-              check_values_gated_residual_scatter_backward)
+register_cuda(
+    "gated_residual_scatter_backward",
+    check_gated_residual_scatter_backward,
+    check_values_gated_residual_scatter_backward,
+)
 register_cuda("gather_rows", check_gather_rows, check_values_gather_rows)
 register_cuda("scatter_rows", check_scatter_rows, check_values_scatter_rows)
 refuse_double_backward("gated_residual_scatter_backward")
@@ -174,14 +189,17 @@ def _scatter_backward(ctx, grad):
     return torch.ops.dynenc.gather_rows(grad, index), None, None
 
 
-torch.library.register_autograd("dynenc::gated_residual_scatter", _gated_scatter_backward,
-                                setup_context=_gated_scatter_setup)
+torch.library.register_autograd(
+    "dynenc::gated_residual_scatter", _gated_scatter_backward, setup_context=_gated_scatter_setup
+)
 torch.library.register_autograd("dynenc::gather_rows", _gather_backward, setup_context=_gather_setup)
 torch.library.register_autograd("dynenc::scatter_rows", _scatter_backward, setup_context=_scatter_setup)
 
 
 # ----------------------------------------------------------------------------- public API
-def gated_residual_scatter(x: Tensor, y: Tensor, gate: Optional[Tensor] = None, index: Optional[Tensor] = None) -> Tensor:
+def gated_residual_scatter(
+    x: Tensor, y: Tensor, gate: Optional[Tensor] = None, index: Optional[Tensor] = None
+) -> Tensor:
     """``out = x; out[index] = x[index] + gate * (y - x[index])`` in one fused pass.
 
     Args:
@@ -196,8 +214,15 @@ def gated_residual_scatter(x: Tensor, y: Tensor, gate: Optional[Tensor] = None, 
     check_gated_residual_scatter(x, y, gate, index)
     if gate is not None:
         gate = gate.to(x.dtype)
-    return dispatch("gated_residual_scatter", reference_gated_residual_scatter, check_values_gated_residual_scatter,
-                    x, y, gate, index)
+    return dispatch(
+        "gated_residual_scatter",
+        reference_gated_residual_scatter,
+        check_values_gated_residual_scatter,
+        x,
+        y,
+        gate,
+        index,
+    )
 
 
 def gather_rows(x: Tensor, index: Tensor) -> Tensor:

@@ -8,7 +8,7 @@ import torch
 from dynenc.asr import CTCModel, ModelConfig, load_checkpoint, save_checkpoint
 
 CONFIG = ModelConfig(vocab_size=6, num_features=16, dim=16, num_heads=2, ffn_dim=32, num_layers=2, kernel_size=3,
-                     exit_layers=(1,))
+                     exit_depths=(1,))
 
 
 def small_model(seed):
@@ -29,6 +29,20 @@ def test_round_trip(tmp_path):
     assert loaded.config == CONFIG and payload["epoch"] == 3 and "optimizer" in payload and "rng" in payload
     assert_same_weights(model, loaded)
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["model.json", "model.pt"]
+
+
+def test_a_config_written_before_the_depth_names_still_loads(tmp_path):
+    # Configs written before the layer/depth convention name the same numbers exit_layers and
+    # blank_skip_layer.
+    config = ModelConfig(**{**vars(CONFIG), "blank_skip_depth": 1, "factorized_ctc": True})
+    model = CTCModel(config)
+    save_checkpoint(tmp_path / "model.pt", model)
+    saved = json.loads((tmp_path / "model.json").read_text())
+    saved["exit_layers"], saved["blank_skip_layer"] = saved.pop("exit_depths"), saved.pop("blank_skip_depth")
+    (tmp_path / "model.json").write_text(json.dumps(saved))
+    loaded, _ = load_checkpoint(tmp_path / "model.pt")
+    assert loaded.config == config and (loaded.config.exit_depths, loaded.config.blank_skip_depth) == ((1,), 1)
+    assert_same_weights(model, loaded)
 
 
 def test_failure_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

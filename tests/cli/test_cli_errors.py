@@ -15,21 +15,24 @@ def _config(tmp_path, text):
 
 
 CASES = [
-    pytest.param(lambda tmp: ["train", "--config", str(tmp / "missing.json")], "cannot read config file", id="missing_config"),
-    pytest.param(lambda tmp: ["train", "--config", _config(tmp, "{bad")], "cannot read config file", id="invalid_json"),
-    pytest.param(lambda tmp: ["train", "--config", _config(tmp, json.dumps({"nope": 1}))], "unknown keys",
+    pytest.param(lambda tmp: ["train", "--data", str(tmp), "--config", str(tmp / "missing.json")], "cannot read config file", id="missing_config"),
+    pytest.param(lambda tmp: ["train", "--data", str(tmp), "--config", _config(tmp, "{bad")], "cannot read config file", id="invalid_json"),
+    pytest.param(lambda tmp: ["train", "--data", str(tmp), "--config", _config(tmp, json.dumps({"nope": 1}))], "unknown keys",
                  id="unknown_key"),
-    pytest.param(lambda tmp: ["train", "--config", _config(tmp, json.dumps({"epochs": "x"}))],
+    pytest.param(lambda tmp: ["train", "--data", str(tmp), "--config", _config(tmp, json.dumps({"epochs": "x"}))],
                  "field 'epochs' must be int", id="wrong_type"),
-    pytest.param(lambda tmp: ["train", "--config", _config(tmp, json.dumps({"lr": None}))],
+    pytest.param(lambda tmp: ["train", "--data", str(tmp), "--config", _config(tmp, json.dumps({"lr": None}))],
                  "field 'lr' must be", id="null_value"),
-    pytest.param(lambda tmp: ["train", "--config", _config(tmp, json.dumps({"model": {"dim": 30, "num_heads": 4}}))],
+    pytest.param(lambda tmp: ["train", "--data", str(tmp), "--config", _config(tmp, json.dumps({"model": {"dim": 30, "num_heads": 4}}))],
                  "must be divisible by num_heads", id="dim_not_divisible"),
     pytest.param(lambda tmp: ["train", "--epochs", "0", "--data", str(tmp)], "TrainConfig.epochs must be >= 1, got 0", id="zero_epochs"),
     pytest.param(lambda tmp: ["train", "--lr", "-1", "--data", str(tmp)], "TrainConfig.lr must be >= 0.0, got -1.0", id="negative_lr"),
     pytest.param(lambda tmp: ["train", "--data", str(tmp / "none")], "no corpus at", id="missing_corpus"),
-    pytest.param(lambda tmp: ["eval", "--data", str(tmp / "none"), "--runs", str(tmp)], "not found", id="eval_missing_data"),
-    pytest.param(lambda tmp: ["data", "--num-train", "-1", "--out-dir", str(tmp)], "--num-train", id="negative_count"),
+    pytest.param(lambda tmp: ["eval", "--data", str(tmp / "none"), "--runs", str(tmp)], "nothing to evaluate: no finished run",
+                 id="eval_no_runs"),
+    pytest.param(lambda tmp: ["prepare", "--data", str(tmp), "--units", "bpe7"], "units must be 'char' or 'bpe<N>'",
+                 id="prepare_bad_units"),
+    pytest.param(lambda tmp: ["prepare", "--data", str(tmp / "none")], "train.jsonl not found", id="prepare_no_manifest"),
     pytest.param(lambda tmp: ["eval", "--limit", "0", "--data", str(tmp), "--runs", str(tmp)], "--limit must be >= 1",
                  id="eval_limit_zero"),
     pytest.param(lambda tmp: ["eval", "--limit", "-1", "--data", str(tmp), "--runs", str(tmp)], "--limit must be >= 1",
@@ -51,7 +54,7 @@ def test_user_error_is_one_line_with_exit_status_2(argv, match, tmp_path, capsys
 
 def test_debug_shows_the_traceback(tmp_path):
     with pytest.raises(ValueError, match="cannot read config file"):
-        main(["train", "--debug", "--config", str(tmp_path / "missing.json")])
+        main(["train", "--debug", "--data", str(tmp_path), "--config", str(tmp_path / "missing.json")])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from dynenc.config import ModelConfig
-from dynenc.recipe.train import TrainConfig, train
+from dynenc.asr import ModelConfig
+from dynenc.asr.train import TrainConfig, train
 
 CONFIG = TrainConfig(method="layer_drop", strategy="fsdp2", checkpoint_layers=True, epochs=2, max_frames=1500,
                      model=ModelConfig(dim=32, num_layers=4, num_heads=2, ffn_dim=64, kernel_size=5, dropout=0.0))

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from dynenc import methods
-from dynenc.recipe.train import ObjectiveModule, TrainConfig, distribute, shard_model
+from dynenc.asr.train import ObjectiveModule, TrainConfig, distribute, shard_model
 from toy_ctc import tiny_model, toy_batch
 
 WORLD = 2

@@ -19,9 +19,9 @@ from dynenc.routing import valid_frames
 
 from dispatch_counting import SYNCS, CountOps, counting
 
-# 3 layers, an exit after layer 1: n=2 every-other runs layers 2 and 3 (layer 1 skipped).
+# 3 layers, an exit at depth 1: n=2 every-other runs layers 1 and 2 (layer 0 skipped).
 CONFIG = ModelConfig(vocab_size=12, num_features=16, dim=32, num_heads=2, ffn_dim=64, num_layers=3, kernel_size=5,
-                     dropout=0.0, exit_layers=(1,))
+                     dropout=0.0, exit_depths=(1,))
 FP32_TOLERANCE = 1e-4  # log-probabilities, ONNX Runtime / torch.export vs eager dynenc
 INT8_TOLERANCE = 0.5   # log-probabilities, dynamic-int8 linears vs fp32
 
@@ -96,7 +96,7 @@ def test_fixed_budget_pt2_equals_eager(fixed, model):
     expected = infer(model, features, lengths, LayerDropBudget(2))
     assert out_lengths.tolist() == expected.lengths.tolist()
     _assert_close_on_valid_frames(log_probs, expected.log_probs, expected.lengths, FP32_TOLERANCE)
-    # Only the executed layers (2 and 3 of 3) are in the program: layer 1's parameters are not.
+    # Only the executed layers (1 and 2 of 0..2) are in the program: layer 0's parameters are not.
     skipped = ("encoder.conformer_layers.0.", "exit_heads.")
     executed = [name for name in model.state_dict() if not name.startswith(skipped)]
     assert len(program.state_dict) == len(executed)
@@ -181,13 +181,13 @@ def test_int8_runs_and_is_close(fixed, model):
     assert "DynamicQuantizeLinear" in op_types or "MatMulInteger" in op_types, op_types
 
 
-def _exit_confidence(model, features, lengths, exit_layer, criterion):
-    """Eager mean frame confidence of the utterance at ``exit_layer``'s head."""
+def _exit_confidence(model, features, lengths, exit_depth, criterion):
+    """Eager mean frame confidence of the utterance at ``exit_depth``'s head."""
     with torch.no_grad():
         x, x_lengths = model.embed(features, lengths)
         out = model.encoder(x, x_lengths, return_hidden=True)
-        hidden = out.packed.unpack(out.hidden[exit_layer - 1])
-        log_probs = torch.log_softmax(model.exit_head(exit_layer)(hidden), -1)
+        hidden = out.packed.unpack(out.hidden[exit_depth - 1])
+        log_probs = torch.log_softmax(model.exit_head(exit_depth)(hidden), -1)
         return float(frame_confidence(log_probs, criterion).mean())
 
 
@@ -203,10 +203,10 @@ def test_runtime_early_exit_onnx_matches_eager(early_exit, model):
     exits = []
     for threshold in _thresholds(confidence, 0.0, 1.0):
         expected = infer(model, features, lengths, EarlyExitBudget(threshold=threshold, criterion="max_prob"))
-        log_probs, out_lengths, exit_layer = export.run_onnx(session, features, lengths, threshold)
-        assert exit_layer.tolist() == expected.decisions.exit_layer.tolist()
+        log_probs, out_lengths, exit_depth = export.run_onnx(session, features, lengths, threshold)
+        assert exit_depth.tolist() == expected.decisions.exit_depth.tolist()
         _assert_close_on_valid_frames(log_probs, expected.log_probs, expected.lengths, FP32_TOLERANCE)
-        exits.append(int(exit_layer[0]))
+        exits.append(int(exit_depth[0]))
     assert exits == [1, 3]
 
 
@@ -218,20 +218,20 @@ def test_early_exit_graph_entropy_matches_eager(model):
     for threshold in _thresholds(confidence, 2 * confidence, 0.0):
         expected = infer(model, features, lengths, EarlyExitBudget(threshold=threshold, criterion="entropy"))
         with torch.no_grad():
-            log_probs, _, exit_layer = graph(features, lengths, torch.tensor(threshold))
-        assert exit_layer.tolist() == expected.decisions.exit_layer.tolist()
+            log_probs, _, exit_depth = graph(features, lengths, torch.tensor(threshold))
+        assert exit_depth.tolist() == expected.decisions.exit_depth.tolist()
         _assert_close_on_valid_frames(log_probs, expected.log_probs, expected.lengths, FP32_TOLERANCE)
 
 
 def test_budget_plans(model):
-    assert export.budget_plan(model, FullBudget()) == export.ExportPlan((1, 2, 3), 3)
-    assert export.budget_plan(model, LayerDropBudget(2)) == export.ExportPlan((2, 3), 3)
-    assert export.budget_plan(model, EarlyExitBudget(fixed_exit=1)) == export.ExportPlan((1,), 1)
+    assert export.budget_plan(model, FullBudget()) == export.ExportPlan((0, 1, 2), 3)
+    assert export.budget_plan(model, LayerDropBudget(2)) == export.ExportPlan((1, 2), 3)
+    assert export.budget_plan(model, EarlyExitBudget(fixed_exit=1)) == export.ExportPlan((0,), 1)
     features, lengths = _batch([60])
     plan = export.budget_plan(model, LayerDropBudget(2, "random"), features, lengths)  # that utterance's draw
-    assert len(plan.layers) == 2 and plan.head_layer == 3
+    assert len(plan.layers) == 2 and set(plan.layers) <= {0, 1, 2} and plan.head_depth == 3
     exited = export.budget_plan(model, EarlyExitBudget(threshold=0.0, criterion="max_prob"), features, lengths)
-    assert exited == export.ExportPlan((1,), 1)
+    assert exited == export.ExportPlan((0,), 1)
 
 
 @pytest.mark.parametrize("call, error, message", [
@@ -239,11 +239,11 @@ def test_budget_plans(model):
     (lambda m: export.budget_plan(m, LayerDropBudget(2, "random")), ValueError, "ONE utterance"),
     (lambda m: export.budget_plan(m, SelectorBudget(k=1)), ValueError, "selector"),
     (lambda m: export.budget_plan(m, "n=2"), TypeError, "budget must be"),
-    (lambda m: export.fixed_budget_graph(m, layers=[0, 2]), ValueError, "1-based layers in [1, 3]"),
+    (lambda m: export.fixed_budget_graph(m, layers=[1, 3]), ValueError, "0-based layers in [0, 2]"),
     (lambda m: export.fixed_budget_graph(m, layers=[1, 1]), ValueError, "distinct"),
     (lambda m: export.fixed_budget_graph(m, layers="12"), TypeError, "sequence of ints"),
     (lambda m: export.fixed_budget_graph(m, FullBudget(), layers=[1]), ValueError, "exactly one of"),
-    (lambda m: export.FixedBudgetGraph(m, export.ExportPlan((1, 2), 2)), ValueError, "head_layer must be one of"),
+    (lambda m: export.FixedBudgetGraph(m, export.ExportPlan((0, 1), 2)), ValueError, "head_depth must be one of"),
     (lambda m: export.EarlyExitGraph(m, "nbest_posterior"), ValueError, "beam search"),
     (lambda m: export.EarlyExitGraph(CTCModel(ModelConfig(num_layers=2))), ValueError, "early-exit heads"),
     (lambda m: export.save(export.EarlyExitGraph(m), "graph.tflite"), ValueError, "must end in one of"),
@@ -257,7 +257,7 @@ def test_bad_arguments_raise_clear_errors(model, call, error, message):
 @pytest.mark.parametrize("flags, message", [
     (["--out", "model.tflite"], "an output file must end in one of"),
     (["--out", "model.pt2", "--int8"], "--int8 quantizes an ONNX file"),
-    (["--out", "model.onnx", "--exit-layer", "2"], "fixed_exit must be one of the model's exit layers"),
+    (["--out", "model.onnx", "--exit-depth", "2"], "fixed_exit must be one of the model's exit depths"),
 ])
 def test_cli_errors_are_one_line(tmp_path, capsys, model, flags, message):
     save_checkpoint(tmp_path / "model.pt", model)

@@ -1,22 +1,20 @@
 """The recipe on CUDA: `dynenc train --device cuda` trains and its checkpoint evaluates on the CPU."""
 import dataclasses
 import json
-import shutil
 
 import pytest
 import torch
 
 from dynenc.asr import load_checkpoint
-from dynenc.config import ModelConfig
+from dynenc.asr import ModelConfig
 from dynenc.methods import FullBudget
-from dynenc.recipe.evaluate import decode_split
-from dynenc.recipe.features import load_split
-from dynenc.recipe.synthesis import synthesize_corpus
-from dynenc.recipe.tokenizer import CharTokenizer
-from dynenc.recipe.train import TrainConfig, train
+from dynenc.asr.evaluate import decode_split
+from dynenc.asr.features import load_split
+from tone_corpus import write_tone_splits
+from dynenc.asr.tokenizer import CharTokenizer
+from dynenc.asr.train import TrainConfig, train
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
-              pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 TINY = TrainConfig(epochs=2, max_frames=1500, lr=3e-3, spec_augment=False,
                    model=ModelConfig(dim=32, num_layers=2, num_heads=2, ffn_dim=64, kernel_size=5, dropout=0.0))
@@ -25,7 +23,7 @@ TINY = TrainConfig(epochs=2, max_frames=1500, lr=3e-3, spec_augment=False,
 @pytest.mark.parametrize("method", ["static", "dld", "blank_skip"])
 def test_train_on_cuda_then_decode_on_both(tmp_path, method):
     corpus = tmp_path / "speech"
-    synthesize_corpus(corpus, num_train=12, num_dev=3, num_test=3, seed=1, progress=False)
+    write_tone_splits(corpus, num_train=12, num_dev=3, num_test=3)
     teacher = {}
     if method == "dld":  # the teacher is moved beside the student on the GPU
         train(TINY, corpus, tmp_path / "static", progress=False, device="cuda")

@@ -12,7 +12,7 @@ from toy_ctc import VOCAB, run_layer_alone, tiny_model, toy_batch
                                         pytest.param(True, id="factorized_head")])
 @torch.no_grad()
 def test_blank_skip_matches_compacted_per_sample_oracle(factorized):
-    model = tiny_model(blank_skip_layer=2, factorized_ctc=factorized).eval()
+    model = tiny_model(blank_skip_depth=2, factorized_ctc=factorized).eval()
     features, lengths, _, _ = toy_batch(3)
     x, x_lengths = model.embed(features, lengths)
     window = 1
@@ -50,7 +50,7 @@ def test_blank_skip_matches_compacted_per_sample_oracle(factorized):
 
 @torch.no_grad()
 def test_skip_decision_comes_back_in_the_encoder_output():
-    model = tiny_model(blank_skip_layer=2, factorized_ctc=True).eval()
+    model = tiny_model(blank_skip_depth=2, factorized_ctc=True).eval()
     torch.nn.init.normal_(model.blank_head.blank.weight, std=1.0)
     features, lengths, _, _ = toy_batch(3)
     x, x_lengths = model.embed(features, lengths)

@@ -11,7 +11,7 @@ from toy_ctc import tiny_model, toy_batch
 
 
 def _model(**overrides):
-    return tiny_model(blank_skip_layer=2, factorized_ctc=True, **overrides).eval()
+    return tiny_model(blank_skip_depth=2, factorized_ctc=True, **overrides).eval()
 
 
 @torch.no_grad()
@@ -67,7 +67,7 @@ def test_skipping_training_gives_finite_gradients_to_every_head():
 @torch.no_grad()
 def test_factorized_final_head():
     model = _model(factorized_final_ctc=True)
-    assert isinstance(model.ctc_head, methods.blank_skip.BlankHead)
+    assert isinstance(model.ctc_head, methods.blank_skip.CTCHead)
     features, lengths = toy_batch(3)[:2]
     log_probs = infer(model, features, lengths, methods.FullBudget()).log_probs
     torch.testing.assert_close(log_probs.exp().sum(-1), torch.ones(log_probs.shape[:2]))

@@ -111,8 +111,8 @@ MODEL_MISMATCHES = [
                  id="layer_drop-more-layers-than-the-model"),
     pytest.param(dict(selector_hidden=8), SelectorBudget(k=5), r"SelectorBudget.k must lie in \[0, 4\], got 5",
                  id="selector-k-above-depth"),
-    pytest.param(dict(exit_layers=(2,)), EarlyExitBudget(fixed_exit=3),
-                 r"EarlyExitBudget.fixed_exit must be one of the model's exit layers \[2, 4\], got 3",
+    pytest.param(dict(exit_depths=(2,)), EarlyExitBudget(fixed_exit=3),
+                 r"EarlyExitBudget.fixed_exit must be one of the model's exit depths \[2, 4\], got 3",
                  id="early_exit-no-head-at-fixed-exit"),
     pytest.param(dict(), EarlyExitBudget(threshold=0.9), r"needs a model with early-exit heads",
                  id="early_exit-model-without-exit-heads"),
@@ -142,7 +142,7 @@ def test_budget_the_model_cannot_run_is_refused(model_fields, budget, message):
     pytest.param(SelectorBudget(k=0), id="selector-k-zero"),
 ])
 def test_valid_budgets_run(budget):
-    model = tiny_model(exit_layers=(2,), blank_skip_layer=2, selector_hidden=8)
+    model = tiny_model(exit_depths=(2,), blank_skip_depth=2, selector_hidden=8)
     features, lengths, _, _ = toy_batch(0, batch_size=3)
     result = infer(model, features, lengths, budget)
     assert 0 <= result.report.executed_fraction <= 1

@@ -22,7 +22,7 @@ def utterance_confidence(log_probs, criterion):
 @pytest.mark.parametrize("criterion", [pytest.param(c, id=c) for c in methods.early_exit.CRITERIA])
 @torch.no_grad()
 def test_early_exit_matches_per_sample_decisions(criterion):
-    model = tiny_model(exit_layers=(1, 2, 3)).eval()
+    model = tiny_model(exit_depths=(1, 2, 3)).eval()
     features, lengths, _, _ = toy_batch(2)
     x, x_lengths = model.embed(features, lengths)
     # Per-sample confidences at each exit (the oracle runs every layer; fine for the check).
@@ -41,7 +41,7 @@ def test_early_exit_matches_per_sample_decisions(criterion):
     passes = confidences >= threshold
     expected_exit = torch.where(passes.any(1), passes.float().argmax(1) + 1, torch.tensor(4))
     result = infer(model, features, lengths, EarlyExitBudget(threshold=threshold, criterion=criterion))
-    assert torch.equal(result.decisions.exit_layer, expected_exit)
+    assert torch.equal(result.decisions.exit_depth, expected_exit)
     assert torch.equal(result.report.sample_depth, expected_exit)
     assert result.report.tokens_per_layer == [int((x_lengths * (expected_exit > l)).sum()) for l in range(4)]
     for b, length in enumerate(x_lengths.tolist()):
@@ -52,12 +52,12 @@ def test_early_exit_matches_per_sample_decisions(criterion):
         torch.testing.assert_close(result.log_probs[b, :length], F.log_softmax(model.exit_head(exit_at)(h[0]), -1),
                                    atol=1e-5, rtol=1e-5)
     fixed = infer(model, features, lengths, EarlyExitBudget(fixed_exit=2))
-    assert (fixed.decisions.exit_layer == 2).all() and fixed.report.tokens_per_layer[2:] == [0, 0]
+    assert (fixed.decisions.exit_depth == 2).all() and fixed.report.tokens_per_layer[2:] == [0, 0]
 
 
 @torch.no_grad()
 def test_exit_decisions_come_back_in_the_encoder_output():
-    model = tiny_model(exit_layers=(1, 2, 3)).eval()
+    model = tiny_model(exit_depths=(1, 2, 3)).eval()
     features, lengths, _, _ = toy_batch(2)
     x, x_lengths = model.embed(features, lengths)
     policy = EarlyExitPolicy(model, EarlyExitBudget(fixed_exit=2))
@@ -77,11 +77,11 @@ def test_exit_decisions_come_back_in_the_encoder_output():
 
 @torch.no_grad()
 def test_exit_at_the_last_layer_is_the_full_model():
-    model = tiny_model(exit_layers=(2,)).eval()
+    model = tiny_model(exit_depths=(2,)).eval()
     features, lengths, _, _ = toy_batch(2)
     full = infer(model, features, lengths, methods.FullBudget())
     last = infer(model, features, lengths, EarlyExitBudget(fixed_exit=4))
-    assert (last.decisions.exit_layer == 4).all()
+    assert (last.decisions.exit_depth == 4).all()
     torch.testing.assert_close(last.log_probs, full.log_probs)
     assert last.report.executed_fraction == 1.0
 
@@ -112,7 +112,7 @@ def test_entropy_is_normalised_by_frames_and_units():
 def test_no_overhead_while_nobody_exits(monkeypatch):
     """A threshold nobody reaches runs the layers exactly like full depth (prefix routes: no
     gather or scatter), and the exit heads see only rows still running."""
-    model = tiny_model(exit_layers=(1, 2, 3)).eval()
+    model = tiny_model(exit_depths=(1, 2, 3)).eval()
     features, lengths, _, _ = toy_batch(2)
     calls = []
     for name in ("gather_rows", "gated_residual_scatter"):
@@ -122,8 +122,8 @@ def test_no_overhead_while_nobody_exits(monkeypatch):
     infer(model, features, lengths, FullBudget())
     full_calls, calls[:] = list(calls), []
     result = infer(model, features, lengths, EarlyExitBudget(threshold=1.0, criterion="max_prob"))
-    assert (result.decisions.exit_layer == 4).all() and calls == full_calls
+    assert (result.decisions.exit_depth == 4).all() and calls == full_calls
     head_rows = []
     model.exit_head(2).register_forward_hook(lambda module, args, out: head_rows.append(args[0].shape[0]))
     result = infer(model, features, lengths, EarlyExitBudget(threshold=0.0, criterion="max_prob"))
-    assert (result.decisions.exit_layer == 1).all() and head_rows == [0]  # everyone left at layer 1
+    assert (result.decisions.exit_depth == 1).all() and head_rows == [0]  # everyone left at layer 1

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from dynenc import methods
 from dynenc.methods import LayerDropBudget, get_method, infer
-from dynenc.recipe import train as train_module
+from dynenc.asr import train as train_module
 from toy_ctc import per_sample_oracle, run_layer_alone, tiny_model, toy_batch
 
 
@@ -93,7 +93,7 @@ def test_layer_drop_gradients_zero_exactly_where_skipped():
 def parse_train_flags(*argv):
     parser = argparse.ArgumentParser(prog="dynenc train")
     train_module.add_arguments(parser)
-    return train_module.config_from_args(parser.parse_args(list(argv)))
+    return train_module.config_from_args(parser.parse_args(["--data", "unused", *argv]))
 
 
 def training_masks(method, gating):
@@ -122,10 +122,15 @@ def test_per_sample_gating_draws_each_sample_its_own_layers(method):
 
 @pytest.mark.parametrize("make, field", [
     pytest.param(lambda: train_module.TrainConfig(gating="per_frame"), "TrainConfig.gating", id="train-config"),
-    pytest.param(lambda: parse_train_flags("--gating", "per_frame"), "TrainConfig.gating", id="train-flag"),
     pytest.param(lambda: methods.LayerDropCTC(4, gating="per_frame"), "RandomLayerDrop.gating", id="layer-drop"),
     pytest.param(lambda: methods.DLDObjective(gating="per_frame"), "DLDObjective.gating", id="dld"),
 ])
 def test_bad_gating_is_refused(make, field):
     with pytest.raises(ValueError, match=rf"{field} must be one of \('per_sample', 'per_batch'\), got 'per_frame'"):
         make()
+
+
+def test_a_bad_gating_flag_is_refused_with_its_choices(capsys):
+    with pytest.raises(SystemExit):
+        parse_train_flags("--gating", "per_frame")
+    assert "invalid choice: 'per_frame' (choose from 'per_sample', 'per_batch')" in capsys.readouterr().err

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from dynenc.asr import CTCModel, ModelConfig
+from dynenc import methods
 from dynenc.methods import METHODS, FullBudget, LayerDropBudget, get_method, infer, method_names
-from dynenc.recipe.train import TrainConfig
+from dynenc.asr.train import TrainConfig
 from toy_ctc import FEATURES, VOCAB, tiny_model, toy_batch
 
 NAMES = ("static", "layer_drop", "dld", "selector", "early_exit", "blank_skip")
@@ -47,9 +48,9 @@ def test_every_method_trains_and_sweeps_through_the_registry(name):
 
 def test_method_fields_fill_only_what_the_config_leaves_unset():
     base = ModelConfig(num_layers=6)
-    assert get_method("early_exit").model_fields(base) == {"exit_layers": (2, 4, 6)}
-    assert get_method("early_exit").model_fields(dataclasses.replace(base, exit_layers=(3,))) == {}
-    assert get_method("blank_skip").model_fields(base) == {"blank_skip_layer": 3, "factorized_ctc": True}
+    assert get_method("early_exit").model_fields(base) == {"exit_depths": (2, 4, 6)}
+    assert get_method("early_exit").model_fields(dataclasses.replace(base, exit_depths=(3,))) == {}
+    assert get_method("blank_skip").model_fields(base) == {"blank_skip_depth": 3, "factorized_ctc": True}
     assert get_method("selector").model_fields(base) == {"selector_hidden": 64}
     assert get_method("static").model_fields(base) == get_method("dld").model_fields(base) == {}
 
@@ -80,3 +81,12 @@ def test_infer_restores_the_mode_when_it_fails():
     with pytest.raises(ValueError, match="features must be"):
         infer(model, torch.zeros(2, 30, FEATURES + 1), torch.tensor([30, 20]), FullBudget())
     assert all(module.training for module in model.modules())
+
+
+def test_method_and_dld_objective_take_their_settings_by_name():
+    static = get_method("static")
+    with pytest.raises(TypeError):
+        type(static)(static.name, static.summary, static.budget_type, static.run, static.objective, static.budgets)
+    with pytest.raises(TypeError):
+        methods.DLDObjective("self", 1.0, 2.0)
+    assert methods.DLDObjective("self", weight=1.0, temperature=2.0).temperature == 2.0

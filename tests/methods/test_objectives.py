@@ -7,13 +7,13 @@ from toy_ctc import tiny_model, toy_batch
 
 OBJECTIVES = {
     "static": (dict(), lambda m: methods.StaticCTC()),
-    "static_inter_ctc": (dict(exit_layers=(2,)), lambda m: methods.StaticCTC(0.3)),
+    "static_inter_ctc": (dict(exit_depths=(2,)), lambda m: methods.StaticCTC(0.3)),
     "layer_drop": (dict(), lambda m: methods.LayerDropCTC(4, 0.3)),
     "dld_self": (dict(), lambda m: methods.DLDObjective("self", weight=1.0, temperature=2.0, drop_prob=0.3,
                                                         hidden_weight=0.1)),
     "selector": (dict(selector_hidden=16), lambda m: methods.SelectorObjective(min_layers=2)),
-    "early_exit": (dict(exit_layers=(2,)), lambda m: methods.EarlyExitObjective({2: 0.5})),
-    "blank_skip": (dict(blank_skip_layer=2, factorized_ctc=True), lambda m: methods.BlankSkipObjective()),
+    "early_exit": (dict(exit_depths=(2,)), lambda m: methods.EarlyExitObjective({2: 0.5})),
+    "blank_skip": (dict(blank_skip_depth=2, factorized_ctc=True), lambda m: methods.BlankSkipObjective()),
 }
 
 

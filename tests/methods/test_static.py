@@ -20,7 +20,7 @@ def _ctc_of_layer(model, batch, layer):
 @pytest.mark.parametrize("exits", [(2,), (1, 3)], ids=["one_head", "two_heads"])
 @pytest.mark.parametrize("weight", [0.0, 0.3, 0.5], ids=lambda w: f"w={w}")
 def test_inter_ctc_mixes_last_and_intermediate_losses(weight, exits):
-    model = tiny_model(seed=2, exit_layers=exits).eval()
+    model = tiny_model(seed=2, exit_depths=exits).eval()
     batch = toy_batch(7)
     features, lengths, targets, target_lengths = batch
     log_probs, out_lengths, _ = model(features, lengths)  # the model's own (inference) output
@@ -33,7 +33,7 @@ def test_inter_ctc_mixes_last_and_intermediate_losses(weight, exits):
 
 @pytest.mark.parametrize("exits", [(), (4,)], ids=["no_heads", "only_the_last_layer"])
 def test_without_intermediate_heads_it_is_plain_ctc(exits):
-    model = tiny_model(seed=2, exit_layers=exits).eval()
+    model = tiny_model(seed=2, exit_depths=exits).eval()
     batch = toy_batch(7)
     features, lengths, targets, target_lengths = batch
     log_probs, out_lengths, _ = model(features, lengths)
@@ -44,7 +44,7 @@ def test_without_intermediate_heads_it_is_plain_ctc(exits):
 
 def test_the_intermediate_head_gets_gradient_only_with_a_weight():
     for weight, trained in ((0.3, True), (0.0, False)):
-        model = tiny_model(seed=2, exit_layers=(2,)).train()
+        model = tiny_model(seed=2, exit_depths=(2,)).train()
         methods.StaticCTC(weight)(model, toy_batch(3))[0].backward()
         grads = [p.grad for p in model.exit_head(2).parameters()]
         assert any(g is not None and g.abs().sum() > 0 for g in grads) == trained, weight

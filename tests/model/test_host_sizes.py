@@ -104,3 +104,35 @@ def test_forward_with_host_sizes_matches_device_sizes(routing):
                                    sample_mask=mask if routing == "layer_mask" else None)
     assert out.report.total_tokens == int(lengths.sum())
     assert_same_routes(out.routes, device_schedule.routes())
+
+
+def test_validation_reads_no_value_on_the_host_the_routing_reads_once(monkeypatch):
+    """The forward's one host sync belongs to the routing (it sizes the plan); checking the
+    arguments reads nothing back."""
+    from dynenc import validation
+    from dynenc.routing import read_host_inputs
+
+    x, lengths = torch.randn(3, MAX_FRAMES, 8), torch.tensor([7, 0, 4])
+    depth, mask = torch.tensor([4, 1, 0]), torch.rand(3, NUM_LAYERS) < 0.5
+    reads = []
+    for name in ("tolist", "item"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, real=real, name=name: reads.append(name) or real(self))
+    frames = validation.check_encoder_inputs(x, lengths, 8, NUM_LAYERS, torch.float32, depth=depth)
+    validation.check_encoder_inputs(x, lengths, 8, NUM_LAYERS, torch.float32, layer_mask=mask)
+    assert reads == []
+    host = read_host_inputs(frames, depth, None)
+    assert reads == ["tolist"] and host.lengths == [7, 0, 4] and host.depth == [4, 1, 0]
+    assert read_host_inputs(frames, None, mask).layer_mask == mask.long().tolist()
+    with pytest.raises(ValueError, match=r"depth must lie in \[0, num_layers=4\], got min 0 max 5"):
+        validation.check_host_ranges([1, 2], [5, 0], MAX_FRAMES, NUM_LAYERS)
+
+
+def test_every_route_knows_its_rows_sequences():
+    lengths, mask = torch.tensor([3, 0, 5, 2]), torch.tensor([[1, 0], [1, 1], [0, 1], [1, 1]], dtype=torch.bool)
+    packed = pack(torch.randn(4, 5, 8), lengths)
+    for depth, sample_mask in ((torch.tensor([2, 1, 1, 0]), None), (None, mask)):
+        schedule = Schedule(packed.batch, 2, depth=depth, sample_mask=sample_mask)
+        for route in schedule.routes():
+            batch = route.batch
+            assert torch.equal(batch.seq_ids, ops.rows.sequence_ids(batch.cu_seqlens, batch.num_rows))
