@@ -1,6 +1,6 @@
 """``dynenc bench``: the command line (``add_arguments(parser)``, ``run(args)``).
 
-Model sizes are :class:`dynenc.config.ModelConfig` fields under their own names
+Model sizes are :class:`dynenc.asr.ModelConfig` fields under their own names
 (``--dim --num-heads --ffn-dim --num-layers --kernel-size``); the flags' names from before
 (``--heads --layers --kernel``) remain as aliases. ``dynenc profile`` takes the same flags.
 """
@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 import time
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -19,7 +19,7 @@ from .figures import FIGURES
 from .harness import load_average, machine_info
 from .report import format_machine, format_results, format_rows, format_sizes, write_outputs
 from .runner import run_benchmarks
-from .workload import QUICK, BenchConfig
+from .workload import FULL, QUICK, BenchConfig
 
 MODEL_SIZES = ("dim", "num_heads", "ffn_dim", "num_layers", "kernel_size")
 RUN_SIZES = ("batch", "frames", "op_dim", "repeats", "warmup")
@@ -45,14 +45,33 @@ def with_sizes(base: BenchConfig, args: argparse.Namespace, names: Sequence[str]
     return dataclasses.replace(base, model=model, **{k: v for k, v in given.items() if k not in MODEL_SIZES})
 
 
+#: Wall time of the default and the full run (``/usr/bin/time``, cold torch.compile cache) on this
+#: project's 2-core AMD EPYC machine, no GPU, otherwise idle: 110 s and 269 s. Measured, not
+#: estimated. Slower hosts of the same kind, or other jobs on the cores, took 2-3x as long.
+DEFAULT_DURATION, FULL_DURATION = "~2 minutes", "~4.5 minutes"
+
+
+def _size_help(name: str) -> str:
+    default, full, quick = (size_of(config, name) for config in (BenchConfig(), FULL, QUICK))
+    others = ([f"full {full}"] if full != default else []) + [f"quick {quick}"]
+    return f"default {default} ({', '.join(others)})"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = BenchConfig()
-    sizes = parser.add_argument_group("sizes (defaults: the embedded ~2-3 minute run; --quick: tiny)")
-    add_size_arguments(sizes, MODEL_SIZES + RUN_SIZES,
-                       lambda name: f"default {size_of(defaults, name)} (quick {size_of(QUICK, name)})")
+    sizes = parser.add_argument_group(f"sizes (defaults: the default run, {DEFAULT_DURATION} on 2 idle CPU cores; "
+                                      "--quick: tiny)")
+    add_size_arguments(sizes, MODEL_SIZES + RUN_SIZES, _size_help)
     sizes.add_argument("--fractions", type=float, nargs="+", default=None,
                        help=f"active fractions for proportionality (default {' '.join(map(str, defaults.fractions))})")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every case in seconds")
+    scope = parser.add_mutually_exclusive_group()
+    scope.add_argument("--full", action="store_true",
+                       help=f"the complete set: every case and sweep point of every figure (the masked peer at "
+                            f"every fraction, dynenc compiled, every early exit and blank-skip budget, an edge "
+                            f"budget per fraction), median of {FULL.repeats} rounds; {FULL_DURATION} on 2 idle "
+                            f"CPU cores (default: the headline cases at the same sizes, median of "
+                            f"{defaults.repeats}, {DEFAULT_DURATION})")
+    scope.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every case in seconds")
     parser.add_argument("--modes", nargs="+", choices=list(FIGURES), default=list(FIGURES), metavar="MODE",
                         help=f"figures to run (default all: {' '.join(FIGURES)})")
     parser.add_argument("--devices", nargs="+", default=None,
@@ -62,7 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
-    config = with_sizes(QUICK if args.quick else BenchConfig(), args, MODEL_SIZES + RUN_SIZES)
+    base = QUICK if args.quick else FULL if args.full else BenchConfig()
+    config = with_sizes(base, args, MODEL_SIZES + RUN_SIZES)
     if args.fractions is not None:
         config = dataclasses.replace(config, fractions=tuple(sorted(set(args.fractions) | {1.0}, reverse=True)))
     return config
@@ -87,14 +107,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"warning: other processes kept the CPUs {busy:.0%} busy before the run: timings will be noisy",
               flush=True)
     start = time.perf_counter()
-    rows, results = run_benchmarks(config, figures, devices, show_progress=not args.no_progress)
+    figure_s: Dict[str, float] = {}
+    rows, results = run_benchmarks(config, figures, devices, show_progress=not args.no_progress,
+                                   figure_seconds=figure_s)
     wall_s = time.perf_counter() - start
     machine["load_avg_1m_after"] = load_average()  # includes this run's own threads
-    paths = write_outputs(args.out, config, machine, rows, results, devices, wall_s)
+    paths = write_outputs(args.out, config, machine, rows, results, devices, wall_s, figure_s)
     print()
     print(format_sizes(config))
     print(format_rows(rows))
     print()
     print(format_results(results))
-    print(f"\nwall time {wall_s:.1f} s; wrote {', '.join(str(p) for p in paths.values())}")
+    per_figure = ", ".join(f"{key} {seconds:.0f}" for key, seconds in figure_s.items())
+    print(f"\nwall time {wall_s:.1f} s ({per_figure}); wrote {', '.join(str(p) for p in paths.values())}")
     return 0

@@ -5,7 +5,7 @@ import dataclasses
 import json
 import textwrap
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from .figures import edge
 from .runner import RatioResult, Row
@@ -181,8 +181,10 @@ def plot(rows: Sequence[Row], results: Sequence[RatioResult], device: str, path:
 
 # ============================================================================ files
 def write_outputs(out_dir: Path, config: BenchConfig, machine: Dict[str, Any], rows: Sequence[Row],
-                  results: Sequence[RatioResult], devices: Sequence[str], wall_s: float) -> Dict[str, Path]:
-    """``bench.json`` (machine, config, rows, ratios) and ``bench_{device}.png``; returns their paths."""
+                  results: Sequence[RatioResult], devices: Sequence[str], wall_s: float,
+                  figure_s: Optional[Dict[str, float]] = None) -> Dict[str, Path]:
+    """``bench.json`` (machine, config, wall and per-figure seconds, rows, ratios) and
+    ``bench_{device}.png``; returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "bench.json"}
     payload = {
@@ -190,6 +192,7 @@ def write_outputs(out_dir: Path, config: BenchConfig, machine: Dict[str, Any], r
         "config": dataclasses.asdict(config),
         "devices": list(devices),
         "wall_s": wall_s,
+        "figure_s": dict(figure_s or {}),  # "device:figure" -> seconds, setup (compiles, exports) included
         "notes": {
             "timing": "median over repeats after warm-up; cases of a figure timed round-robin; forward-only cases "
                       "under torch.inference_mode",

@@ -2,6 +2,7 @@
 :class:`Row` s and its ratios into :class:`RatioResult` s."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -101,8 +102,10 @@ def run_figure(figure: str, config: BenchConfig, workload: Workload, progress=No
 
 
 def run_benchmarks(config: BenchConfig, figures: Sequence[str], devices: Sequence[str],
-                   show_progress: bool = True) -> Tuple[List[Row], List[RatioResult]]:
-    """Every figure on every device; returns ``(rows, ratio results)``."""
+                   show_progress: bool = True,
+                   figure_seconds: Optional[Dict[str, float]] = None) -> Tuple[List[Row], List[RatioResult]]:
+    """Every figure on every device; returns ``(rows, ratio results)``. ``figure_seconds``, if
+    given, receives each figure's wall seconds (setup included) under ``"{device}:{figure}"``."""
     from tqdm.auto import tqdm
 
     total = sum(case.runs_on(torch.device(device)) for device in devices for case in all_cases(config, figures))
@@ -113,7 +116,10 @@ def run_benchmarks(config: BenchConfig, figures: Sequence[str], devices: Sequenc
         for device in devices:
             workload = Workload(config, torch.device(device))
             for figure in figures:
+                start = time.perf_counter()
                 figure_rows = run_figure(figure, config, workload, progress)
+                if figure_seconds is not None:
+                    figure_seconds[f"{device}:{figure}"] = time.perf_counter() - start
                 rows.extend(figure_rows.values())
                 results.extend(evaluate(FIGURES[figure].ratios(config), figure_rows, device))
     return rows, results

@@ -12,19 +12,24 @@ import torch
 from torch import Tensor, nn
 
 from dynenc.asr import CTCModel
-from dynenc.config import ModelConfig
+from dynenc.asr import ModelConfig
 from dynenc.model import DynamicConformer
 from dynenc.routing import Schedule, pack, valid_frames
 
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """Sizes of one benchmark run: the model (:class:`dynenc.config.ModelConfig`, the same
+    """Sizes of one benchmark run: the model (:class:`dynenc.asr.ModelConfig`, the same
     for every peer) and the workload around it.
 
     ``frames`` is T, the longest sequence; lengths are spread evenly over
     ``[min_length * T, T]`` (shuffled). The ``ops`` figure uses ``op_dim`` channels (the
     routing-overhead target is stated at D = 256) on the same rows.
+
+    ``full``: every case of every figure (:data:`FULL`, ``dynenc bench --full``). Without it
+    (the default run) the figures leave out their secondary cases and extra sweep points —
+    those that no target and none of the headline ratios need — and the run takes the median
+    of fewer rounds; the sizes stay the same.
     """
 
     # dropout 0: torchaudio's Conformer default, so the training steps time no dropout masks
@@ -34,10 +39,13 @@ class BenchConfig:
     min_length: float = 0.3
     fractions: Tuple[float, ...] = (1.0, 0.75, 0.5, 0.25)
     op_dim: int = 256
-    repeats: int = 9  # single rounds on a 2-core CPU vary by several %; the median of 9 is steadier
+    # Single rounds on a 2-core CPU vary by several %: a full run takes the median of 9; the
+    # default run the median of 3 (round-robin, so drift still hits every peer of a figure alike).
+    repeats: int = 3
     warmup: int = 1
     op_min_time: float = 0.02  # seconds per op measurement (ops repeat inside one measurement)
     seed: int = 0
+    full: bool = False
 
     def __post_init__(self) -> None:
         for name in ("batch", "frames", "op_dim", "repeats"):
@@ -58,20 +66,23 @@ class BenchConfig:
         return self.model.ffn_dim * self.op_dim // self.model.dim
 
 
-#: Tiny sizes for smoke runs (``--quick``) and the CI test.
+#: The complete run (``--full``): the default sizes, every case, the median of 9 rounds.
+FULL = BenchConfig(repeats=9, full=True)
+
+#: Tiny sizes for smoke runs (``--quick``) and the CI test: every case, one round.
 QUICK = BenchConfig(model=ModelConfig(vocab_size=8, num_features=16, dim=32, num_heads=2, ffn_dim=64, num_layers=4,
                                       kernel_size=5, dropout=0.0),
-                    batch=4, frames=24, op_dim=32, repeats=1, warmup=0, op_min_time=0.0)
+                    batch=4, frames=24, op_dim=32, repeats=1, warmup=0, op_min_time=0.0, full=True)
 
 
-def blank_skip_layer(num_layers: int) -> int:
-    """1-based layer after which the benchmark's CTC model skips blank frames: L/2 (0, no
+def blank_skip_depth(num_layers: int) -> int:
+    """Depth after which the benchmark's CTC model skips blank frames: L/2 (0, no
     skipping, for a one-layer model)."""
     return max(1, num_layers // 2) if num_layers > 1 else 0
 
 
-def exit_layers(num_layers: int) -> Tuple[int, ...]:
-    """1-based early exits of the benchmark's CTC model: at L/4, L/2, 3L/4 (the last layer
+def exit_depths(num_layers: int) -> Tuple[int, ...]:
+    """Early-exit depths of the benchmark's CTC model: at L/4, L/2, 3L/4 (the last layer
     is the final head, not an exit)."""
     return tuple(sorted({max(1, num_layers * q // 4) for q in (1, 2, 3)} - {num_layers}))
 
@@ -219,8 +230,8 @@ class Workload:
     def ctc_model(self) -> CTCModel:
         layers = self.num_layers
         torch.manual_seed(self.config.seed)
-        model_config = dataclasses.replace(self.config.model, exit_layers=exit_layers(layers),
-                                           blank_skip_layer=blank_skip_layer(layers))
+        model_config = dataclasses.replace(self.config.model, exit_depths=exit_depths(layers),
+                                           blank_skip_depth=blank_skip_depth(layers))
         return CTCModel(model_config).to(self.device).eval()
 
     @functools.cached_property

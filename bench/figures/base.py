@@ -1,10 +1,13 @@
 """What a figure is made of: :class:`Case` (one thing to time), :class:`Ratio` (medians ->
 the ratios the README quotes, against targets) and :class:`Figure` (a named set of both),
-plus the wrappers the figures share."""
+plus the wrappers the figures share, and :func:`quiet_loggers` / :func:`without_root_warning`,
+which keep third-party chatter out of the bench's output around the calls that cause it."""
 from __future__ import annotations
 
+import contextlib
+import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Tuple, Union
+from typing import Any, Callable, Iterator, List, Tuple, Union
 
 import torch
 from torch import nn
@@ -98,3 +101,49 @@ def under_backend(backend: str, fn: Callable[[], Any]) -> Callable[[], Any]:
             return fn()
 
     return run
+
+
+# ============================================================================ third-party output
+@contextlib.contextmanager
+def quiet_loggers(*names: str, level: int = logging.ERROR) -> Iterator[None]:
+    """The loggers ``names`` (and their children that keep the default level) drop records
+    below ``level`` inside the block; their levels are restored after it.
+
+    A logger the user made more verbose (e.g. ``TORCH_LOGS=dynamo``: its effective level is
+    below WARNING) is left alone: whoever asked for the logs gets them."""
+    loggers = [logger for logger in map(logging.getLogger, names) if logger.getEffectiveLevel() >= logging.WARNING]
+    previous = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(level)
+    try:
+        yield
+    finally:
+        for logger, old in zip(loggers, previous, strict=True):
+            logger.setLevel(old)
+
+
+@contextlib.contextmanager
+def without_root_warning(prefix: str) -> Iterator[None]:
+    """Inside the block, records on the root logger whose message starts with ``prefix`` are
+    dropped; other records are handled as without the block.
+
+    For libraries that call ``logging.warning(...)`` (the root logger) themselves: on a root
+    logger without handlers that call also runs ``logging.basicConfig()``, which would print
+    every later root-propagated record of the process. Inside the block the root logger gets
+    :data:`logging.lastResort` as its handler (what records without a handler reach anyway),
+    so no ``basicConfig()`` happens."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(prefix)
+
+    root = logging.getLogger()
+    handler = logging.lastResort if not root.handlers and logging.lastResort is not None else None
+    root.addFilter(keep)
+    if handler is not None:
+        root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+        if handler is not None:
+            root.removeHandler(handler)

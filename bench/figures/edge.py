@@ -4,7 +4,9 @@ Runtime in fp32 and with dynamic-int8 linears, at budgets of n = f * L layers (e
 layer, final head); front-end included. Random weights: latency only (no WER).
 
 Setup exports one ONNX graph per budget (dynamic shapes, as ``dynenc export`` writes them):
-the slow part of this figure (tens of seconds per budget on 2 cores)."""
+the slow part of this figure (6-18 s per budget on 2 cores, the first the slowest). The default
+run times two budgets (n = L and the one nearest L/2), a full run one per fraction
+(:func:`budget_layers`)."""
 from __future__ import annotations
 
 import copy
@@ -21,7 +23,7 @@ from dynenc.methods import LayerDropBudget, infer
 
 from ..harness import Prepared
 from ..workload import QUICK, BenchConfig, Workload
-from .base import Case, Figure, Ratio, under_inference
+from .base import Case, Figure, Ratio, quiet_loggers, under_inference, without_root_warning
 
 THREADS = (1, 2)
 PRECISIONS = ("fp32", "int8")
@@ -29,15 +31,21 @@ PRECISIONS = ("fp32", "int8")
 
 def layer_counts(num_layers: int, fractions: Sequence[float]) -> List[int]:
     """n layers per budget: ``round(f * L)`` (at least 1) for each fraction, distinct,
-    deepest first (also ``dynenc deploy``'s default budgets)."""
+    deepest first (also ``python -m recipes.synthetic_speech deploy``'s default budgets)."""
     return sorted({max(1, round(f * num_layers)) for f in fractions}, reverse=True)
 
 
 def budget_layers(config: BenchConfig) -> List[int]:
-    """:func:`layer_counts` of the bench model and fractions. At the smoke sizes (``--quick``'s
-    model) only the deepest and the shallowest: each budget costs an export."""
+    """:func:`layer_counts` of the bench model and fractions in a full run. Each budget costs an
+    export, so at the smoke sizes (``--quick``'s model) only the deepest and the shallowest, and
+    in the default run the deepest and the one nearest L/2."""
     budgets = layer_counts(config.model.num_layers, config.fractions)
-    return sorted({budgets[0], budgets[-1]}, reverse=True) if config.model == QUICK.model else budgets
+    if config.model == QUICK.model:
+        return sorted({budgets[0], budgets[-1]}, reverse=True)
+    if not config.full:
+        half = min(budgets, key=lambda n: (abs(n - config.model.num_layers / 2), n))
+        return sorted({budgets[0], half}, reverse=True)
+    return budgets
 
 
 @functools.lru_cache(maxsize=None)
@@ -59,8 +67,16 @@ def _onnx_files(w: Workload, layers: int) -> Dict[str, Path]:
     the process (kept per workload: the fp32 and int8 cases of every thread count share it)."""
     directory = Path(_scratch().name)
     fp32 = directory / f"{id(w)}_n{layers}.onnx"
-    export.save(export.fixed_budget_graph(_cpu_model(w), LayerDropBudget(layers)), fp32)
-    return {"fp32": fp32, "int8": export.quantize_int8(fp32, fp32.with_suffix(".int8.onnx"))}
+    # torch.onnx's op registry warns, on every export, that torchvision's ops (nms, roi_align,
+    # ...) are skipped because torchvision is not installed: none is in these graphs.
+    with quiet_loggers("torch.onnx._internal.exporter._registration"):
+        export.save(export.fixed_budget_graph(_cpu_model(w), LayerDropBudget(layers)), fp32)
+    # ONNX Runtime's quantize_dynamic asks (root logger) for its optional pre-processing pass
+    # (shape inference + graph optimisation before quantising); export.quantize_int8 quantises
+    # the exported graph as it is, on purpose.
+    with without_root_warning("Please consider to run pre-processing before quantization"):
+        int8 = export.quantize_int8(fp32, fp32.with_suffix(".int8.onnx"))
+    return {"fp32": fp32, "int8": int8}
 
 
 @functools.lru_cache(maxsize=None)

@@ -52,12 +52,20 @@ def _dynenc(fraction: float, backend: str = "native", drop: bool = False) -> Bui
     return build
 
 
+def masked_fractions(config: BenchConfig) -> List[float]:
+    """The fractions the masked peer runs at: every fraction in a full run; else only the one
+    nearest 0.5 (its padding ratio's): it costs a padded full forward at any fraction."""
+    if config.full:
+        return list(config.fractions)
+    return [min(config.fractions, key=lambda f: (abs(f - 0.5), f))]
+
+
 def cases(config: BenchConfig) -> List[Case]:
     """Every peer, dynenc at every active fraction (per-sample random depths), plus
     per-sample LD masks at f = 0.5 and one reference-backend row (the plain-PyTorch ops are
-    slow)."""
+    slow). The masked peer at :func:`masked_fractions`."""
     result = [Case("forward", "torchaudio", "torchaudio", _torchaudio)]
-    for f in config.fractions:
+    for f in masked_fractions(config):
         result.append(Case("forward", f"masked {fraction_label(f)}", "masked", _masked(f)))
     for f in config.fractions:
         result.append(Case("forward", f"dynenc {fraction_label(f)}", "dynenc", _dynenc(f)))

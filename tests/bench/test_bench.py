@@ -1,5 +1,6 @@
 """`dynenc bench` and `dynenc profile` end to end at tiny sizes (the timings mean nothing
 here; the outputs' structure does)."""
+import dataclasses
 import json
 import re
 
@@ -12,10 +13,12 @@ from dynenc.cli import main
 from dynenc.config import config_from_dict
 
 
-def test_bench_quick_writes_json_and_png(tmp_path, capsys):
+def test_bench_quick_writes_json_and_png(tmp_path, capfd):
     assert main(["bench", "--quick", "--no-progress", "--out", str(tmp_path)]) == 0
     payload = json.loads((tmp_path / "bench.json").read_text())
-    assert {"machine", "config", "devices", "wall_s", "notes", "rows", "ratios"} <= set(payload)
+    assert {"machine", "config", "devices", "wall_s", "figure_s", "notes", "rows", "ratios"} <= set(payload)
+    assert set(payload["figure_s"]) == {f"cpu:{figure}" for figure in bench.FIGURES}
+    assert 0 < sum(payload["figure_s"].values()) <= payload["wall_s"]
     assert {"cpu", "torch_threads", "torch", "torchaudio", "triton", "dynenc_commit"} <= set(payload["machine"])
     assert payload["config"]["model"]["dim"] == bench.QUICK.model.dim
     assert config_from_dict(bench.BenchConfig, payload["config"], "bench.json") == bench.QUICK
@@ -42,8 +45,89 @@ def test_bench_quick_writes_json_and_png(tmp_path, capsys):
         assert ratios[name]["measured"] > 0 and ratios[name]["met"] in (True, False)
     assert (tmp_path / "bench_cpu.png").stat().st_size > 10_000
 
-    out = capsys.readouterr().out
+    out, err = capfd.readouterr()
     assert "torch " in out and "dynenc f=0.50 / dynenc full" in out
+    # Only the tables and the paths: no third-party warnings (dynamo's graph breaks while
+    # compiling the peers, torch.onnx's registry, ONNX Runtime's quantizer), even at fd level.
+    assert err == "", err
+
+
+def _ratio_keys(config):
+    keys = set()
+    for figure in bench.FIGURES.values():
+        for ratio in figure.ratios(config):
+            keys.update(key for terms in (ratio.numerator, ratio.denominator)
+                        for key, _ in bench.figures.weighted_terms(terms))
+    return keys
+
+
+@pytest.mark.parametrize("config", [pytest.param(bench.BenchConfig(), id="default"),
+                                    pytest.param(bench.FULL, id="full"), pytest.param(bench.QUICK, id="quick")])
+def test_every_ratio_has_its_cases(config):
+    """No ratio of a run is silently dropped for want of a case the run left out."""
+    assert _ratio_keys(config) <= {case.key for case in bench.all_cases(config)}
+
+
+def test_default_run_is_the_full_run_less_its_secondary_cases():
+    """Same sizes, fewer rounds; a subset of the full run's cases that keeps every figure and
+    the headline ratios at the sizes the README quotes."""
+    default, full = bench.BenchConfig(), bench.FULL
+    assert dataclasses.replace(default, repeats=full.repeats, full=True) == full and default.repeats < full.repeats
+    assert bench.QUICK.full  # the smoke run still runs every case
+    default_cases, full_cases = ({c.key for c in bench.all_cases(config)} for config in (default, full))
+    assert default_cases < full_cases
+    assert {c.figure for c in bench.all_cases(default)} == set(bench.FIGURES)
+    names = {ratio.name for figure in bench.FIGURES.values() for ratio in figure.ratios(default)}
+    assert {f"dynenc f={f:.2f} / dynenc full" for f in (0.75, 0.5, 0.25)} <= names
+    assert {"dynenc / torchaudio eager", "dynenc / torchaudio compiled", "dynenc / torchaudio bucketed x4",
+            "forward / its matmuls (D=144 L=8 T=256)", "forward / its matmuls (D=256 L=12 T=400)",
+            "train step / its matmuls fwd+bwd (D=144 L=8)", "ort fp32 / dynenc n=8 t=1", "ort int8 / fp32 n=4 t=2",
+            "ort fp32 n=4 / n=8 t=2", "DLD step / (teacher fwd + full student step)",
+            f"{'early exit, nobody exits'} / full", "routing overhead / layer (D=256)"} <= names
+    targets = {r.name for f in bench.FIGURES.values() for r in f.ratios(full) if r.target is not None}
+    assert targets - {"early exit @2 / (front-end + 2/8 encoder)", "early exit @6 / (front-end + 6/8 encoder)",
+                      "blank skip 80% / (front-end + 0.60 encoder)"} <= names  # targets of left-out sweep points only
+
+
+@pytest.mark.parametrize("flags, config", [pytest.param([], bench.BenchConfig(), id="default"),
+                                           pytest.param(["--full"], bench.FULL, id="full"),
+                                           pytest.param(["--quick"], bench.QUICK, id="quick")])
+def test_bench_run_flags(flags, config):
+    import argparse
+
+    from dynenc.bench.cli import add_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert config_from_args(parser.parse_args(flags)) == config
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--quick", "--full"])
+
+
+def test_bench_help_states_the_durations(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "minutes on 2 idle CPU cores" in out and "--full" in out and "2-3 minute" not in out
+
+
+def test_pytest_benchmark_suites_run(tmp_path):
+    """bench/suites (pytest-benchmark, outside the installed package) collect and run every
+    case once at tiny sizes."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    assert not (root / "bench" / "suites" / "__init__.py").exists()  # not a package: not in the wheel
+    assert not list((root / "bench").glob("test_*.py")) and not (root / "bench" / "conftest.py").exists()
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "bench/suites",
+                             "--bench-quick", "--benchmark-disable"], cwd=root, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    expected = len([c for c in bench.all_cases(bench.QUICK, ("forward", "train", "dld", "exits", "ops"))
+                    if c.runs_on(torch.device("cpu"))])
+    assert f"{expected} passed" in result.stdout, result.stdout[-3000:]
 
 
 @pytest.mark.parametrize("layers_flag", [pytest.param("--num-layers", id="model-config-name"),

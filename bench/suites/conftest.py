@@ -1,26 +1,33 @@
-"""pytest-benchmark suites over the cases of ``dynenc bench`` (defined once, in this
-package's :mod:`.figures`).
+"""pytest-benchmark suites over the cases of ``dynenc bench`` (defined once, in
+:mod:`dynenc.bench.figures`).
 
-Run: ``.venv/bin/python -m pytest bench/ --benchmark-only [--benchmark-json out.json]``.
-Options: ``--bench-quick`` (tiny sizes, a smoke run), ``--bench-device cuda``.
-A test module lists the figures it covers in ``FIGURES``; every case of those figures
-becomes one benchmark, grouped by figure, with the case's facts in ``extra_info``.
+Run: ``.venv/bin/python -m pytest bench/suites --benchmark-only [--benchmark-json out.json]``
+(``--benchmark-disable``: each case once, untimed, as a test). Options: ``--bench-quick``
+(tiny sizes, a smoke run), ``--bench-full`` (every case, as ``dynenc bench --full``),
+``--bench-device cuda``. A test module lists the figures it covers in ``FIGURES``; every
+case of those figures becomes one benchmark, grouped by figure, with the case's facts in
+``extra_info``.
+
+This directory is not a package (no ``__init__.py``), so the wheel leaves it out; the
+suites import the installed :mod:`dynenc.bench`.
 """
 import pytest
 import torch
 
-# Relative: pytest imports this directory as the package ``bench``, which needs no install.
-from . import QUICK, BenchConfig, Workload, all_cases, synchronize
+from dynenc.bench import FULL, QUICK, BenchConfig, Workload, all_cases, synchronize
 
 
 def pytest_addoption(parser):
     group = parser.getgroup("dynenc bench")
     group.addoption("--bench-quick", action="store_true", help="tiny sizes (smoke run)")
+    group.addoption("--bench-full", action="store_true", help="every case (dynenc bench --full)")
     group.addoption("--bench-device", default="cpu", help="device of the benchmarks (default cpu)")
 
 
 def _config(pytest_config) -> BenchConfig:
-    return QUICK if pytest_config.getoption("--bench-quick") else BenchConfig()
+    if pytest_config.getoption("--bench-quick"):
+        return QUICK
+    return FULL if pytest_config.getoption("--bench-full") else BenchConfig()
 
 
 def pytest_generate_tests(metafunc):
