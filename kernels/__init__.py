@@ -11,17 +11,19 @@ import importlib
 from dynenc.ops.registry import OPS
 
 from . import _utils
+from .attention import varlen_attention, varlen_attention_backward
+from .dwconv import varlen_dwconv1d, varlen_dwconv1d_backward
+from .norm import add_layer_norm, add_layer_norm_backward
+from .plan import build_plan
+from .rows import gated_residual_scatter, gated_residual_scatter_backward, gather_rows, scatter_rows
 
+#: module name -> launcher module, for every module :data:`dynenc.ops.OPS` names (in its order).
 MODULES = {name: importlib.import_module(f"{__name__}.{name}") for name in dict.fromkeys(OPS.values())}
 
 
 def launcher(name: str):
     """The Triton launcher of op ``name``."""
     return getattr(MODULES[OPS[name]], name)
-
-
-# Every launcher under its op's name (``dynenc.kernels.gather_rows``, ...).
-globals().update({name: launcher(name) for name in OPS})
 
 
 def aot_calls(arch: str):
@@ -31,4 +33,26 @@ def aot_calls(arch: str):
     return [call for module in (_utils, *MODULES.values()) for call in module.aot_calls(arch)]
 
 
-__all__ = ["MODULES", "aot_calls", "launcher", *OPS]
+# Every launcher under its op's name (``dynenc.kernels.gather_rows``, ...), in OPS's order.
+__all__ = [
+    "MODULES",
+    "aot_calls",
+    "launcher",
+    "gated_residual_scatter",
+    "gated_residual_scatter_backward",
+    "gather_rows",
+    "scatter_rows",
+    "varlen_dwconv1d",
+    "varlen_dwconv1d_backward",
+    "varlen_attention",
+    "varlen_attention_backward",
+    "build_plan",
+    "add_layer_norm",
+    "add_layer_norm_backward",
+]
+
+# Adding an op to OPS means importing its launcher above and listing it here too.
+_unexported = [name for name in OPS if name not in __all__ or name not in globals()]
+if _unexported:
+    raise ImportError(f"dynenc.kernels does not re-export the launchers of {', '.join(_unexported)}: "
+                      "import them in kernels/__init__.py and add them to __all__")
