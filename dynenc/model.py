@@ -327,6 +327,10 @@ class DynamicConformer(nn.Module):
             x, routes, decisions = self.forward_packed(packed.x, schedule, policy, hidden)
             with torch.profiler.record_function("dynenc.unpack"):
                 output = packed.unpack(x)
+                if output.requires_grad and not torch.compiler.is_compiling() and output._is_view():
+                    # The output owns its storage: a wrapper that hooks it (FSDP2 registers its
+                    # pre-backward hook there) would lose the hook to a caller's in-place op on a view.
+                    output = output.clone()
         if not (return_report or return_hidden):
             return output, lengths
         return EncoderOutput(output, lengths, self.executed_work(packed, routes), routes, packed, hidden, decisions)

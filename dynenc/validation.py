@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import os
 from typing import Any, Callable, Iterator, Optional, Sequence, cast
 
 import torch
@@ -141,6 +142,26 @@ def check_int(name: str, value: Any, low: Optional[int] = None, high: Optional[i
     return cast(int, value)  # a SymInt stands in for an int while tracing
 
 
+def device_memory_bytes(device: torch.device) -> int:
+    """The memory of ``device``: physical RAM for the CPU, the card's total for CUDA."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_allocation(name: str, count: Any, bytes_each: int, device: torch.device) -> None:
+    """``count`` items of ``bytes_each`` bytes fit ``device``'s memory: a size no machine can
+    hold is a ``ValueError`` naming ``name`` and the byte count, not an allocator crash."""
+    if torch.compiler.is_compiling():  # sizes are symbolic there; the eager call checked them
+        return
+    needed = count * bytes_each
+    if needed > device_memory_bytes(device):
+        raise ValueError(
+            f"{name}={count} needs {needed:,} bytes ({count} x {bytes_each} B), more than the "
+            f"{device_memory_bytes(device):,} bytes of {device}"
+        )
+
+
 def check_device(name: str, device: Any) -> torch.device:
     """``device`` as a ``torch.device`` if it is a CPU or an available CUDA device.
 
@@ -215,6 +236,12 @@ def check_encoder_inputs(
 
     Returns the valid-frame counts as int64 ``[B]`` (:func:`integer_lengths`)."""
     check_tensor("input", input, dim=3, layout=f"[B, T, {input_dim}]")
+    if input.device.type == "meta":
+        raise ValueError(
+            "input is on the meta device: the packed forward sizes its rows and routes from the values of lengths "
+            "(and depth / layer_mask), which meta tensors do not hold; for shapes without data trace it with "
+            "FakeTensors (torch.compile, torch.export) or run dynenc.padded.PaddedConformer(model) on meta"
+        )
     if input.shape[2] != input_dim:
         raise ValueError(f"input must be a [B, T, {input_dim}] tensor, got {tuple(input.shape)}")
     if not input.is_floating_point():

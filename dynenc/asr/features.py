@@ -168,7 +168,8 @@ def _utterance_features(mpath: Path, rec: dict) -> torch.Tensor:
         audio, rate = read_audio(rec["path"])
         return compute_fbank(audio, rate)
     except ValueError as e:
-        raise ValueError(f"{mpath}: utterance {rec['id']!r}: {e}") from e
+        where = "" if rec["path"] in str(e) else f" ({rec['path']})"  # read_audio's errors name it already
+        raise ValueError(f"{mpath}: utterance {rec['id']!r}{where}: {e}") from e
 
 
 def load_split(

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from ..config import save_config
 from ..errors import NonFiniteTraining
+from ..fileio import atomic_write
 from ..methods import get_method, method_names
 from ..methods.base import Batch, Logs, Objective
 from ..runlock import hold_run_directory
@@ -249,6 +250,8 @@ def _train(
         augment_rng.set_state(payload["rank_rng"][rank, 1].clone())
         start_epoch, best_wer, train_seconds = payload["epoch"] + 1, payload["best_wer"], payload["train_seconds"]
     log_path = out_dir / "log.jsonl"
+    if rank == 0 and log_path.exists():
+        _keep_logged_epochs(log_path, start_epoch)
     record: Dict = {}
     consecutive = 0  # non-finite steps in a row, across epochs
     for epoch in range(start_epoch, min(config.epochs, stop_after or config.epochs)):
@@ -323,6 +326,15 @@ def _train(
     if rank == 0:
         save_config(config, out_dir / "train_config.json")
     return record
+
+
+def _keep_logged_epochs(log_path: Path, epochs: int) -> None:
+    """Cut ``log_path`` to its first ``epochs`` epochs: a job killed after logging an epoch but
+    before saving ``last.pt`` redoes that epoch on resume, which must not log it twice."""
+    lines = log_path.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line)["epoch"] <= epochs]
+    if len(kept) != len(lines):
+        atomic_write({log_path: lambda file: file.write("".join(line + "\n" for line in kept).encode())})
 
 
 def _all_finite(loss: Tensor, grad_norm: Tensor, world: int) -> bool:

@@ -99,6 +99,14 @@ class EarlyExitBudget(Budget):
         check_int("EarlyExitBudget.nbest", self.nbest, low=1)
         if self.fixed_exit is not None:
             check_int("EarlyExitBudget.fixed_exit", self.fixed_exit, low=1)
+            # criterion and nbest configure threshold exits: given beside a fixed exit they would
+            # be silently ignored.
+            for name, default in (("criterion", "nbest_posterior"), ("nbest", 16)):
+                if getattr(self, name) != default:
+                    raise ValueError(
+                        f"EarlyExitBudget.{name}={getattr(self, name)!r} configures threshold exits; with "
+                        f"fixed_exit={self.fixed_exit} every sample exits there and no {name} is read"
+                    )
             return
         threshold = check_real("EarlyExitBudget.threshold", self.threshold)
         in_range = threshold <= 0 if self.criterion == "entropy" else 0 <= threshold <= 1
@@ -142,6 +150,11 @@ class EarlyExitPolicy:
 
     model: CTCModel
     budget: EarlyExitBudget
+
+    def __post_init__(self) -> None:
+        # Refused here, where the policy is made, not only in methods.infer: a fixed exit the
+        # model has no head for would give the encoder no decision point, i.e. full depth.
+        self.budget.check(self.model)
 
     @property
     def decision_layers(self) -> Tuple[int, ...]:

@@ -92,6 +92,7 @@ def check_scatter_rows(y: Tensor, index: Tensor, num_rows: int) -> None:
     V.check_int("num_rows", num_rows, low=0)
     if guard_or_false(y.shape[0] > num_rows):
         raise ValueError(f"num_rows must be >= the {y.shape[0]} rows of y, got {num_rows}")
+    V.check_allocation("num_rows", num_rows, y.shape[1] * y.element_size(), y.device)
 
 
 def check_values_gated_residual_scatter(x: Tensor, y: Tensor, gate: Optional[Tensor], index: Optional[Tensor]) -> None:

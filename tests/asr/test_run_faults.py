@@ -131,3 +131,44 @@ def test_an_init_checkpoint_of_another_model_is_a_one_line_error_naming_the_para
     assert exit_info.value.code == 2 and len(error.strip().splitlines()) == 1, error
     assert f"checkpoint {tmp_path / 'small' / 'model.pt'} does not match the model CTCModel: frontend." in error
     assert "has shape (32," in error and "and (48," in error
+
+
+def test_killed_at_random_moments_and_resumed_a_run_ends_with_the_uninterrupted_weights(corpus, tmp_path):
+    """SIGKILL ``dynenc train`` at seeded random moments (mid-epoch, mid-save, between the saves
+    of model.pt and last.pt, wherever they fall), resume each time: the final weights and the
+    log equal an uninterrupted run's."""
+    from dynenc.config import save_config
+
+    config = dataclasses.replace(TINY, epochs=6, spec_augment=True, method="layer_drop")
+    save_config(config, tmp_path / "config.json")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+    def command(out, resume):
+        return [sys.executable, "-m", "dynenc", "train", "--data", str(corpus), "--out", str(out), "--quiet",
+                "--config", str(tmp_path / "config.json")] + (["--resume"] if resume else [])
+
+    subprocess.run(command(tmp_path / "straight", False), check=True, env=env, timeout=300, capture_output=True)
+    # Seeded moments after each start (a start takes ~3 s, an epoch well under one).
+    delays, kills = [3.5 + 3.0 * float(u) for u in torch.rand(5, generator=torch.Generator().manual_seed(0))], 0
+    out = tmp_path / "killed"
+    for delay in delays:
+        job = subprocess.Popen(command(out, (out / "last.pt").exists()), env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+        try:
+            job.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            job.send_signal(signal.SIGKILL)
+            job.wait()
+            kills += 1
+            continue
+        assert job.returncode == 0
+        break
+    else:
+        subprocess.run(command(out, True), check=True, env=env, timeout=300, capture_output=True)
+    assert kills >= 2, "the delays should interrupt the run at least twice"
+    straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)["model"]
+    resumed = torch.load(out / "last.pt", weights_only=True)["model"]
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+    epochs = [record["epoch"] for record in _strict_json_lines(out / "log.jsonl")]
+    assert epochs == list(range(1, 7)), "every epoch logged once"

@@ -38,3 +38,11 @@ def test_a_layer_ran_on_zero_rows_on_one_rank_only(run):
     rows = [ranks[r]["layer_drop"]["rows"] for r in range(two_ranks.WORLD)]
     assert len(rows[0]) == len(rows[1]), "every rank calls every layer"
     assert any(a == 0 < b for a, b in zip(*rows)) and any(b == 0 < a for a, b in zip(*rows))
+
+
+def test_no_output_is_a_view_under_the_wrappers(run):
+    """FSDP2 warns about (and an in-place op on a view defeats) a view output: none is returned,
+    so the in-place case above also matches one process."""
+    _, ranks = run
+    counts = {case: result[case]["view_warnings"] for result in ranks for case in result if result[case]}
+    assert counts and not any(counts.values()), counts

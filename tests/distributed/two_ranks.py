@@ -10,12 +10,14 @@ the ranks' batches being of equal size). BatchNorm momentum is 0 so the eval-mod
 reads the same running statistics everywhere.
 """
 import os
+import warnings
 from typing import Dict, List
 
 import torch
 import torch.distributed as dist
 
 from dynenc import methods
+from dynenc.asr import ctc_loss
 from dynenc.asr.train import ObjectiveModule, TrainConfig, distribute, shard_model
 from toy_ctc import tiny_model, toy_batch
 
@@ -27,13 +29,27 @@ SEED_STRIDE = 1000
 # others drop at random.
 DROP_PROBS = ([0.5, 1.0, 0.0, 0.5], [0.5, 0.0, 1.0, 0.5])
 CASES = ("layer_drop", "layer_drop_checkpointed", "dld_self", "dld_teacher", "dld_sharded_teacher", "selector",
-         "early_exit", "blank_skip", "blank_skip_skipping")
+         "early_exit", "blank_skip", "blank_skip_skipping", "inplace_on_encoder_output")
+
+
+class InPlaceOnEncoderOutput:
+    """A caller that modifies the encoder's output in place (``out.mul_``) before its CTC head;
+    under FSDP2 the encoder is wrapped on its own too, so FSDP2 hooks exactly that output."""
+
+    def __call__(self, model, batch):
+        features, lengths, targets, target_lengths = batch
+        x, x_lengths = model.embed(features, lengths)
+        out, _ = model.encoder(x, x_lengths)
+        out.mul_(2.0)
+        log_probs = torch.log_softmax(model.ctc_head(out), dim=-1)
+        return ctc_loss(log_probs, x_lengths, targets, target_lengths), {}
 
 
 def build(case: str):
     """``(model, objective factory rank -> Objective, teacher or None)`` of a case, seeded."""
     method = {"dld_self": "dld", "dld_teacher": "dld", "dld_sharded_teacher": "dld",
-              "layer_drop_checkpointed": "layer_drop", "blank_skip_skipping": "blank_skip"}.get(case, case)
+              "layer_drop_checkpointed": "layer_drop", "blank_skip_skipping": "blank_skip",
+              "inplace_on_encoder_output": "static"}.get(case, case)
     fields = methods.get_method(method).model_fields(tiny_model().config)
     model = tiny_model(seed=0, **fields).train()
     model.encoder.checkpoint_layers = case == "layer_drop_checkpointed"
@@ -54,6 +70,8 @@ def build(case: str):
             return methods.SelectorObjective(min_layers=1)
         if case == "blank_skip_skipping":  # upper layers on compacted sequences: ragged per rank
             return methods.BlankSkipObjective(skip_threshold=0.5, spike_window=0)
+        if case == "inplace_on_encoder_output":
+            return InPlaceOnEncoderOutput()
         return methods.get_method(method).objective(TrainConfig(method=method), model)
 
     return model, objective, teacher
@@ -105,16 +123,27 @@ def train_rank(case: str, strategy: str, rank: int) -> Dict[str, object]:
         module.objective.teacher = teacher  # distribute() shards a teacher: keep this one whole
         wrapped = module
         shard_model(module, model)
+    elif case == "inplace_on_encoder_output" and strategy == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.encoder.conformer_layers:
+            fully_shard(layer)
+        fully_shard(model.encoder)  # the module whose output the objective modifies in place
+        fully_shard(module)
+        wrapped = module
     else:
         wrapped = distribute(module, strategy)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    for step in range(STEPS):
-        torch.manual_seed(SEED_STRIDE * step + rank)
-        loss, _ = wrapped(shard(step, rank))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return {"params": full_parameters(model), "rows": rows}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(STEPS):
+            torch.manual_seed(SEED_STRIDE * step + rank)
+            loss, _ = wrapped(shard(step, rank))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    view_warnings = sum("returned a view tensor" in str(w.message) for w in caught)
+    return {"params": full_parameters(model), "rows": rows, "view_warnings": view_warnings}
 
 
 def worker(rank: int, strategy: str, init_file: str, out_dir: str) -> None:

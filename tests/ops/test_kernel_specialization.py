@@ -38,8 +38,8 @@ def test_attention_compiles_once_per_dtype_and_head_dim(recorded):
             rows = int(cu_seqlens[-1])
             q = torch.randn(rows, 4, head_dim).to(dtype)
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-            out, lse = kernels.varlen_attention(q, q, q, cu_seqlens, max_seqlen, 0.125)
-            kernels.varlen_attention_backward(q, q, q, q, out, lse, cu_seqlens, max_seqlen, 0.125)
+            out, lse = kernels.launcher("varlen_attention")(q, q, q, cu_seqlens, max_seqlen, 0.125)
+            kernels.launcher("varlen_attention_backward")(q, q, q, q, out, lse, cu_seqlens, max_seqlen, 0.125)
     for name in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_delta_kernel"):
         assert len(recorded[name]) == len(configs), name
 
@@ -50,8 +50,8 @@ def test_dwconv_compiles_once_per_dtype_and_kernel_size(recorded):
         weight, bias = torch.randn(64, size).to(dtype), torch.randn(64).to(dtype)
         for cu_seqlens in _ragged_batches():
             x = torch.randn(int(cu_seqlens[-1]) + 1, 64).to(dtype)
-            kernels.varlen_dwconv1d(x, cu_seqlens, weight, bias)
-            kernels.varlen_dwconv1d_backward(x, x, cu_seqlens, weight)
+            kernels.launcher("varlen_dwconv1d")(x, cu_seqlens, weight, bias)
+            kernels.launcher("varlen_dwconv1d_backward")(x, x, cu_seqlens, weight)
     assert len(recorded["_dwconv_fwd_kernel"]) == len(configs)
     assert len(recorded["_dwconv_bwd_kernel"]) == len(configs)
 
@@ -62,11 +62,11 @@ def test_row_ops_compile_once_per_case(recorded):
         x = torch.randn(rows, 96)
         index = torch.randperm(rows)[: rows // 2 + 1]
         y, gate = torch.randn(index.numel(), 96), torch.rand(index.numel())
-        kernels.gather_rows(x, index)
-        kernels.scatter_rows(y, index, rows)
-        kernels.gated_residual_scatter(x, y, gate, index)
-        kernels.gated_residual_scatter(x, y, None, None)
-        kernels.gated_residual_scatter_backward(x, x, y, gate, index)
+        kernels.launcher("gather_rows")(x, index)
+        kernels.launcher("scatter_rows")(y, index, rows)
+        kernels.launcher("gated_residual_scatter")(x, y, gate, index)
+        kernels.launcher("gated_residual_scatter")(x, y, None, None)
+        kernels.launcher("gated_residual_scatter_backward")(x, x, y, gate, index)
     assert len(recorded["_gather_rows_kernel"]) == 1
     assert len(recorded["_row_merge_kernel"]) == 3  # scatter, gated with index, ungated prefix
     assert len(recorded["_gated_scatter_bwd_kernel"]) == 1
@@ -80,7 +80,7 @@ def test_add_layer_norm_compiles_once_per_dtype_and_width(recorded):
         for cu_seqlens in _ragged_batches():
             x = torch.randn(int(cu_seqlens[-1]) + 1, dim).to(dtype)
             stats = torch.zeros(x.shape[0])
-            kernels.add_layer_norm(x, x, 0.5, weight, weight, 1e-5)
-            kernels.add_layer_norm_backward(x, x, x, stats, stats, weight, 0.5)
+            kernels.launcher("add_layer_norm")(x, x, 0.5, weight, weight, 1e-5)
+            kernels.launcher("add_layer_norm_backward")(x, x, x, stats, stats, weight, 0.5)
     assert len(recorded["_add_layer_norm_fwd_kernel"]) == len(configs)
     assert len(recorded["_add_layer_norm_bwd_kernel"]) == len(configs)
