@@ -67,3 +67,69 @@ def test_every_rank_of_a_second_torchrun_job_is_refused_the_run_directory(tmp_pa
         assert f"[rank{rank}]: dynenc.errors.RunDirectoryLocked: run directory {tmp_path / 'nan'} is in use" in \
             job.stderr, job.stderr[-3000:]
     assert not (tmp_path / "nan" / "log.jsonl").exists()
+
+
+def test_a_2_rank_fsdp2_job_killed_at_random_moments_resumes_to_the_uninterrupted_weights(tmp_path):
+    """SIGKILL the whole torchrun job (launcher and ranks) at seeded moments of the epoch after
+    a given one, resume each time: the sharded checkpoint equals an uninterrupted run's."""
+    import signal
+    import time
+
+    from dynenc.asr import ModelConfig
+    from dynenc.asr.train import TrainConfig
+    from dynenc.config import save_config
+
+    corpus = tmp_path / "speech"
+    write_tone_splits(corpus, num_train=16, num_dev=2, num_test=2)
+    save_config(TrainConfig(method="layer_drop", strategy="fsdp2", epochs=6, max_frames=1500,
+                            model=ModelConfig(dim=32, num_layers=4, num_heads=2, ffn_dim=64, kernel_size=5,
+                                              dropout=0.0)), tmp_path / "config.json")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+    def command(out, resume):
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "dynenc",
+                "train", "--data", str(corpus), "--out", str(out), "--quiet", "--config", str(tmp_path / "config.json")
+                ] + (["--resume"] if resume else [])
+
+    def logged(out):
+        return len((out / "log.jsonl").read_text().splitlines()) if (out / "log.jsonl").exists() else 0
+
+    subprocess.run(command(tmp_path / "straight", False), check=True, env=env, timeout=300, capture_output=True)
+    out, kills = tmp_path / "killed", 0
+    extra = torch.rand(2, generator=torch.Generator().manual_seed(1)) * 0.3
+    for after_epochs, delay in zip((1, 3), extra.tolist()):
+        job = subprocess.Popen(command(out, (out / "last.dcp").exists()), env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 200
+        while logged(out) < after_epochs and job.poll() is None:
+            assert time.monotonic() < deadline, "the job made no progress"
+            time.sleep(0.02)
+        time.sleep(delay)
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)  # the launcher and both ranks at once
+            kills += 1
+        job.wait()
+    subprocess.run(command(out, True), check=True, env=env, timeout=300, capture_output=True)
+    assert kills == 2
+    straight, _ = load_checkpoint(tmp_path / "straight" / "last.dcp")
+    resumed, _ = load_checkpoint(out / "last.dcp")
+    for name, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[name]), name
+    assert [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()] == list(range(1, 7))
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_a_diverging_learning_rate_stops_every_rank_alike_and_saves_no_nonfinite_weights(tmp_path, strategy):
+    corpus = tmp_path / "speech"
+    write_tone_splits(corpus, num_train=24, num_dev=2, num_test=2)
+    script = Path(__file__).with_name("torchrun_train.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                    str(script), str(corpus), str(tmp_path), "diverge", strategy], check=True, env=env, timeout=300)
+    outcomes = [json.loads((tmp_path / "diverge" / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert outcomes[0] == outcomes[1], "every rank decides the same"
+    assert outcomes[0]["error"].startswith("training stopped at epoch "), outcomes[0]
+    last = tmp_path / "diverge" / ("last.dcp" if strategy == "fsdp2" else "last.pt")
+    if last.exists():
+        model, _ = load_checkpoint(last)
+        assert all(torch.isfinite(p).all() for p in model.parameters())
