@@ -11,6 +11,8 @@ import time
 
 import pytest
 import torch
+from killing import kill_and_resume
+from tone_corpus import write_tone_splits
 
 from dynenc import cli
 from dynenc.asr import ModelConfig, load_checkpoint
@@ -18,7 +20,6 @@ from dynenc.asr import train as train_module
 from dynenc.asr.train import TrainConfig, train
 from dynenc.errors import NonFiniteTraining, RunDirectoryLocked
 from dynenc.runlock import LOCK_FILE, hold_run_directory
-from tone_corpus import write_tone_splits
 
 TINY = TrainConfig(epochs=2, max_frames=1500, lr=3e-3, spec_augment=False,
                    model=ModelConfig(dim=32, num_layers=2, num_heads=2, ffn_dim=64, kernel_size=5, dropout=0.0))
@@ -148,26 +149,9 @@ def test_killed_at_random_moments_and_resumed_a_run_ends_with_the_uninterrupted_
         return [sys.executable, "-m", "dynenc", "train", "--data", str(corpus), "--out", str(out), "--quiet",
                 "--config", str(tmp_path / "config.json")] + (["--resume"] if resume else [])
 
-    def logged(out):
-        log = out / "log.jsonl"
-        return len(log.read_text().splitlines()) if log.exists() else 0
-
     subprocess.run(command(tmp_path / "straight", False), check=True, env=env, timeout=300, capture_output=True)
-    out, kills = tmp_path / "killed", 0
-    extra = torch.rand(3, generator=torch.Generator().manual_seed(0)) * 0.3  # seconds into the next epoch
-    for after_epochs, delay in zip((1, 3, 5), extra.tolist()):
-        job = subprocess.Popen(command(out, (out / "last.pt").exists()), env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 120
-        while logged(out) < after_epochs and job.poll() is None:
-            assert time.monotonic() < deadline, "the run made no progress"
-            time.sleep(0.02)
-        time.sleep(delay)
-        if job.poll() is None:
-            job.send_signal(signal.SIGKILL)
-            kills += 1
-        job.wait()
-    subprocess.run(command(out, True), check=True, env=env, timeout=300, capture_output=True)
+    out = tmp_path / "killed"
+    kills = kill_and_resume(command, out, (1, 3, 5), seed=0, env=env, resumable="last.pt")
     assert kills == 3, "every kill lands before the run ends"
     straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)["model"]
     resumed = torch.load(out / "last.pt", weights_only=True)["model"]

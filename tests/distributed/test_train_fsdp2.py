@@ -8,19 +8,25 @@ from pathlib import Path
 
 import pytest
 import torch
+from killing import kill_and_resume
+from tone_corpus import write_tone_splits
 
 from dynenc import cli
 from dynenc.asr import load_checkpoint
-from tone_corpus import write_tone_splits
+
+
+def _torchrun_train(corpus, out, *mode, check=True):
+    """``torchrun --nproc-per-node 2 torchrun_train.py corpus out *mode`` (gloo, 1 thread a rank)."""
+    script = Path(__file__).with_name("torchrun_train.py")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script), str(corpus), str(out), *mode], check=check, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=not check, text=True)
 
 
 def test_fsdp2_training_resumes_bit_exactly_and_evaluates(tmp_path):
     corpus = tmp_path / "speech"
     write_tone_splits(corpus, num_train=12, num_dev=2, num_test=2)
-    script = Path(__file__).with_name("torchrun_train.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                    str(script), str(corpus), str(tmp_path)], check=True, env=env, timeout=300)
+    _torchrun_train(corpus, tmp_path)
     straight, _ = load_checkpoint(tmp_path / "layer_drop" / "last.dcp")
     resumed, payload = load_checkpoint(tmp_path / "resumed" / "last.dcp")
     assert payload["model"].keys() == straight.state_dict().keys()
@@ -39,10 +45,7 @@ def test_fsdp2_training_resumes_bit_exactly_and_evaluates(tmp_path):
 def test_a_nan_loss_on_one_rank_is_skipped_by_every_rank(tmp_path, strategy):
     corpus = tmp_path / "speech"
     write_tone_splits(corpus, num_train=24, num_dev=2, num_test=2)
-    script = Path(__file__).with_name("torchrun_train.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                    str(script), str(corpus), str(tmp_path), "nan", strategy], check=True, env=env, timeout=300)
+    _torchrun_train(corpus, tmp_path, "nan", strategy)
     records = [json.loads((tmp_path / "nan" / f"rank{rank}.json").read_text()) for rank in range(2)]
     assert [record["skipped_steps"] for record in records] == [1, 1], "the ranks skip the same step"
     log = (tmp_path / "nan" / "log.jsonl").read_text()
@@ -56,12 +59,8 @@ def test_every_rank_of_a_second_torchrun_job_is_refused_the_run_directory(tmp_pa
 
     corpus = tmp_path / "speech"
     write_tone_splits(corpus, num_train=4, num_dev=2, num_test=2)
-    script = Path(__file__).with_name("torchrun_train.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with hold_run_directory(tmp_path / "nan"):  # the first job
-        job = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                              str(script), str(corpus), str(tmp_path), "nan", "fsdp2"], env=env, timeout=300,
-                             capture_output=True, text=True)
+        job = _torchrun_train(corpus, tmp_path, "nan", "fsdp2", check=False)
     assert job.returncode != 0
     for rank in (0, 1):  # both ranks stop on the same error: neither waits forever in a collective
         assert f"[rank{rank}]: dynenc.errors.RunDirectoryLocked: run directory {tmp_path / 'nan'} is in use" in \
@@ -72,9 +71,6 @@ def test_every_rank_of_a_second_torchrun_job_is_refused_the_run_directory(tmp_pa
 def test_a_2_rank_fsdp2_job_killed_at_random_moments_resumes_to_the_uninterrupted_weights(tmp_path):
     """SIGKILL the whole torchrun job (launcher and ranks) at seeded moments of the epoch after
     a given one, resume each time: the sharded checkpoint equals an uninterrupted run's."""
-    import signal
-    import time
-
     from dynenc.asr import ModelConfig
     from dynenc.asr.train import TrainConfig
     from dynenc.config import save_config
@@ -91,25 +87,9 @@ def test_a_2_rank_fsdp2_job_killed_at_random_moments_resumes_to_the_uninterrupte
                 "train", "--data", str(corpus), "--out", str(out), "--quiet", "--config", str(tmp_path / "config.json")
                 ] + (["--resume"] if resume else [])
 
-    def logged(out):
-        return len((out / "log.jsonl").read_text().splitlines()) if (out / "log.jsonl").exists() else 0
-
     subprocess.run(command(tmp_path / "straight", False), check=True, env=env, timeout=300, capture_output=True)
-    out, kills = tmp_path / "killed", 0
-    extra = torch.rand(2, generator=torch.Generator().manual_seed(1)) * 0.3
-    for after_epochs, delay in zip((1, 3), extra.tolist()):
-        job = subprocess.Popen(command(out, (out / "last.dcp").exists()), env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + 200
-        while logged(out) < after_epochs and job.poll() is None:
-            assert time.monotonic() < deadline, "the job made no progress"
-            time.sleep(0.02)
-        time.sleep(delay)
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)  # the launcher and both ranks at once
-            kills += 1
-        job.wait()
-    subprocess.run(command(out, True), check=True, env=env, timeout=300, capture_output=True)
+    out = tmp_path / "killed"
+    kills = kill_and_resume(command, out, (1, 3), seed=1, env=env, resumable="last.dcp")
     assert kills == 2
     straight, _ = load_checkpoint(tmp_path / "straight" / "last.dcp")
     resumed, _ = load_checkpoint(out / "last.dcp")
@@ -122,10 +102,7 @@ def test_a_2_rank_fsdp2_job_killed_at_random_moments_resumes_to_the_uninterrupte
 def test_a_diverging_learning_rate_stops_every_rank_alike_and_saves_no_nonfinite_weights(tmp_path, strategy):
     corpus = tmp_path / "speech"
     write_tone_splits(corpus, num_train=24, num_dev=2, num_test=2)
-    script = Path(__file__).with_name("torchrun_train.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                    str(script), str(corpus), str(tmp_path), "diverge", strategy], check=True, env=env, timeout=300)
+    _torchrun_train(corpus, tmp_path, "diverge", strategy)
     outcomes = [json.loads((tmp_path / "diverge" / f"rank{rank}.json").read_text()) for rank in range(2)]
     assert outcomes[0] == outcomes[1], "every rank decides the same"
     assert outcomes[0]["error"].startswith("training stopped at epoch "), outcomes[0]
