@@ -59,16 +59,19 @@ def attention_config(arch: Optional[str], dtype: torch.dtype, head_dim: int) -> 
 
     fp32 dots run as 3xTF32, which splits every operand into high and low parts held in
     registers: tiles of ``block x block_d <= 2048`` elements (64 x 64 ones spilled up to
-    11 KB in the backward) over 8 warps, without prefetch stages, stay within 255 registers
-    per thread; on sm_90 the forward measured spill-free with 4 warps and 2 stages and the
-    backward with 2 stages (1 spilled). fp16 / bf16 (Triton only for head dims FlashAttention
+    11 KB in the backward) without prefetch stages stay within the registers ptxas gives a
+    thread. The forward runs 4 warps up to Dh = 64 (8 warps were capped at 128 registers and
+    spilled 12-28 B at d36 / d64 on sm_80-89) and 8 warps at Dh = 128 (4 spilled 16 B on
+    sm_80); the backward 8 warps. On sm_90 the forward measured spill-free with 4 warps and
+    2 stages and the backward with 2 stages (1 spilled). fp16 / bf16 (Triton only for head dims FlashAttention
     lacks, and on AMD): 64-row tiles up to Dh = 64, 8 warps and one stage in the backward
     (4 warps spilled on sm_80 / sm_86 / sm_89).
     """
     block_d = padded_head_dim(head_dim)
     if dtype in (torch.float32, torch.float64):
         hopper = sm_version(arch) == 90
-        return AttentionConfig(min(64, max(16, 2048 // block_d)), block_d, forward=(4, 2) if hopper else (8, 1),
+        forward = (4, 2) if hopper else ((4, 1) if block_d <= 64 else (8, 1))
+        return AttentionConfig(min(64, max(16, 2048 // block_d)), block_d, forward=forward,
                                backward=(8, 2 if hopper else 1))
     return AttentionConfig(64 if block_d <= 64 else 32, block_d, forward=(4, 2), backward=(8, 1))
 
