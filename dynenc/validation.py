@@ -154,11 +154,11 @@ def check_allocation(name: str, count: Any, bytes_each: int, device: torch.devic
     hold is a ``ValueError`` naming ``name`` and the byte count, not an allocator crash."""
     if torch.compiler.is_compiling():  # sizes are symbolic there; the eager call checked them
         return
-    needed = count * bytes_each
-    if needed > device_memory_bytes(device):
+    needed, available = count * bytes_each, device_memory_bytes(device)
+    if needed > available:
         raise ValueError(
             f"{name}={count} needs {needed:,} bytes ({count} x {bytes_each} B), more than the "
-            f"{device_memory_bytes(device):,} bytes of {device}"
+            f"{available:,} bytes of {device}"
         )
 
 

@@ -18,7 +18,7 @@ import os
 from typing import Dict
 
 from .features import load_split
-from .manifest import SPLITS, manifest_path
+from .manifest import SPLITS, manifest_path, read_manifest
 from .tokenizer import parse_units, prepare_units
 
 __all__ = ["prepare_data", "add_arguments", "run"]
@@ -41,12 +41,8 @@ def prepare_data(data_dir: str | os.PathLike, units: str = "char", progress: boo
             transcript cannot be used (manifest, utterance and file named).
     """
     parse_units(units)
-    for split in SPLITS:  # every manifest before any work, so a missing one fails at once
-        if not manifest_path(data_dir, split).is_file():
-            raise FileNotFoundError(
-                f"manifest {manifest_path(data_dir, split)} not found: a data directory holds "
-                f"{', '.join(s + '.jsonl' for s in SPLITS)} (see dynenc.asr.manifest)"
-            )
+    for split in SPLITS:  # every manifest read (and checked line by line) before any work
+        read_manifest(data_dir, split)
     tokenizer = prepare_units(data_dir, units)
     return {split: len(load_split(data_dir, split, progress=progress, tokenizer=tokenizer)) for split in SPLITS}
 
