@@ -9,6 +9,7 @@ docs/architecture.md has the map.
 import torch  # noqa: F401  (the C++ extension needs torch's symbols loaded first)
 
 from . import ops, routing
+from .foundation import from_huggingface, from_torchaudio
 from .layer import DynamicConformerLayer
 from .model import DynamicConformer, EncoderOutput, ExecutedWork
 from .ops import current_backend, use_backend
@@ -26,6 +27,8 @@ __all__ = [
     "Schedule",
     "VarlenBatch",
     "current_backend",
+    "from_huggingface",
+    "from_torchaudio",
     "ops",
     "pack",
     "routing",

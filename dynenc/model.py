@@ -9,80 +9,19 @@ pairs, padded frames and dropped frames are never computed.
 
 from __future__ import annotations
 
-import contextlib
-import sys
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Protocol, Tuple, cast
+from typing import Any, List, Optional, Tuple, cast
 
 import torch
 from torch import Tensor, nn
-from torch.fx.experimental.symbolic_shapes import guard_or_false
-from torch.utils.checkpoint import checkpoint
 
-from . import ops, validation
+from . import validation
+from .engine import EncoderOutput, ExecutedWork, RoutedEncoder, RoutingPolicy, is_fully_sharded
 from .layer import DynamicConformerLayer
 from .padded import PaddedConformer
-from .routing import HostSizes, LayerRoute, PackedBatch, Schedule, VarlenBatch, pack, read_host_inputs, row_depth
+
+__all__ = ["DynamicConformer", "EncoderOutput", "ExecutedWork", "RoutingPolicy", "SKIP_MODES"]
 
 SKIP_MODES = ("identity", "final_norm")
-
-
-@dataclass
-class ExecutedWork:
-    """What a forward actually computed.
-
-    Attributes:
-        tokens_per_layer: executed rows (token x layer pairs) per layer.
-        total_tokens: valid frames in the batch (N).
-        num_layers: L.
-        sample_depth: int64 ``[B]`` layers that ran on at least one frame of each sample.
-        frame_depth: int64 ``[B, T]`` layers each frame ran (0 at pads).
-        flops: estimated multiply-adds x 2 of the executed layers (matmuls, attention, conv).
-    """
-
-    tokens_per_layer: List[int]
-    total_tokens: int
-    num_layers: int
-    sample_depth: Tensor
-    frame_depth: Tensor
-    flops: float
-
-    @property
-    def executed_token_layers(self) -> int:
-        return sum(self.tokens_per_layer)
-
-    @property
-    def executed_fraction(self) -> float:
-        """Executed token x layers over full-depth token x layers."""
-        return self.executed_token_layers / max(self.total_tokens * self.num_layers, 1)
-
-
-@dataclass
-class EncoderOutput:
-    """``output [B, T, D]`` (pads zero), ``lengths [B]``, the executed-work report, the route
-    every layer executed, the packing, (when asked) the packed rows ``[N, D]`` after each
-    layer (for methods that need per-layer details), and the routing policy's decisions:
-    ``decisions[l]`` is what ``policy.decide`` returned after 0-based layer ``l`` (in packed
-    order; ``packed`` maps it back to samples)."""
-
-    output: Tensor
-    lengths: Tensor
-    report: ExecutedWork
-    routes: List[Optional[LayerRoute]]
-    packed: PackedBatch
-    hidden: Optional[List[Tensor]] = None
-    decisions: Dict[int, Any] = field(default_factory=dict)
-
-
-class RoutingPolicy(Protocol):
-    """A decision point inside the forward, without state of its own: after each 0-based
-    layer in ``decision_layers``, ``decide(layer, x [N, D] rows, schedule)`` returns the
-    schedule for the layers after it (e.g. with frames or samples removed) and its decision,
-    which the forward hands back in :attr:`EncoderOutput.decisions`."""
-
-    decision_layers: Tuple[int, ...]
-
-    def decide(self, layer: int, x: Tensor, schedule: Schedule) -> Tuple[Schedule, Any]: ...
 
 
 def _structure(layer: nn.Module) -> List[Tuple[str, str]]:
@@ -92,38 +31,7 @@ def _structure(layer: nn.Module) -> List[Tuple[str, str]]:
     return found
 
 
-def _is_fully_sharded(module: nn.Module) -> bool:
-    """True when ``module`` was sharded by FSDP2's ``fully_shard`` (its forward hooks run
-    collectives). Cheap: FSDP2 cannot be in use before its module was imported."""
-    fsdp = sys.modules.get("torch.distributed.fsdp")
-    return fsdp is not None and isinstance(module, fsdp.FSDPModule)
-
-
-@contextlib.contextmanager
-def _batch_norm_stats_frozen(module: nn.Module):
-    """Training-mode BatchNorm in ``module`` normalises with batch statistics but leaves its
-    running statistics and batch counter as they were: for a recomputed forward (activation
-    checkpointing) and for a layer called on zero rows, which must not count as a batch.
-    (Momentum 0 rather than ``track_running_stats=False``: the recomputation must save the
-    same tensors as the forward.)"""
-    norms = [
-        (m, m.momentum, m.num_batches_tracked, m.num_batches_tracked.clone())
-        for m in module.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm)
-        and m.track_running_stats
-        and m.num_batches_tracked is not None
-    ]
-    for norm, _, _, _ in norms:
-        norm.momentum = 0.0
-    try:
-        yield
-    finally:
-        for norm, momentum, tracked, counter in norms:
-            norm.momentum = momentum
-            tracked.copy_(counter)
-
-
-class DynamicConformer(nn.Module):
+class DynamicConformer(RoutedEncoder):
     """Conformer encoder whose samples and frames take different depths in one batch.
 
     Same constructor and parameter names as ``torchaudio.models.Conformer``.
@@ -147,10 +55,8 @@ class DynamicConformer(nn.Module):
             attribute a training recipe may set. Gradients are unchanged and BatchNorm's
             running statistics are updated once per step (not again by the recomputation).
 
-    Distributed training: a layer that no row of the local batch runs is still called in
-    training (and always when it is sharded with FSDP2's ``fully_shard``), on zero rows, so
-    every rank issues the same collectives (FSDP2's all-gather and reduce-scatter, DDP's
-    gradient buckets) whatever its masks; see :meth:`_run_layer`.
+    The packed forward is the routing engine's (:class:`dynenc.engine.RoutedEncoder`, which
+    also documents the zero-row layer calls that keep DDP and FSDP2 ranks in step).
     """
 
     def __init__(
@@ -256,11 +162,6 @@ class DynamicConformer(nn.Module):
         dynamic.load_state_dict(model.state_dict(), strict=True)
         return dynamic
 
-    def _weight_dtype(self) -> torch.dtype:
-        if not self.num_layers:
-            return torch.get_default_dtype()
-        return cast(DynamicConformerLayer, self.conformer_layers[0]).final_layer_norm.weight.dtype
-
     # ------------------------------------------------------------------ forward
     def forward(
         self,
@@ -298,42 +199,19 @@ class DynamicConformer(nn.Module):
                 input, lengths, layer_mask, depth, gates, policy, return_report or return_hidden
             )
         frames = validation.check_encoder_inputs(
-            input, lengths, self.input_dim, self.num_layers, self._weight_dtype(), layer_mask, depth, gates, policy
+            input, lengths, self.input_dim, self.num_layers, self.weight_dtype(), layer_mask, depth, gates, policy
         )
-        sizes = None  # while compiling: the plan reads its sizes as data-dependent ints
-        if not torch.compiler.is_compiling():
-            # The forward's one host sync (a policy's decisions add their own): lengths, depth
-            # and layer_mask, which size the packing and the routes, checked on the host copies.
-            host = read_host_inputs(frames, depth, layer_mask)
-            validation.check_host_ranges(host.lengths, host.depth, input.shape[1], self.num_layers)
-            sizes = HostSizes.from_inputs(host.lengths, self.num_layers, host.depth, host.layer_mask)
-        # Every index and cu_seqlens below is built here, right by construction: the CUDA ops
-        # skip their value checks (a host sync each). Not entered while compiling: a compiled
-        # graph calls the ops from outside this frame, and there the checks run.
-        trust = contextlib.nullcontext() if torch.compiler.is_compiling() else validation.trusted_inputs()
-        with trust:
-            with torch.profiler.record_function("dynenc.pack"):
-                order = None if depth is None else torch.sort(depth, descending=True, stable=True).indices
-                packed = pack(input, frames, order, None if sizes is None else sizes.num_rows)
-            schedule = Schedule(
-                packed.batch,
-                self.num_layers,
-                depth=None if depth is None else packed.to_packed_order(depth.to(torch.int64)),
-                sample_mask=None if layer_mask is None else packed.to_packed_order(layer_mask),
-                gates=None if gates is None else packed.to_packed_order(gates),
-                sizes=sizes,
-            )
-            hidden: Optional[List[Tensor]] = [] if return_hidden else None
-            x, routes, decisions = self.forward_packed(packed.x, schedule, policy, hidden)
-            with torch.profiler.record_function("dynenc.unpack"):
-                output = packed.unpack(x)
-                if output.requires_grad and not torch.compiler.is_compiling() and output._is_view():
-                    # The output owns its storage: a wrapper that hooks it (FSDP2 registers its
-                    # pre-backward hook there) would lose the hook to a caller's in-place op on a view.
-                    output = output.clone()
-        if not (return_report or return_hidden):
-            return output, lengths
-        return EncoderOutput(output, lengths, self.executed_work(packed, routes), routes, packed, hidden, decisions)
+        return self.route(
+            input,
+            lengths,
+            frames,
+            layer_mask=layer_mask,
+            depth=depth,
+            gates=gates,
+            policy=policy,
+            return_report=return_report,
+            return_hidden=return_hidden,
+        )
 
     def __prepare_scriptable__(self) -> nn.Module:
         """``torch.jit.script`` scripts the padded twin (full depth, inference; shares these
@@ -350,91 +228,30 @@ class DynamicConformer(nn.Module):
             )
         return PaddedConformer(self).eval()(input, lengths)
 
-    def forward_packed(
-        self,
-        x: Tensor,
-        schedule: Schedule,
-        policy: Optional[RoutingPolicy] = None,
-        hidden: Optional[List[Tensor]] = None,
-    ):
-        """Run the layers on packed rows ``x [N, D]`` under ``schedule``; returns
-        ``(x [N, D], routes, decisions)`` where ``routes[l]`` is the route layer l executed
-        and ``decisions[l]`` the policy's decision after layer l. When ``hidden`` is a list,
-        the rows after each layer are appended to it."""
-        routes = schedule.routes(0)
-        decision_layers = set(policy.decision_layers) if policy is not None else set()
-        decisions: Dict[int, Any] = {}
-        for layer_id, layer in enumerate(self.conformer_layers):
-            with torch.profiler.record_function(f"dynenc.layer{layer_id}"):
-                # routes(0), and each decision's routes(l + 1) after l, fill every layer's entry: no None.
-                x = self._run_layer(cast(DynamicConformerLayer, layer), x, cast(LayerRoute, routes[layer_id]))
-            if hidden is not None:
-                hidden.append(x)
-            if policy is not None and layer_id in decision_layers and layer_id + 1 < self.num_layers:
-                schedule, decisions[layer_id] = policy.decide(layer_id, x, schedule)
-                routes[layer_id + 1 :] = schedule.routes(layer_id + 1)[layer_id + 1 :]
-        return x, routes, decisions
+    # ------------------------------------------------------------------ the family's parts
+    def routed_layers(self) -> nn.ModuleList:
+        return self.conformer_layers
 
-    def _run_layer(self, layer: DynamicConformerLayer, x: Tensor, route: LayerRoute) -> Tensor:
-        """Layer ``layer`` on the rows of ``route`` of ``x [N, D]``; every other row passes
-        through (``skip_mode``). Returns ``[N, D]``."""
-        runs_everything = route.index is None and guard_or_false(route.num_rows == x.shape[0])
-        if runs_everything and route.gate is None:
-            return self._call_layer(layer, x, route.batch)
-        # What a skipped row becomes, and what a gate interpolates from (see skip_mode).
-        if self.skip_mode == "final_norm":
-            if _is_fully_sharded(layer):
-                raise ValueError(
-                    "skip_mode='final_norm' is not supported with a layer sharded by fully_shard: the "
-                    "skipped rows' LayerNorm would read the layer's sharded parameters outside its "
-                    "forward; use skip_mode='identity' or shard the whole model as one unit"
-                )
-            base = layer.final_layer_norm(x)
-        else:
-            base = x
-        if guard_or_false(route.num_rows == 0):
-            if not ((self.training and torch.is_grad_enabled()) or _is_fully_sharded(layer)):
-                return base
-            # The layer on zero rows: costs its collectives and ~300 zero-row op calls, no
-            # FLOPs. Its hooks fire as on every other rank (FSDP2 all-gathers in the forward,
-            # reduce-scatters in the backward), and its parameters join the graph with a zero
-            # gradient (DDP needs no find_unused_parameters; optimizers see 0, not None). The
-            # empty output joins the residual stream so its backward runs in layer order.
-            with _batch_norm_stats_frozen(layer):
-                empty = layer(x[:0], route.batch)
-            return base + empty.sum()
-        active = x[: route.num_rows] if route.index is None else ops.gather_rows(x, route.index)
-        return ops.gated_residual_scatter(base, self._call_layer(layer, active, route.batch), route.gate, route.index)
+    def weight_dtype(self) -> torch.dtype:
+        if not self.num_layers:
+            return torch.get_default_dtype()
+        return cast(DynamicConformerLayer, self.conformer_layers[0]).final_layer_norm.weight.dtype
 
-    def _call_layer(self, layer: DynamicConformerLayer, rows: Tensor, batch: VarlenBatch) -> Tensor:
-        """``layer(rows [M, D], batch)``, recomputed in the backward when ``checkpoint_layers``."""
-        if not (self.checkpoint_layers and self.training and torch.is_grad_enabled()):
-            return layer(rows, batch)
-        return checkpoint(
-            layer,
-            rows,
-            batch,
-            use_reentrant=False,
-            context_fn=lambda: (contextlib.nullcontext(), _batch_norm_stats_frozen(layer)),
-        )
+    def skipped_rows(self, layer: nn.Module, x: Tensor) -> Tensor:
+        """``x``, or with ``skip_mode="final_norm"`` the layer's final LayerNorm of it."""
+        if self.skip_mode != "final_norm":
+            return x
+        if is_fully_sharded(layer):
+            raise ValueError(
+                "skip_mode='final_norm' is not supported with a layer sharded by fully_shard: the "
+                "skipped rows' LayerNorm would read the layer's sharded parameters outside its "
+                "forward; use skip_mode='identity' or shard the whole model as one unit"
+            )
+        return cast(DynamicConformerLayer, layer).final_layer_norm(x)
 
-    # ------------------------------------------------------------------ accounting
     def layer_flops(self, tokens: int, sum_sq_lengths: float) -> float:
         """Estimated FLOPs of one layer on ``tokens`` rows whose sequences have squared
         lengths summing to ``sum_sq_lengths`` (matmuls 2*m*n*k; attention QK^T and PV)."""
         d, f, k = self.input_dim, self.ffn_dim, self.kernel_size
         per_token = 2 * (2 * 2 * d * f) + 2 * 4 * d * d + 2 * (2 * d * d + d * d) + 2 * k * d
         return tokens * per_token + 4.0 * d * sum_sq_lengths
-
-    def executed_work(self, packed: PackedBatch, routes: List[Optional[LayerRoute]]) -> ExecutedWork:
-        """The executed-work report of a forward (one host sync)."""
-        device = packed.x.device
-        depth_rows = row_depth(routes, packed.batch.num_rows, device)
-        frame_depth = packed.unpack(depth_rows.unsqueeze(1).double()).squeeze(2).long()
-        sum_sq = torch.stack(
-            [(r.batch.lengths.double() ** 2).sum() for r in routes if r is not None and r.num_rows > 0]
-            or [torch.zeros((), dtype=torch.float64, device=device)]
-        )
-        tokens = [0 if r is None else r.num_rows for r in routes]
-        flops = sum(self.layer_flops(t, s) for t, s in zip([t for t in tokens if t > 0], sum_sq.tolist()))
-        return ExecutedWork(tokens, packed.batch.num_rows, self.num_layers, frame_depth.amax(1), frame_depth, flops)

@@ -35,13 +35,15 @@ def valid_frames(lengths: Tensor, num_frames: int) -> Tensor:
 class VarlenBatch:
     """A packed (sub-)batch: rows ``[num_rows, D]`` split by ``cu_seqlens`` (int32 ``[B + 1]``).
 
-    ``max_seqlen`` is a host-side upper bound of the longest sequence.
+    ``max_seqlen`` is a host-side upper bound of the longest sequence, and of every row's
+    :attr:`positions` entry.
     """
 
     cu_seqlens: Tensor
     max_seqlen: int
     num_rows: int
     _seq_ids: Optional[Tensor] = field(default=None, repr=False)
+    _positions: Optional[Tensor] = field(default=None, repr=False)
 
     @property
     def num_seqs(self) -> int:
@@ -55,17 +57,35 @@ class VarlenBatch:
         """int64 ``[num_rows]``: each row's flat position ``b * max_seqlen + t`` in a padded
         ``[B, max_seqlen]`` view, ``b`` its sequence (or ``order[sequence]`` when given)."""
         seq = self.seq_ids
-        offset_in_seq = torch.arange(self.num_rows, device=seq.device) - self.cu_seqlens.long().index_select(0, seq)
         sample = seq if order is None else order.index_select(0, seq)
-        return sample * self.max_seqlen + offset_in_seq
+        return sample * self.max_seqlen + self._offsets_in_seq()
+
+    def _offsets_in_seq(self) -> Tensor:
+        """int64 ``[num_rows]``: each row's offset in its packed sequence."""
+        seq = self.seq_ids
+        return torch.arange(self.num_rows, device=seq.device) - self.cu_seqlens.long().index_select(0, seq)
 
     @classmethod
-    def with_seq_ids(cls, cu_seqlens: Tensor, max_seqlen: int, num_rows: int, seq_ids: Tensor) -> VarlenBatch:
+    def with_seq_ids(
+        cls, cu_seqlens: Tensor, max_seqlen: int, num_rows: int, seq_ids: Tensor, positions: Optional[Tensor] = None
+    ) -> VarlenBatch:
         """A batch whose rows' sequence ids (int64 ``[num_rows]``) its builder already holds, e.g.
-        a route's rows gathered from the full batch's ids: they are not computed again."""
+        a route's rows gathered from the full batch's ids: they are not computed again. So may
+        its rows' :attr:`positions` be (rows gathered after frames were dropped)."""
         batch = cls(cu_seqlens, max_seqlen, num_rows)
         batch._seq_ids = seq_ids
+        batch._positions = positions
         return batch
+
+    @property
+    def positions(self) -> Tensor:
+        """int64 ``[num_rows]``: each row's frame index in its original sequence, in
+        ``[0, max_seqlen)``. Its offset in its packed sequence, unless the batch was built from
+        rows of a larger one with frames left out (a route after frame skipping), whose rows
+        keep the positions they had there (relative position biases read them)."""
+        if self._positions is None:
+            self._positions = self._offsets_in_seq()
+        return self._positions
 
     @property
     def seq_ids(self) -> Tensor:
@@ -279,11 +299,14 @@ class Schedule:
         else:
             bounds = offsets.tolist()
         all_seq_ids = full.seq_ids.index_select(0, indices)  # once for every layer: one launch, not L
+        # Whole sequences keep their offsets as positions; with frames dropped the rows keep theirs.
+        all_positions = None if self.row_alive is None else full.positions.index_select(0, indices)
         routes = []
         for i in range(num_layers):
             index = indices[bounds[i] : bounds[i + 1]]
             seq_ids = all_seq_ids[bounds[i] : bounds[i + 1]]
-            sub = VarlenBatch.with_seq_ids(active_cu[i], full.max_seqlen, bounds[i + 1] - bounds[i], seq_ids)
+            positions = None if all_positions is None else all_positions[bounds[i] : bounds[i + 1]]
+            sub = VarlenBatch.with_seq_ids(active_cu[i], full.max_seqlen, bounds[i + 1] - bounds[i], seq_ids, positions)
             routes.append(LayerRoute(index, sub, self._gate(start + i, seq_ids)))
         return routes
 

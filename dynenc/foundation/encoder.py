@@ -1,0 +1,138 @@
+"""``DynamicTransformer``: the transformer of a wav2vec2 / HuBERT / WavLM model on the routing
+engine, with the upstream encoder's submodule names (``pos_conv_embed``, ``layer_norm``,
+``dropout``, ``layers``)."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops, validation
+from ..engine import RoutedEncoder, RoutingPolicy
+from ..routing import VarlenBatch, valid_frames
+from .features import positional_embedding
+from .layer import DynamicTransformerLayer, RelativePositionBias
+
+
+class DynamicTransformer(RoutedEncoder):
+    """The transformer of a wav2vec2-family model: positional convolution, then L layers on
+    packed rows with ragged per-sample / per-frame depth.
+
+    Args:
+        pos_conv_embed: the upstream convolutional positional embedding.
+        layer_norm: the encoder's LayerNorm: before the layers in post-LN models, after them
+            (on each row, after the last layer it ran) in pre-LN ones.
+        dropout: the encoder's dropout after the positional embedding.
+        layers: the upstream layers; their submodules are adopted by
+            :class:`DynamicTransformerLayer` under the same names.
+        pre_norm: pre-LN layers (HF ``do_stable_layer_norm``, torchaudio ``layer_norm_first``).
+        layer_drop: in training, the probability that a (sample, layer) pair is skipped when
+            the call gives no routing of its own (HF's ``layerdrop``, torchaudio's
+            ``layer_drop``, drawn per sample instead of per batch: the same marginal, and
+            every rank still runs every layer).
+        first_layer_kept: layer 0 is never dropped by ``layer_drop`` (HF's WavLM).
+        relative_position: ``(num_buckets, max_distance)`` of WavLM's relative position bias,
+            whose table is layer 0's ``attention.rel_attn_embed`` (used for every sample and
+            layer, also where layer 0 is skipped), or None.
+        checkpoint_layers: recompute each executed layer in the backward (training).
+    """
+
+    def __init__(
+        self,
+        pos_conv_embed: nn.Module,
+        layer_norm: nn.LayerNorm,
+        dropout: nn.Module,
+        layers: Sequence[nn.Module],
+        pre_norm: bool,
+        layer_drop: float = 0.0,
+        first_layer_kept: bool = False,
+        relative_position: Optional[tuple] = None,
+        checkpoint_layers: bool = False,
+    ) -> None:
+        super().__init__()
+        self.pos_conv_embed = pos_conv_embed
+        self.layer_norm = layer_norm
+        self.dropout = dropout
+        self.layers = nn.ModuleList(DynamicTransformerLayer(layer, pre_norm) for layer in layers)
+        self.input_dim = layer_norm.normalized_shape[0]
+        self.num_layers = len(self.layers)
+        self.pre_norm = pre_norm
+        self.layer_drop = layer_drop
+        self.first_layer_kept = first_layer_kept
+        self.relative_position = relative_position
+        self.checkpoint_layers = checkpoint_layers
+        self.num_heads = self.layers[0].attention.num_heads if self.layers else 1
+        self.ffn_dim = self.layers[0].feed_forward.intermediate_dense.out_features if self.layers else 0
+
+    def embed(self, x: Tensor, frames: Tensor) -> Tensor:
+        """What runs before the layers, on projected features ``x [B, T, D]`` with ``frames``
+        int ``[B]`` valid: pads set to zero, the positional convolution added, then (post-LN)
+        the LayerNorm, then dropout. Returns ``[B, T, D]`` whose valid frames equal each
+        utterance run alone (pads are zero)."""
+        valid = valid_frames(frames, x.shape[1])
+        x = x * valid.unsqueeze(-1).to(x.dtype)
+        x = x + positional_embedding(self.pos_conv_embed, x, valid)
+        if not self.pre_norm:
+            x = self.layer_norm(x)
+        return self.dropout(x) * valid.unsqueeze(-1).to(x.dtype)
+
+    def forward(
+        self,
+        input: Tensor,
+        lengths: Tensor,
+        *,
+        layer_mask: Optional[Tensor] = None,
+        depth: Optional[Tensor] = None,
+        gates: Optional[Tensor] = None,
+        policy: Optional[RoutingPolicy] = None,
+        return_report: bool = False,
+        return_hidden: bool = False,
+    ):
+        """The layers on ``input [B, T, D]`` (the output of :meth:`embed`); the routing
+        arguments and the returns are :meth:`dynenc.DynamicConformer.forward`'s. Pre-LN models
+        end each sample with the encoder's LayerNorm after the last layer it ran."""
+        frames = validation.check_encoder_inputs(
+            input, lengths, self.input_dim, self.num_layers, self.weight_dtype(), layer_mask, depth, gates, policy
+        )
+        if self.training and self.layer_drop > 0 and all(a is None for a in (layer_mask, depth, gates, policy)):
+            layer_mask = torch.rand(input.shape[0], self.num_layers, device=input.device) >= self.layer_drop
+            if self.first_layer_kept:
+                layer_mask[:, 0] = True
+        return self.route(
+            input,
+            lengths,
+            frames,
+            layer_mask=layer_mask,
+            depth=depth,
+            gates=gates,
+            policy=policy,
+            return_report=return_report,
+            return_hidden=return_hidden,
+        )
+
+    # ------------------------------------------------------------------ the family's parts
+    def routed_layers(self) -> nn.ModuleList:
+        return self.layers
+
+    def weight_dtype(self) -> torch.dtype:
+        return self.layer_norm.weight.dtype
+
+    def layer_inputs(self, batch: VarlenBatch) -> Dict[str, Any]:
+        if self.relative_position is None:
+            return {}
+        num_buckets, max_distance = self.relative_position
+        table = self.layers[0].attention.rel_attn_embed.weight
+        buckets = ops.relative_position_buckets(batch.max_seqlen, num_buckets, max_distance, device=table.device)
+        return {"position_bias": RelativePositionBias(table, buckets)}
+
+    def finish_rows(self, x: Tensor, batch: VarlenBatch) -> Tensor:
+        return self.layer_norm(x) if self.pre_norm else x
+
+    def layer_flops(self, tokens: int, sum_sq_lengths: float) -> float:
+        """Estimated FLOPs of one layer: q/k/v/out projections, the feed-forward, attention's
+        QK^T and PV (and WavLM's gate projection)."""
+        d, f = self.input_dim, self.ffn_dim
+        per_token = 2 * 4 * d * d + 2 * 2 * d * f + (2 * 8 * d if self.relative_position else 0)
+        return tokens * per_token + 4.0 * d * sum_sq_lengths

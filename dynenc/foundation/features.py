@@ -1,0 +1,91 @@
+"""What runs before the transformer layers of a wav2vec2-family model, on padded batches but
+equal, frame for frame, to each utterance run alone: the CNN feature extractor (its
+GroupNorm's statistics over each utterance's valid frames only) and the convolutional
+positional embedding (pads zero at its input, as the utterance's own zero padding)."""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..routing import valid_frames
+
+
+def _conv_lengths(conv: nn.Conv1d, lengths: Tensor) -> Tensor:
+    """Valid output frames of an unpadded strided ``conv`` for ``lengths`` valid input frames."""
+    return (torch.div(lengths - conv.kernel_size[0], conv.stride[0], rounding_mode="floor") + 1).clamp_min(0)
+
+
+def conv_output_lengths(conv_layers: nn.ModuleList, lengths: Tensor) -> Tensor:
+    """int64 ``[B]`` valid frames after the feature extractor for ``lengths`` waveform samples."""
+    lengths = lengths.to(torch.int64)
+    for block in conv_layers:
+        lengths = _conv_lengths(block.conv, lengths)
+    return lengths
+
+
+def _masked_instance_norm(x: Tensor, valid: Tensor, norm: nn.GroupNorm) -> Tensor:
+    """``GroupNorm(C, C)`` of ``x [B, C, T]`` with each sample's statistics over its valid
+    frames (``valid`` bool ``[B, T]``) only; pads are left as computed (never read back)."""
+    mask = valid.unsqueeze(1).to(x.dtype)
+    count = mask.sum(-1, keepdim=True).clamp_min(1)
+    mean = (x * mask).sum(-1, keepdim=True) / count
+    var = (((x - mean) * mask) ** 2).sum(-1, keepdim=True) / count
+    normed = (x - mean) * torch.rsqrt(var + norm.eps)
+    if norm.affine:
+        normed = normed * norm.weight.view(1, -1, 1) + norm.bias.view(1, -1, 1)
+    return normed
+
+
+def extract_conv_features(conv_layers: nn.ModuleList, waveforms: Tensor, lengths: Tensor) -> Tuple[Tensor, Tensor]:
+    """The CNN feature extractor of torchaudio's or HF's wav2vec2 family on a padded batch.
+
+    Args:
+        conv_layers: the upstream ``feature_extractor.conv_layers`` (each block: ``conv``, an
+            optional ``layer_norm`` — a per-channel GroupNorm or a LayerNorm over channels —
+            and GELU, or HF's ``activation``).
+        waveforms: ``[B, S]``.
+        lengths: int ``[B]`` valid samples.
+    Returns:
+        ``(features [B, T', C], lengths [B])``; valid frames equal the extractor run on each
+        waveform alone.
+    """
+    x = waveforms.unsqueeze(1)
+    lengths = lengths.to(torch.int64)
+    for block in conv_layers:
+        x = block.conv(x)
+        lengths = _conv_lengths(block.conv, lengths)
+        norm = getattr(block, "layer_norm", None)
+        if isinstance(norm, nn.GroupNorm):
+            x = _masked_instance_norm(x, valid_frames(lengths, x.shape[-1]), norm)
+        elif isinstance(norm, nn.LayerNorm):
+            x = F.layer_norm(x.transpose(1, 2), norm.normalized_shape, norm.weight, norm.bias, norm.eps).transpose(1, 2)
+        activation = getattr(block, "activation", None)
+        x = F.gelu(x) if activation is None else activation(x)
+    return x.transpose(1, 2), lengths
+
+
+def positional_embedding(module: nn.Module, x: Tensor, valid: Tensor) -> Tensor:
+    """The convolutional positional embedding ``[B, T, D]`` of ``x [B, T, D]`` whose pads are
+    zero (``valid`` bool ``[B, T]``): torchaudio's ``ConvolutionalPositionalEmbedding`` or HF's
+    ``*PositionalConvEmbedding`` (HuBERT's optional ``batch_norm`` first, its output re-zeroed
+    at pads, which the utterance alone pads with zeros)."""
+    h = x.transpose(1, 2)
+    batch_norm = getattr(module, "batch_norm", None)
+    if batch_norm is not None:
+        if batch_norm.training:
+            raise ValueError(
+                "conv_pos_batch_norm in training is not supported: its batch statistics would mix utterances "
+                "and pads; train with it in eval mode (model.encoder.pos_conv_embed.batch_norm.eval())"
+            )
+        h = batch_norm(h) * valid.unsqueeze(1).to(h.dtype)
+    h = module.conv(h)
+    remove = module.num_remove if hasattr(module, "num_remove") else module.padding.num_pad_remove
+    if remove:
+        h = h[..., :-remove]
+    activation = getattr(module, "activation", None)
+    h = F.gelu(h) if activation is None else activation(h)
+    return h.transpose(1, 2)
