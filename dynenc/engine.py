@@ -4,8 +4,9 @@ FSDP2, activation checkpointing and the executed-work report.
 
 A family (:class:`~dynenc.model.DynamicConformer`, :class:`~dynenc.foundation.DynamicTransformer`)
 subclasses :class:`RoutedEncoder` and supplies only its layers (each called as
-``layer(rows [M, D], batch: VarlenBatch, **layer_inputs)``), what runs after the stack on each
-row (:meth:`RoutedEncoder.finish_rows`), what a skipped row becomes
+``layer(rows [M, D], batch: VarlenBatch, **layer_inputs)``), what runs before the stack
+(:meth:`RoutedEncoder.embed`) and after it on each row (:meth:`RoutedEncoder.finish_rows`),
+what a skipped row becomes
 (:meth:`RoutedEncoder.skipped_rows`) and its FLOP model (:meth:`RoutedEncoder.layer_flops`).
 """
 
@@ -119,8 +120,8 @@ class RoutedEncoder(nn.Module):
     per-sample / per-frame depth (the base of every encoder family).
 
     A subclass sets ``input_dim``, ``num_layers`` and ``checkpoint_layers`` and implements
-    :meth:`routed_layers` and :meth:`layer_flops`; it may override :meth:`layer_inputs`,
-    :meth:`skipped_rows` and :meth:`finish_rows`. Its ``forward`` validates its arguments
+    :meth:`routed_layers` and :meth:`layer_flops`; it may override :meth:`embed`,
+    :meth:`layer_inputs`, :meth:`skipped_rows` and :meth:`finish_rows`. Its ``forward`` validates its arguments
     (:func:`dynenc.validation.check_encoder_inputs`) and calls :meth:`route`.
 
     Distributed training: a layer that no row of the local batch runs is still called in
@@ -143,6 +144,12 @@ class RoutedEncoder(nn.Module):
         lengths summing to ``sum_sq_lengths``."""
         raise NotImplementedError
 
+    def embed(self, x: Tensor, frames: Tensor) -> Tensor:
+        """What runs before the layer stack on the padded input ``x [B, T, D]`` (``frames``
+        int64 ``[B]`` valid), e.g. a positional convolution; a model calls it on its front-end's
+        output before :meth:`forward`. Nothing by default."""
+        return x
+
     def layer_inputs(self, batch: VarlenBatch) -> Dict[str, Any]:
         """Keyword arguments every layer call of a forward on the full packed ``batch`` gets
         besides its rows and sub-batch (e.g. a position bias table shared by all layers)."""
@@ -157,6 +164,11 @@ class RoutedEncoder(nn.Module):
         """What runs on every row after the last layer it ran (e.g. a pre-LN encoder's final
         LayerNorm); ``x [N, D]`` -> ``[N, D]``. Nothing by default."""
         return x
+
+    def shardable_layers(self) -> List[nn.Module]:
+        """The layers whose parameters only their own forward reads, which FSDP2 may shard as
+        units of their own (``fully_shard(layer)``): all of them by default."""
+        return list(self.routed_layers())
 
     def weight_dtype(self) -> torch.dtype:
         """The dtype the layers' parameters have (the input must match it, outside autocast)."""

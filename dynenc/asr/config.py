@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Dict, Tuple
 
 from ..config import load_config, save_config
+from ..foundation.build import ENCODERS
 from ..validation import check_int, check_real
 
 __all__ = ["ModelConfig"]
@@ -21,7 +22,7 @@ __all__ = ["ModelConfig"]
 
 @dataclass
 class ModelConfig:
-    """A CTC speech model: front-end + ``DynamicConformer`` + heads.
+    """A CTC speech model: front-end + encoder + heads.
 
     Attributes:
         vocab_size: CTC output units including the blank (index 0).
@@ -39,6 +40,14 @@ class ModelConfig:
         factorized_ctc: the intermediate head predicts p(blank) and p(token | non-blank).
         factorized_final_ctc: the final CTC head is factorized the same way.
         selector_hidden: hidden size of the input-conditioned layer selector (0 = none).
+        encoder: the encoder family: ``"conformer"`` (fbank front-end + ``DynamicConformer``)
+            or a foundation model on raw 16 kHz waveforms, ``"wav2vec2"``, ``"hubert"`` or
+            ``"wavlm"`` (CNN feature extractor + ``DynamicTransformer``).
+        upstream: a foundation encoder's architecture: ``{"source": "torchaudio", "factory",
+            "arguments"}`` or ``{"source": "huggingface", "model_type", "config"}`` (what
+            ``dynenc train --init-from`` read), or empty: torchaudio's base layout at this
+            config's sizes (:func:`dynenc.foundation.build.scratch_description`). Its sizes
+            override ``dim`` / ``num_heads`` / ``ffn_dim`` / ``num_layers``, which record them.
         extra: free-form metadata kept with checkpoints.
     """
 
@@ -58,9 +67,15 @@ class ModelConfig:
     factorized_ctc: bool = False
     factorized_final_ctc: bool = False
     selector_hidden: int = 0
+    encoder: str = "conformer"
+    upstream: Dict[str, Any] = field(default_factory=dict)
     extra: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"ModelConfig.encoder must be one of {ENCODERS}, got {self.encoder!r}")
+        if self.upstream and self.encoder == "conformer":
+            raise ValueError("ModelConfig.upstream describes a foundation encoder; the conformer has none")
         self.exit_depths = tuple(self.exit_depths)
         for name in ("vocab_size", "num_features", "dim", "num_heads", "ffn_dim", "num_layers", "kernel_size"):
             check_int(f"ModelConfig.{name}", getattr(self, name), low=1)
@@ -87,6 +102,11 @@ class ModelConfig:
                 f"ModelConfig.blank_skip_depth must lie in [0, num_layers - 1={self.num_layers - 1}] "
                 f"(0 = none), got {self.blank_skip_depth}"
             )
+
+    @property
+    def input_features(self) -> str:
+        """What the model reads: ``"fbank"`` (80-dim, the conformer) or ``"waveform"`` (16 kHz samples)."""
+        return "fbank" if self.encoder == "conformer" else "waveform"
 
     @property
     def head_depths(self) -> Tuple[int, ...]:

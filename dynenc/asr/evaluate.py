@@ -26,7 +26,7 @@ from ..validation import check_int, check_real
 from .batching import SpeechBatches, collate_batch
 from .checkpoint import find_checkpoint, load_checkpoint
 from .ctc_model import CTCModel
-from .features import load_split
+from .features import ROWS_PER_FRAME, load_split
 from .tokenizer import Tokenizer, load_tokenizer
 
 
@@ -132,7 +132,8 @@ def decode_split(
     max_frames: int = 20000,
     beam: Optional[BeamSearch] = None,
 ) -> Dict:
-    """Decode ``data`` (``[(features, text)]``) under ``budget`` (default full depth).
+    """Decode ``data`` (``[(features, text)]``, as :func:`load_split` gives them for the model's
+    ``input_features``; ``max_frames`` counts 10 ms frames) under ``budget`` (default full depth).
 
     Returns WER (greedy, or of ``beam``'s transcripts), executed fraction of
     full-depth token x layers, mean exit depth (methods that decide exits), the fraction of
@@ -147,7 +148,8 @@ def decode_split(
     exit_depths, skipped, frames, skips_frames, blank_frames = [], 0, 0, False, 0
     masks: Counter = Counter()
     device = next(model.parameters()).device
-    for idx, features, lengths in split_batches(data, tokenizer, max_frames):
+    rows = max_frames * ROWS_PER_FRAME[model.config.input_features]
+    for idx, features, lengths in split_batches(data, tokenizer, rows):
         result = infer(model, features.to(device), lengths.to(device), budget)
         executed += result.report.executed_token_layers
         full += result.report.total_tokens * result.report.num_layers
@@ -220,7 +222,9 @@ def time_budgets(
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         batches = [
             (features.to(device), lengths.to(device))
-            for _, features, lengths in split_batches(data, tokenizer, max_frames)
+            for _, features, lengths in split_batches(
+                data, tokenizer, max_frames * ROWS_PER_FRAME[model.config.input_features]
+            )
         ]
         fastest = [[float("inf")] * len(batches) for _ in budgets]
         for budget in budgets:
@@ -256,7 +260,14 @@ def sweep(
     """Evaluate every ``runs/<method>/model.pt`` (or sharded ``model.dcp/``, from FSDP2
     training) found; returns the results dictionary."""
     tokenizer = load_tokenizer(data_dir)
-    test = load_split(data_dir, "test", tokenizer=tokenizer)[:limit]
+    splits: Dict[str, list] = {}  # "fbank" / "waveform" -> the test split, loaded when a model reads it
+
+    def test_split(kind: str) -> list:
+        if kind not in splits:
+            splits[kind] = load_split(data_dir, "test", tokenizer=tokenizer, features=kind)[:limit]
+        return splits[kind]
+
+    test = test_split("fbank")
     beam = BeamSearch(tokenizer, beam_size) if beam_size else None
     results: Dict = {
         "test_utterances": len(test),
@@ -271,6 +282,7 @@ def sweep(
             print(f"skipping {method}: no checkpoint at {runs / method / 'model.pt'} (or model.dcp)")
             continue
         model, payload = load_checkpoint(checkpoint)
+        test = test_split(model.config.input_features)
         rows = []
         budgets = get_method(method).budgets(model)
         for label, budget in tqdm(budgets, desc=f"eval {method}", disable=not progress):

@@ -3,6 +3,7 @@
 Typical use::
 
     train = load_split("data/speech", "train")          # [(feats [T, 80], text), ...]
+    train = load_split("data/speech", "train", features="waveform")   # [(wave [S, 1], text), ...]
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from .manifest import check_split, feature_cache_path, manifest_path, read_manif
 from .tokenizer import CharTokenizer, Tokenizer
 
 __all__ = [
+    "FEATURE_KINDS",
+    "ROWS_PER_FRAME",
     "SAMPLE_RATE",
     "NUM_MEL_BINS",
     "FEATURE_VERSION",
@@ -37,6 +40,14 @@ __all__ = [
 ]
 
 SAMPLE_RATE = 16000
+#: What :func:`load_split` returns per utterance: fbank frames (the conformer's input) or the
+#: 16 kHz waveform (a foundation encoder's).
+FEATURE_KINDS = ("fbank", "waveform")
+#: Rows of a :func:`load_split` item per 10 ms feature frame: batch sizes counted in frames
+#: (``max_frames``) mean the same audio for either kind.
+ROWS_PER_FRAME = {"fbank": 1, "waveform": SAMPLE_RATE // 100}
+#: A waveform needs one 25 ms window: a wav2vec2 feature extractor's first frame (400 samples).
+MIN_WAVEFORM_SAMPLES = 400
 # Bump whenever compute_fbank changes in a way FBANK_OPTIONS does not capture (e.g. the
 # normalisation), so stale caches are rebuilt.
 FEATURE_VERSION = 1
@@ -128,18 +139,19 @@ def read_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     return audio, rate
 
 
-def _feature_settings() -> dict:
+def _feature_settings(kind: str) -> dict:
     """Everything besides the audio and the manifest that changes the cached features."""
-    return {"version": FEATURE_VERSION, "sample_rate": SAMPLE_RATE, "fbank": FBANK_OPTIONS}
+    settings = {"version": FEATURE_VERSION, "sample_rate": SAMPLE_RATE}
+    return {**settings, "fbank": FBANK_OPTIONS} if kind == "fbank" else {**settings, "kind": kind}
 
 
-def _cache_key(mpath: Path, records: list[dict]) -> str:
+def _cache_key(mpath: Path, records: list[dict], kind: str) -> str:
     """sha256 over the feature settings, the manifest and every audio file's bytes.
 
     Hashing the bytes (not size + mtime) also catches a replaced file that kept its size
     and timestamp, e.g. one copied with ``cp -p``.
     """
-    h = hashlib.sha256(json.dumps(_feature_settings(), sort_keys=True).encode())
+    h = hashlib.sha256(json.dumps(_feature_settings(kind), sort_keys=True).encode())
     h.update(mpath.read_bytes())
     for rec in records:
         try:
@@ -163,10 +175,18 @@ def _check_transcripts(mpath: Path, records: list[dict], tokenizer: Tokenizer) -
             raise ValueError(f"{mpath}: utterance {rec['id']!r}: transcript cannot be encoded: {e}") from None
 
 
-def _utterance_features(mpath: Path, rec: dict) -> torch.Tensor:
+def _waveform(audio: np.ndarray, rate: int) -> torch.Tensor:
+    """float32 ``[S, 1]`` at :data:`SAMPLE_RATE`."""
+    wav = resample(torch.as_tensor(audio, dtype=torch.float32), rate, SAMPLE_RATE)
+    if wav.numel() < MIN_WAVEFORM_SAMPLES:
+        raise ValueError(f"waveform too short for one 25 ms frame: {wav.numel()} samples at {SAMPLE_RATE} Hz")
+    return wav.unsqueeze(1)
+
+
+def _utterance_features(mpath: Path, rec: dict, kind: str) -> torch.Tensor:
     try:
         audio, rate = read_audio(rec["path"])
-        return compute_fbank(audio, rate)
+        return compute_fbank(audio, rate) if kind == "fbank" else _waveform(audio, rate)
     except ValueError as e:
         where = "" if rec["path"] in str(e) else f" ({rec['path']})"  # read_audio's errors name it already
         raise ValueError(f"{mpath}: utterance {rec['id']!r}{where}: {e}") from e
@@ -177,17 +197,21 @@ def load_split(
     split: str,
     progress: bool = False,
     tokenizer: Tokenizer | None = None,
+    features: str = "fbank",
 ) -> list[tuple[torch.Tensor, str]]:
-    """Features and transcripts of one split, computed once and cached.
+    """Features (or waveforms) and transcripts of one split, computed once and cached.
 
     Args:
         out_dir: data directory (see :mod:`dynenc.asr.manifest`).
         split: one of ``train``, ``dev``, ``test``.
         progress: show a tqdm progress bar while computing features.
         tokenizer: every transcript must be encodable by it (default :class:`CharTokenizer`).
+        features: ``"fbank"`` or ``"waveform"`` (:data:`FEATURE_KINDS`; a model's
+            ``ModelConfig.input_features``).
 
     Returns:
-        list of ``(features float32 [T_i, 80], text)`` in manifest order.
+        list of ``(features float32 [T_i, 80], text)`` in manifest order, or with
+        ``features="waveform"`` ``(samples float32 [S_i, 1] at 16 kHz, text)``.
 
     The cache ``out_dir/feats_<split>.pt`` holds one concatenated ``[sum T_i, 80]``
     tensor plus lengths and texts (one file: fast to load, no per-utterance pickles),
@@ -203,11 +227,13 @@ def load_split(
             manifest, the utterance and the problem are named).
     """
     check_split(split)
+    if features not in FEATURE_KINDS:
+        raise ValueError(f"features must be one of {FEATURE_KINDS}, got {features!r}")
     mpath = manifest_path(out_dir, split)
     records = read_manifest(out_dir, split)
     _check_transcripts(mpath, records, tokenizer or CharTokenizer())
-    key = _cache_key(mpath, records)
-    cache = feature_cache_path(out_dir, split)
+    key = _cache_key(mpath, records, features)
+    cache = feature_cache_path(out_dir, split, features)
 
     if cache.is_file():
         try:
@@ -220,12 +246,12 @@ def load_split(
 
     with torch_threads(1):
         feats_list = [
-            _utterance_features(mpath, rec)
-            for rec in tqdm(records, desc=f"fbank {split}", unit="utt", disable=not progress)
+            _utterance_features(mpath, rec, features)
+            for rec in tqdm(records, desc=f"{features} {split}", unit="utt", disable=not progress)
         ]
     texts = [rec["text"] for rec in records]
     lengths = torch.tensor([f.shape[0] for f in feats_list], dtype=torch.int64)
-    flat = torch.cat(feats_list) if feats_list else torch.zeros(0, NUM_MEL_BINS)
+    flat = torch.cat(feats_list) if feats_list else torch.zeros(0, NUM_MEL_BINS if features == "fbank" else 1)
     # Ranks of a torchrun job may fill the cache at once: each writes a temp file of its own
     # (the replaces are atomic and they write the same features), none removes another's.
     atomic_write(

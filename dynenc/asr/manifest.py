@@ -54,9 +54,9 @@ def manifest_path(data_dir: str | os.PathLike, split: str) -> Path:
     return Path(data_dir) / f"{split}.jsonl"
 
 
-def feature_cache_path(data_dir: str | os.PathLike, split: str) -> Path:
-    """``data_dir/feats_<split>.pt``."""
-    return Path(data_dir) / f"feats_{split}.pt"
+def feature_cache_path(data_dir: str | os.PathLike, split: str, kind: str = "fbank") -> Path:
+    """``data_dir/feats_<split>.pt`` (fbank) or ``data_dir/waves_<split>.pt`` (16 kHz waveforms)."""
+    return Path(data_dir) / f"{'feats' if kind == 'fbank' else 'waves'}_{split}.pt"
 
 
 def read_manifest(data_dir: str | os.PathLike, split: str) -> list[dict]:

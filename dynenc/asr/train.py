@@ -29,6 +29,7 @@ from tqdm import tqdm
 from ..config import save_config
 from ..errors import NonFiniteTraining
 from ..fileio import atomic_write
+from ..foundation.build import load_pretrained, split_model
 from ..methods import get_method, method_names
 from ..methods.base import Batch, Logs, Objective
 from ..runlock import hold_run_directory
@@ -46,7 +47,7 @@ from .checkpoint import (
 )
 from .ctc_model import CTCModel
 from .evaluate import decode_split
-from .features import load_split
+from .features import ROWS_PER_FRAME, load_split
 from .tokenizer import load_tokenizer
 from .train_config import TrainConfig, add_config_arguments, config_from_args
 
@@ -70,13 +71,14 @@ class ObjectiveModule(nn.Module):
 
 
 def shard_model(root: nn.Module, model: CTCModel) -> None:
-    """FSDP2 in place: ``fully_shard`` each encoder layer of ``model`` (its own all-gather /
-    reduce-scatter unit, also when it runs on zero rows: see ``DynamicConformer._run_layer``),
-    then ``root``, whose ``forward`` must be the one entry point that reads the other
-    parameters (front-end, heads, selector)."""
+    """FSDP2 in place: ``fully_shard`` each encoder layer of ``model`` that only its own forward
+    reads (its own all-gather / reduce-scatter unit, also when it runs on zero rows: see
+    ``RoutedEncoder._run_layer``; :meth:`~dynenc.engine.RoutedEncoder.shardable_layers`), then
+    ``root``, whose ``forward`` must be the one entry point that reads the other parameters
+    (front-end, heads, selector, a layer others read)."""
     from torch.distributed.fsdp import fully_shard
 
-    for layer in model.encoder.conformer_layers:
+    for layer in model.encoder.shardable_layers():
         fully_shard(layer)
     fully_shard(root)
 
@@ -206,10 +208,12 @@ def _train(
 ) -> Dict:
     out_dir, sharded = last.parent, last.suffix == SHARDED_SUFFIX
     tokenizer = load_tokenizer(data_dir)
-    train_data = load_split(data_dir, "train", progress=progress and rank == 0, tokenizer=tokenizer)[:limit_train]
-    dev_data = load_split(data_dir, "dev", tokenizer=tokenizer)[:limit_dev]
     torch.manual_seed(config.seed)
-    model = CTCModel(config.model_config(tokenizer.vocab_size))
+    model = initial_model(config, tokenizer.vocab_size)
+    kind = model.config.input_features
+    train_data = load_split(data_dir, "train", progress=progress and rank == 0, tokenizer=tokenizer, features=kind)
+    train_data = train_data[:limit_train]
+    dev_data = load_split(data_dir, "dev", tokenizer=tokenizer, features=kind)[:limit_dev]
     if config.init:
         source, _ = load_checkpoint(Path(config.init))
         missing = restore_state(model, source.state_dict(), Path(config.init), strict=False)
@@ -218,7 +222,8 @@ def _train(
     model.to(device)  # before the objective, which puts a teacher model beside it
     objective = ObjectiveModule(model, get_method(config.method).objective(config, model))
     module = distribute(objective, config.strategy) if world > 1 else objective
-    batches = SpeechBatches(train_data, tokenizer, max_frames=config.max_frames, shuffle=True, seed=config.seed)
+    rows = config.max_frames * ROWS_PER_FRAME[kind]
+    batches = SpeechBatches(train_data, tokenizer, max_frames=rows, shuffle=True, seed=config.seed)
     total_steps = sum(len(rank_batches(batches, epoch, rank, world)) for epoch in range(config.epochs))
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
@@ -265,7 +270,7 @@ def _train(
         skipped = 0
         for step, idx in enumerate(bar):
             features, lengths, targets, target_lengths = collate_batch([train_data[i] for i in idx], tokenizer)
-            if config.spec_augment:
+            if config.spec_augment and kind == "fbank":  # a HF foundation model masks inside (its config)
                 features = spec_augment(features, lengths, augment_rng)
             loss, logs = module(
                 tuple(t.to(device, non_blocking=True) for t in (features, lengths, targets, target_lengths))
@@ -326,6 +331,35 @@ def _train(
     if rank == 0:
         save_config(config, out_dir / "train_config.json")
     return record
+
+
+def initial_model(config: TrainConfig, vocab_size: int) -> CTCModel:
+    """The model to train: from the config, or around the pre-trained encoder of
+    ``config.init_from`` (its architecture and weights; new heads)."""
+    if not config.init_from:
+        return CTCModel(config.model_config(vocab_size))
+    description, upstream = load_pretrained(Path(config.init_from), config.init_factory)
+    frontend, encoder = split_model(upstream)
+    # torchaudio builds HuBERT with wav2vec2's factory: its checkpoints read as "wav2vec2".
+    family = {"wavlm_model": "wavlm", "wav2vec2_model": "wav2vec2"}.get(
+        description.get("factory", ""), description.get("model_type", "")
+    )
+    asked = config.model.encoder
+    if asked not in ("conformer", family) and (asked, family) != ("hubert", "wav2vec2"):
+        raise ValueError(f"--init-from {config.init_from} holds a {family} encoder, not --encoder {asked}")
+    sizes = dict(
+        encoder=family if asked == "conformer" else asked,
+        upstream=description,
+        dim=encoder.input_dim,
+        num_heads=encoder.num_heads,
+        ffn_dim=encoder.ffn_dim,
+        num_layers=encoder.num_layers,
+    )
+    model = CTCModel(config.model_config(vocab_size, **sizes))
+    model.frontend.load_state_dict(frontend.state_dict())
+    model.encoder.load_state_dict(encoder.state_dict())
+    print(f"fine-tuning the {family} encoder of {config.init_from}: {encoder.num_layers} layers, D={encoder.input_dim}")
+    return model
 
 
 def _keep_logged_epochs(log_path: Path, epochs: int) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 from ..config import load_config
+from ..foundation.build import ENCODERS
 from ..methods import get_method
 from ..methods.layer_drop import GATINGS, check_gating
 from ..methods.static import check_inter_ctc_weight
@@ -37,7 +38,7 @@ class TrainConfig:
     Attributes:
         method: a registered method (``python -m dynenc.methods`` lists them).
         epochs: passes over the train split.
-        max_frames: padded feature frames per batch.
+        max_frames: padded 10 ms frames per batch (a waveform model's batches hold the same audio).
         lr: peak learning rate of AdamW.
         weight_decay: AdamW's decoupled weight decay.
         warmup: fraction of the steps spent warming the learning rate up.
@@ -57,6 +58,14 @@ class TrainConfig:
         inter_ctc_weight: static with intermediate heads (``model.exit_depths``): the
             InterCTC weight of their mean loss (:class:`~dynenc.methods.static.StaticCTC`).
         init: optional checkpoint whose matching parameters initialise the model.
+        init_from: a pre-trained foundation encoder to fine-tune: a Hugging Face
+            ``save_pretrained`` directory (wav2vec2, HuBERT, WavLM; a ``*ForCTC`` gives its base
+            model) or a torchaudio ``Wav2Vec2Model``'s saved ``state_dict()`` (with
+            ``init_factory``). Its architecture replaces the model's encoder and sizes; the
+            heads are new.
+        init_factory: the torchaudio factory of an ``init_from`` state dict's architecture
+            (e.g. ``wavlm_base``, ``hubert_large``), optionally followed by a JSON object of its
+            keyword arguments (``wavlm_model {...}``).
         spec_augment: SpecAugment time and frequency masks on the training features.
         strategy: data parallelism under ``torchrun``: ``"ddp"`` (replicated weights) or
             ``"fsdp2"`` (``fully_shard`` on every encoder layer and on the rest; sharded
@@ -84,6 +93,8 @@ class TrainConfig:
     skip_threshold: float = 0.0
     inter_ctc_weight: float = 0.0
     init: str = ""
+    init_from: str = ""
+    init_factory: str = ""
     spec_augment: bool = True
     strategy: str = "ddp"
     checkpoint_layers: bool = False
@@ -116,10 +127,11 @@ class TrainConfig:
                 f"TrainConfig.lr and temperature must be > 0, got lr={self.lr}, temperature={self.temperature}"
             )
 
-    def model_config(self, vocab_size: int) -> ModelConfig:
-        """``model`` with ``vocab_size`` and the fields the method needs where ``model`` leaves them unset."""
-        method_fields = get_method(self.method).model_fields(self.model)
-        return dataclasses.replace(self.model, vocab_size=vocab_size, **method_fields)
+    def model_config(self, vocab_size: int, **fields: Any) -> ModelConfig:
+        """``model`` with ``vocab_size``, ``fields`` (e.g. a pre-trained encoder's sizes) and the
+        fields the method needs where the result leaves them unset."""
+        model = dataclasses.replace(self.model, vocab_size=vocab_size, **fields)
+        return dataclasses.replace(model, **get_method(self.method).model_fields(model))
 
 
 def _parse_bool(text: str) -> bool:
@@ -131,7 +143,7 @@ def _parse_bool(text: str) -> bool:
 
 
 #: Fields whose values are one of a few names: their flags take ``choices``.
-FIELD_CHOICES = {"gating": GATINGS, "strategy": STRATEGIES}
+FIELD_CHOICES = {"gating": GATINGS, "strategy": STRATEGIES, "encoder": ENCODERS}
 
 
 def attribute_docs(cls: type) -> Dict[str, str]:

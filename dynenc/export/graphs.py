@@ -21,6 +21,7 @@ from ..methods import (
     frame_confidence,
     infer,
 )
+from ..model import DynamicConformer
 from ..padded import PaddedConformer
 from ..routing import valid_frames
 
@@ -102,6 +103,11 @@ def _layer_span(model: CTCModel, executed: Sequence[int], start: int, stop: int)
     """The padded twin of the encoder running layers ``start..stop - 1`` (0-based) of which only
     ``executed`` compute (a skipped layer is the encoder's ``skip_mode``). Layers outside the
     span are left out of the module, so they are not in the graph at all."""
+    if not isinstance(model.encoder, DynamicConformer):
+        raise ValueError(
+            f"dynenc export builds padded graphs of conformer models only; this model's encoder is "
+            f"{model.config.encoder!r} (export its fixed budget with torch.export instead)"
+        )
     return PaddedConformer(model.encoder, layers=list(executed), start=start, stop=stop)
 
 

@@ -4,7 +4,7 @@ engine, with the upstream encoder's submodule names (``pos_conv_embed``, ``layer
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -42,9 +42,9 @@ class DynamicTransformer(RoutedEncoder):
     def __init__(
         self,
         pos_conv_embed: nn.Module,
-        layer_norm: nn.LayerNorm,
+        layer_norm: Any,
         dropout: nn.Module,
-        layers: Sequence[nn.Module],
+        layers: Sequence[Any],
         pre_norm: bool,
         layer_drop: float = 0.0,
         first_layer_kept: bool = False,
@@ -56,15 +56,16 @@ class DynamicTransformer(RoutedEncoder):
         self.layer_norm = layer_norm
         self.dropout = dropout
         self.layers = nn.ModuleList(DynamicTransformerLayer(layer, pre_norm) for layer in layers)
-        self.input_dim = layer_norm.normalized_shape[0]
+        self.input_dim: int = layer_norm.normalized_shape[0]
         self.num_layers = len(self.layers)
         self.pre_norm = pre_norm
         self.layer_drop = layer_drop
         self.first_layer_kept = first_layer_kept
         self.relative_position = relative_position
         self.checkpoint_layers = checkpoint_layers
-        self.num_heads = self.layers[0].attention.num_heads if self.layers else 1
-        self.ffn_dim = self.layers[0].feed_forward.intermediate_dense.out_features if self.layers else 0
+        first: Any = self.layers[0] if len(self.layers) else None
+        self.num_heads: int = first.attention.num_heads if first is not None else 1
+        self.ffn_dim: int = first.feed_forward.intermediate_dense.out_features if first is not None else 0
 
     def embed(self, x: Tensor, frames: Tensor) -> Tensor:
         """What runs before the layers, on projected features ``x [B, T, D]`` with ``frames``
@@ -119,11 +120,18 @@ class DynamicTransformer(RoutedEncoder):
     def weight_dtype(self) -> torch.dtype:
         return self.layer_norm.weight.dtype
 
+    def shardable_layers(self) -> List[nn.Module]:
+        """Every layer but WavLM's layer 0, whose bias table every layer reads (it stays in the
+        enclosing FSDP2 unit, unsharded for the whole forward and backward)."""
+        layers = list(self.layers)
+        return layers[1:] if self.relative_position is not None else layers
+
     def layer_inputs(self, batch: VarlenBatch) -> Dict[str, Any]:
         if self.relative_position is None:
             return {}
         num_buckets, max_distance = self.relative_position
-        table = self.layers[0].attention.rel_attn_embed.weight
+        first: Any = self.layers[0]
+        table = first.attention.rel_attn_embed.weight
         buckets = ops.relative_position_buckets(batch.max_seqlen, num_buckets, max_distance, device=table.device)
         return {"position_bias": RelativePositionBias(table, buckets)}
 
@@ -133,6 +141,6 @@ class DynamicTransformer(RoutedEncoder):
     def layer_flops(self, tokens: int, sum_sq_lengths: float) -> float:
         """Estimated FLOPs of one layer: q/k/v/out projections, the feed-forward, attention's
         QK^T and PV (and WavLM's gate projection)."""
-        d, f = self.input_dim, self.ffn_dim
+        d, f = int(self.input_dim), int(self.ffn_dim)
         per_token = 2 * 4 * d * d + 2 * 2 * d * f + (2 * 8 * d if self.relative_position else 0)
         return tokens * per_token + 4.0 * d * sum_sq_lengths

@@ -5,7 +5,7 @@ positional embedding (pads zero at its input, as the utterance's own zero paddin
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Any, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,7 @@ def _conv_lengths(conv: nn.Conv1d, lengths: Tensor) -> Tensor:
     return (torch.div(lengths - conv.kernel_size[0], conv.stride[0], rounding_mode="floor") + 1).clamp_min(0)
 
 
-def conv_output_lengths(conv_layers: nn.ModuleList, lengths: Tensor) -> Tensor:
+def conv_output_lengths(conv_layers: Any, lengths: Tensor) -> Tensor:
     """int64 ``[B]`` valid frames after the feature extractor for ``lengths`` waveform samples."""
     lengths = lengths.to(torch.int64)
     for block in conv_layers:
@@ -40,7 +40,7 @@ def _masked_instance_norm(x: Tensor, valid: Tensor, norm: nn.GroupNorm) -> Tenso
     return normed
 
 
-def extract_conv_features(conv_layers: nn.ModuleList, waveforms: Tensor, lengths: Tensor) -> Tuple[Tensor, Tensor]:
+def extract_conv_features(conv_layers: Any, waveforms: Tensor, lengths: Tensor) -> Tuple[Tensor, Tensor]:
     """The CNN feature extractor of torchaudio's or HF's wav2vec2 family on a padded batch.
 
     Args:
@@ -68,7 +68,7 @@ def extract_conv_features(conv_layers: nn.ModuleList, waveforms: Tensor, lengths
     return x.transpose(1, 2), lengths
 
 
-def positional_embedding(module: nn.Module, x: Tensor, valid: Tensor) -> Tensor:
+def positional_embedding(module: Any, x: Tensor, valid: Tensor) -> Tensor:
     """The convolutional positional embedding ``[B, T, D]`` of ``x [B, T, D]`` whose pads are
     zero (``valid`` bool ``[B, T]``): torchaudio's ``ConvolutionalPositionalEmbedding`` or HF's
     ``*PositionalConvEmbedding`` (HuBERT's optional ``batch_norm`` first, its output re-zeroed

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +52,7 @@ class DynamicCTCOutput(ModelOutput):
     encoder_output: Optional[EncoderOutput] = None
 
 
-def _transformer(encoder: nn.Module, config) -> DynamicTransformer:
+def _transformer(encoder: Any, config: Any) -> DynamicTransformer:
     layers = list(encoder.layers)
     pre_norm = check_transformer_layers(
         layers, "model.encoder.layers", lambda layer: "StableLayerNorm" in type(layer).__name__
@@ -82,7 +82,7 @@ class DynamicSpeechModel(nn.Module):
     :class:`~dynenc.foundation.DynamicTransformer`). ``config`` is the HF config.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: Any) -> None:
         super().__init__()
         if getattr(model, "adapter", None) is not None:
             raise ValueError("config.add_adapter=True is not supported: the adapter's strided convolutions are HF's")
@@ -152,7 +152,7 @@ class DynamicSpeechModelForCTC(nn.Module):
     """HF's ``*ForCTC`` (wav2vec2, HuBERT, WavLM) on a :class:`DynamicSpeechModel`: the base
     model under HF's prefix (``wav2vec2`` / ``hubert`` / ``wavlm``), ``dropout``, ``lm_head``."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: Any) -> None:
         super().__init__()
         self.config = model.config
         self.base_model_prefix = model.base_model_prefix
@@ -208,7 +208,7 @@ class DynamicSpeechModelForCTC(nn.Module):
             )
 
 
-def from_huggingface(model: nn.Module) -> nn.Module:
+def from_huggingface(model: Any) -> nn.Module:
     """A dynamic copy (parameters copied) of a Hugging Face ``Wav2Vec2Model`` / ``HubertModel`` /
     ``WavLMModel`` or their ``*ForCTC``, with HF's state-dict keys; raises naming the first
     setting or part it cannot represent."""

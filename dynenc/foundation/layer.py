@@ -10,7 +10,7 @@ position bias computed inside the op from the bucket table, the gate and each ro
 from __future__ import annotations
 
 import warnings
-from typing import NamedTuple, Optional, Tuple
+from typing import Any, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -32,7 +32,7 @@ class RelativePositionBias(NamedTuple):
     buckets: Tensor
 
 
-def projections(attention: nn.Module) -> Tuple[Tuple[Tensor, Optional[Tensor]], ...]:
+def projections(attention: Any) -> Tuple[Tuple[Tensor, Optional[Tensor]], ...]:
     """``((weight [D, D], bias), ...)`` of the q, k, v and output projections of an upstream
     attention: separate ``q_proj`` / ``k_proj`` / ``v_proj`` / ``out_proj`` (HF, torchaudio's
     ``SelfAttention``) or torchaudio WavLM's inner ``nn.MultiheadAttention``."""
@@ -45,20 +45,20 @@ def projections(attention: nn.Module) -> Tuple[Tuple[Tensor, Optional[Tensor]], 
     return (*zip(weights, biases), (mha.out_proj.weight, mha.out_proj.bias))
 
 
-def bias_gate(attention: nn.Module, x: Tensor) -> Tensor:
+def bias_gate(attention: Any, x: Tensor) -> Tensor:
     """WavLM's per-(row, head) gate ``[M, H]`` of the relative position bias, from the
     attention's input rows ``x [M, D]`` (``gru_rel_pos_linear`` on each head's slice); 1
     where the attention has no gate (torchaudio's ``gru_rel_pos=False``)."""
     heads = attention.num_heads
     if getattr(attention, "gru_rel_pos_linear", None) is None or not getattr(attention, "gru_rel_pos", True):
         return x.new_ones(x.shape[0], heads)
-    proj = attention.gru_rel_pos_linear(x.view(x.shape[0], heads, -1))  # [M, H, 8]
+    proj = attention.gru_rel_pos_linear(x.view(x.shape[0], heads, x.shape[1] // heads))  # [M, H, 8]
     gate_a, gate_b = torch.sigmoid(proj.view(x.shape[0], heads, 2, 4).sum(-1)).unbind(-1)
     const = attention.gru_rel_pos_const.reshape(heads)
     return gate_a * (gate_b * const - 1.0) + 2.0
 
 
-def attention_dropout(attention: nn.Module) -> float:
+def attention_dropout(attention: Any) -> float:
     """The upstream attention's dropout probability on its attention weights."""
     mha = getattr(attention, "attention", None)
     value = mha.dropout if isinstance(mha, nn.MultiheadAttention) else getattr(attention, "dropout", 0.0)
@@ -79,6 +79,12 @@ class DynamicTransformerLayer(nn.Module):
     """
 
     _warned_attention_dropout = False
+    # The upstream layer's submodules (duck-typed: torchaudio's and HF's share these names).
+    attention: Any
+    dropout: nn.Module
+    layer_norm: nn.Module
+    feed_forward: nn.Module
+    final_layer_norm: nn.Module
 
     def __init__(self, layer: nn.Module, pre_norm: bool) -> None:
         super().__init__()
@@ -106,7 +112,10 @@ class DynamicTransformerLayer(nn.Module):
         heads = attention.num_heads
         (wq, bq), (wk, bk), (wv, bv), (wo, bo) = projections(attention)
         rows = x.shape[0]
-        q, k, v = (torch.nn.functional.linear(x, w, b).view(rows, heads, -1) for w, b in ((wq, bq), (wk, bk), (wv, bv)))
+        head_dim = wq.shape[0] // heads
+        q, k, v = (
+            torch.nn.functional.linear(x, w, b).view(rows, heads, head_dim) for w, b in ((wq, bq), (wk, bk), (wv, bv))
+        )
         if position_bias is None:
             out = ops.varlen_attention(q, k, v, batch.cu_seqlens, batch.max_seqlen)
         else:
@@ -121,4 +130,4 @@ class DynamicTransformerLayer(nn.Module):
                 bias_gate=bias_gate(attention, x),
                 positions=batch.positions,
             )
-        return torch.nn.functional.linear(out.reshape(rows, -1), wo, bo)
+        return torch.nn.functional.linear(out.reshape(rows, heads * head_dim), wo, bo)

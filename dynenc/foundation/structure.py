@@ -3,14 +3,14 @@ represent raises ``ValueError`` naming the first difference instead of convertin
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from torch import nn
 
 LAYER_CHILDREN = ("attention", "dropout", "layer_norm", "feed_forward", "final_layer_norm")
 
 
-def _check_attention(attention: nn.Module, where: str) -> None:
+def _check_attention(attention: Any, where: str) -> None:
     if all(
         isinstance(getattr(attention, name, None), nn.Linear) for name in ("q_proj", "k_proj", "v_proj", "out_proj")
     ):
@@ -26,7 +26,7 @@ def _check_attention(attention: nn.Module, where: str) -> None:
     )
 
 
-def check_transformer_layers(layers: Sequence[nn.Module], where: str, pre_norm_of: Callable[[nn.Module], bool]) -> bool:
+def check_transformer_layers(layers: Sequence[Any], where: str, pre_norm_of: Callable[[Any], bool]) -> bool:
     """Check that every layer has the submodules a :class:`DynamicTransformerLayer` adopts and
     one LayerNorm placement; returns it (True = pre-LN)."""
     if not layers:

@@ -4,7 +4,7 @@ transformer on dynenc's routing engine, torchaudio's submodule names and calls."
 from __future__ import annotations
 
 import copy
-from typing import List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -47,7 +47,7 @@ class DynamicWav2Vec2Model(nn.Module):
         self.aux = aux
 
     @classmethod
-    def from_torchaudio(cls, model: nn.Module) -> DynamicWav2Vec2Model:
+    def from_torchaudio(cls, model: Any) -> DynamicWav2Vec2Model:
         """A dynamic copy (parameters copied) of a torchaudio ``Wav2Vec2Model``; raises naming the
         first part it cannot represent."""
         transformer = model.encoder.transformer
@@ -62,7 +62,7 @@ class DynamicWav2Vec2Model(nn.Module):
             )
         model = copy.deepcopy(model)
         transformer = model.encoder.transformer
-        first = transformer.layers[0].attention if len(transformer.layers) else None
+        first = transformer.layers[0].attention
         relative = None
         if getattr(first, "rel_attn_embed", None) is not None:
             relative = (first.num_buckets, first.max_distance)
@@ -122,5 +122,5 @@ class DynamicWav2Vec2Model(nn.Module):
         if num_layers is not None and not routing:
             routing = {"depth": torch.full_like(frames, num_layers)}
         out: EncoderOutput = self.transformer(x, frames, return_hidden=True, **routing)
-        hidden = out.hidden[: num_layers or self.transformer.num_layers]
+        hidden = (out.hidden or [])[: num_layers or self.transformer.num_layers]
         return [out.packed.unpack(h) for h in hidden], (frames if lengths is not None else None)

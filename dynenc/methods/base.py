@@ -72,7 +72,7 @@ def exit_ctc_losses(model: CTCModel, batch: Batch) -> Dict[int, Tensor]:
     out = model.encoder(x, x_lengths, return_hidden=True)
     losses = {}
     for layer in model.config.head_depths:
-        log_probs = F.log_softmax(model.exit_head(layer)(out.packed.unpack(out.hidden[layer - 1])), dim=-1)
+        log_probs = F.log_softmax(model.exit_head(layer)(model.rows_at_depth(out, layer)), dim=-1)
         losses[layer] = ctc_loss(log_probs, x_lengths, targets, target_lengths)
     return losses
 

@@ -6,7 +6,7 @@ non-blank frame (spike extension). Skipped frames emit blank (*choice*)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +63,8 @@ class BlankSkipPolicy:
     head: CTCHead
     layer: int
     budget: BlankSkipBudget
+    #: What the head reads of the rows (the encoder's finish_rows, e.g. a pre-LN final norm).
+    finish: Callable[[Tensor, VarlenBatch], Tensor] = lambda x, batch: x
 
     @property
     def decision_layers(self) -> Tuple[int, ...]:
@@ -70,7 +72,7 @@ class BlankSkipPolicy:
 
     def decide(self, layer: int, x: Tensor, schedule: Schedule) -> Tuple[Schedule, Tensor]:
         with torch.profiler.record_function("dynenc.blank_skip"):
-            nonblank = self.head.blank_log_prob(x).exp() <= self.budget.threshold
+            nonblank = self.head.blank_log_prob(self.finish(x, schedule.batch)).exp() <= self.budget.threshold
             keep = dilate_within_sequences(nonblank, schedule.batch, self.budget.spike_window)
             if schedule.row_alive is not None:
                 keep = keep & schedule.row_alive
@@ -87,7 +89,9 @@ def skipping_forward(
     the same compacted sequences in both. Returns ``(log_probs [B, T', V], skipped bool
     [B, T'], EncoderOutput)``.
     """
-    policy = BlankSkipPolicy(blank_head(model, "blank skipping"), model.config.blank_skip_depth, budget)
+    policy = BlankSkipPolicy(
+        blank_head(model, "blank skipping"), model.config.blank_skip_depth, budget, model.encoder.finish_rows
+    )
     out = model.encoder(x, lengths, policy=policy, return_report=True, return_hidden=return_hidden)
     packed = out.packed
     skipped_rows = out.decisions[policy.layer - 1]
@@ -139,7 +143,7 @@ class BlankSkipObjective:
         else:
             final_lp, skipped, out = skipping_forward(model, x, x_lengths, self.skipping, return_hidden=True)
             logs["skipped"] = masked_mean(skipped.to(x.dtype), x_lengths).item()
-        inter_lp = head(out.packed.unpack(out.hidden[model.config.blank_skip_depth - 1]))
+        inter_lp = head(model.rows_at_depth(out, model.config.blank_skip_depth))
         final = ctc_loss(final_lp, x_lengths, targets, target_lengths)
         inter = ctc_loss(inter_lp, x_lengths, targets, target_lengths)
         kd = distillation_kl(final_lp, inter_lp, x_lengths, self.temperature)

@@ -164,6 +164,7 @@ class EarlyExitPolicy:
     def decide(self, layer: int, x: Tensor, schedule: Schedule) -> Tuple[Schedule, ExitDecision]:
         with torch.profiler.record_function("dynenc.early_exit"):
             batch, head = schedule.batch, self.model.exit_head(layer + 1)
+            x = self.model.encoder.finish_rows(x, batch)  # what the head reads (a pre-LN final norm)
             if schedule.sample_mask is None:  # everyone still runs
                 running = torch.ones(batch.num_seqs, dtype=torch.bool, device=x.device)
                 log_probs = F.log_softmax(head(x), dim=-1)
