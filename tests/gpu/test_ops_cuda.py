@@ -92,3 +92,40 @@ def test_build_plan_matches_the_reference():
     got = dynenc.ops.build_plan(row_mask.cuda(), _cu_seqlens().cuda())
     for want, have in zip(expected, got):
         assert torch.equal(have.cpu(), want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim", [36, 64])
+def test_biased_attention_matches_the_reference(dtype, head_dim):
+    """WavLM's relative-position bias (always the Triton HAS_BIAS kernels, also for half precision
+    at head dims FlashAttention takes without it), dropped-frame positions, forward and the five
+    gradients against the float64 reference."""
+    gen = torch.Generator().manual_seed(4)
+    cu = _cu_seqlens()
+    rows, heads = sum(LENGTHS), 3
+    positions = torch.cat([torch.randperm(2 * n + 1, generator=gen)[:n].sort().values for n in LENGTHS])
+    num_positions = 2 * max(LENGTHS) + 1
+    floats = [torch.randn(rows, heads, head_dim, generator=gen) for _ in range(3)]
+    floats += [torch.randn(32, heads, generator=gen), 1 + 2 * torch.rand(rows, heads, generator=gen)]
+    buckets = dynenc.ops.relative_position_buckets(num_positions, 32, 64)
+
+    def run(tensors, device):
+        q, k, v, table, gate = tensors
+        return dynenc.ops.varlen_attention(q, k, v, cu.to(device), max(LENGTHS), bias_table=table,
+                                           bias_buckets=buckets.to(device), bias_gate=gate,
+                                           positions=positions.to(device))
+
+    expected_in = [t.double().requires_grad_() for t in floats]
+    with dynenc.use_backend("reference"):
+        expected = run(expected_in, "cpu")
+    got_in = [t.to("cuda", dtype).requires_grad_() for t in floats]
+    got = run(got_in, "cuda")
+    grad_out = torch.randn(expected.shape, generator=gen, dtype=torch.float64)
+    expected.backward(grad_out)
+    got.backward(grad_out.to("cuda", dtype))
+    tolerance = TOLERANCE[dtype]
+    torch.testing.assert_close(got.double().cpu(), expected.detach(), atol=tolerance, rtol=tolerance)
+    for name, want, have in zip(("q", "k", "v", "bias_table", "bias_gate"), expected_in, got_in):
+        scale = max(1.0, float(want.grad.abs().max()))  # the table gradient sums many score gradients
+        torch.testing.assert_close(have.grad.double().cpu(), want.grad, atol=tolerance * 4 * scale,
+                                   rtol=tolerance * 4, msg=lambda m, name=name: f"grad of {name}: {m}")
