@@ -4,7 +4,7 @@ import itertools
 import pytest
 import torch
 
-from dynenc.asr import evaluate
+from dynenc.asr import ModelConfig, evaluate
 from dynenc.asr.tokenizer import CharTokenizer
 
 DATA = [(torch.zeros(frames, 80), "a b") for frames in (40, 60, 80)]
@@ -20,6 +20,13 @@ def calls(monkeypatch):
     return seen
 
 
+def _stub_model():
+    """A stand-in model (``infer`` is replaced): only its config, which says what it reads, matters."""
+    model = torch.nn.Linear(1, 1)
+    model.config = ModelConfig()
+    return model
+
+
 def _batches():
     return len(list(evaluate.split_batches(DATA, CharTokenizer(), max_frames=MAX_FRAMES)))
 
@@ -27,7 +34,7 @@ def _batches():
 def test_runs_interleave_over_the_budgets_after_a_warm_up(calls):
     batches = _batches()
     assert batches == 3
-    evaluate.time_budgets(torch.nn.Linear(1, 1), DATA, CharTokenizer(), ["a", "b"], repeats=2, max_frames=MAX_FRAMES)
+    evaluate.time_budgets(_stub_model(), DATA, CharTokenizer(), ["a", "b"], repeats=2, max_frames=MAX_FRAMES)
     budgets = [budget for budget, _ in calls]
     assert budgets[:2] == ["a", "b"]  # the untimed warm-up
     # Every repeat runs each batch under every budget in turn: a slow spell falls on both.
@@ -35,7 +42,7 @@ def test_runs_interleave_over_the_budgets_after_a_warm_up(calls):
 
 
 def test_each_batch_draws_the_same_random_numbers_in_every_run(calls):
-    model = torch.nn.Linear(1, 1)
+    model = _stub_model()
     torch.manual_seed(123)
     before = torch.random.get_rng_state()
     evaluate.time_budgets(model, DATA, CharTokenizer(), ["a", "b"], repeats=2, max_frames=MAX_FRAMES)
@@ -60,12 +67,12 @@ def test_each_batch_counts_its_fastest_run(calls, monkeypatch):
         return now[0]
 
     monkeypatch.setattr(evaluate.time, "perf_counter", clock)
-    seconds = evaluate.time_budgets(torch.nn.Linear(1, 1), DATA, CharTokenizer(), ["a", "b"], repeats=2,
+    seconds = evaluate.time_budgets(_stub_model(), DATA, CharTokenizer(), ["a", "b"], repeats=2,
                                     max_frames=MAX_FRAMES)
     assert seconds == [min(5, 4) + min(2, 1) + min(3, 9), min(1, 2) + min(7, 1) + min(3, 8)]
 
 
 def test_repeats_must_be_positive(calls):
     with pytest.raises(ValueError, match="repeats"):
-        evaluate.time_budgets(torch.nn.Linear(1, 1), DATA, CharTokenizer(), ["a"], repeats=0)
+        evaluate.time_budgets(_stub_model(), DATA, CharTokenizer(), ["a"], repeats=0)
     assert calls == []
