@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Protocol, Tuple, cast
+from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -164,6 +164,13 @@ class RoutedEncoder(nn.Module):
         """What runs on every row after the last layer it ran (e.g. a pre-LN encoder's final
         LayerNorm); ``x [N, D]`` -> ``[N, D]``. Nothing by default."""
         return x
+
+    def padded(self, layers: Optional[Sequence[int]] = None, start: int = 0, stop: Optional[int] = None) -> nn.Module:
+        """The padded twin in standard ATen ops (exports without the ``dynenc::`` ops) running
+        the 0-based ``layers`` (all by default) of layers ``start..stop - 1`` for every sample:
+        ``(input [B, T, D], lengths [B]) -> (output, lengths)``; its ``finish(x, lengths)`` is
+        what a head reads. Inference only."""
+        raise NotImplementedError(f"{type(self).__name__} has no padded twin")
 
     def shardable_layers(self) -> List[nn.Module]:
         """The layers whose parameters only their own forward reads, which FSDP2 may shard as

@@ -9,7 +9,7 @@ pairs, padded frames and dropped frames are never computed.
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Tuple, cast
+from typing import Any, List, Optional, Sequence, Tuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -248,6 +248,9 @@ class DynamicConformer(RoutedEncoder):
                 "forward; use skip_mode='identity' or shard the whole model as one unit"
             )
         return cast(DynamicConformerLayer, layer).final_layer_norm(x)
+
+    def padded(self, layers: Optional[Sequence[int]] = None, start: int = 0, stop: Optional[int] = None) -> nn.Module:
+        return PaddedConformer(self, layers=layers, start=start, stop=stop)
 
     def layer_flops(self, tokens: int, sum_sq_lengths: float) -> float:
         """Estimated FLOPs of one layer on ``tokens`` rows whose sequences have squared

@@ -130,3 +130,7 @@ class PaddedConformer(nn.Module):
         for layer in self.conformer_layers:
             x = layer(x, key_padding_mask, valid)
         return (x * valid).transpose(0, 1), lengths
+
+    def finish(self, x: Tensor, lengths: Tensor) -> Tensor:
+        """What a head reads of the output: itself (the Conformer has no final norm)."""
+        return x

@@ -33,13 +33,18 @@ def _budget_from_args(args: argparse.Namespace) -> Optional[Budget]:
     return None if args.layers is not None or args.early_exit else FullBudget()
 
 
-def _utterance(path: Optional[Path]) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-    """Fbank features ``[1, T, 80]`` and lengths ``[1]`` of an audio file (None without one)."""
+def _utterance(path: Optional[Path], kind: str) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """What the model reads of an audio file — fbank features ``[1, T, 80]``, or with ``kind``
+    ``"waveform"`` the 16 kHz samples ``[1, S, 1]`` — and lengths ``[1]`` (None without one)."""
     if path is None:
         return None, None
-    from ..asr.features import compute_fbank, read_audio
+    from ..asr.features import SAMPLE_RATE, compute_fbank, read_audio, resample
 
-    features = compute_fbank(*read_audio(path))
+    audio, rate = read_audio(path)
+    if kind == "fbank":
+        features = compute_fbank(audio, rate)
+    else:
+        features = resample(torch.as_tensor(audio, dtype=torch.float32), rate, SAMPLE_RATE).unsqueeze(1)
     return features[None], torch.tensor([features.shape[0]])
 
 
@@ -98,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     if args.early_exit:
         graph: ExportGraph = EarlyExitGraph(model, args.criterion)
     else:
-        features, lengths = _utterance(args.audio)
+        features, lengths = _utterance(args.audio, model.config.input_features)
         graph = fixed_budget_graph(
             model, _budget_from_args(args), layers=args.layers, features=features, lengths=lengths
         )

@@ -25,10 +25,12 @@ ExportGraph = Union[FixedBudgetGraph, EarlyExitGraph]
 
 
 def example_inputs(graph: ExportGraph, frames: int = 203) -> Tuple[Tensor, ...]:
-    """Inputs ``torch.export`` traces ``graph`` with (random features; batch 2, or 1 for early exit)."""
+    """Inputs ``torch.export`` traces ``graph`` with (random features, ``frames`` 10 ms frames of
+    them, or waveforms ``[B, S, 1]`` as long; batch 2, or 1 for early exit)."""
+    rows = frames * graph.rows_per_frame
     if isinstance(graph, EarlyExitGraph):
-        return torch.randn(1, frames, graph.num_features), torch.tensor([frames]), torch.tensor(0.5)
-    return torch.randn(2, frames, graph.num_features), torch.tensor([frames, frames - 40])
+        return torch.randn(1, rows, graph.num_features), torch.tensor([rows]), torch.tensor(0.5)
+    return torch.randn(2, rows, graph.num_features), torch.tensor([rows, rows - 40 * graph.rows_per_frame])
 
 
 def export_program(graph: nn.Module, max_frames: int = MAX_FRAMES) -> torch.export.ExportedProgram:
@@ -39,7 +41,7 @@ def export_program(graph: nn.Module, max_frames: int = MAX_FRAMES) -> torch.expo
     graph.eval()
     # DYNAMIC, not a named Dim: the front-end's (T - 3) // 4 leads to guards (T' != 1) that export
     # keeps as input checks instead of refusing the range.
-    frames = torch.export.Dim.DYNAMIC(min=MIN_FRAMES, max=max_frames)
+    frames = torch.export.Dim.DYNAMIC(min=MIN_FRAMES * graph.rows_per_frame, max=max_frames * graph.rows_per_frame)
     dynamic_shapes: Tuple[Optional[Dict[int, Any]], ...]
     if isinstance(graph, EarlyExitGraph):
         dynamic_shapes = ({1: frames}, None, None)

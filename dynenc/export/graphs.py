@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..asr import CTCModel
+from ..asr.features import ROWS_PER_FRAME
 from ..methods import (
     BlankSkipBudget,
     Budget,
@@ -21,8 +22,6 @@ from ..methods import (
     frame_confidence,
     infer,
 )
-from ..model import DynamicConformer
-from ..padded import PaddedConformer
 from ..routing import valid_frames
 
 #: Exit criteria a graph can hold: per-frame confidences averaged over the utterance. The
@@ -99,16 +98,19 @@ def budget_plan(
     return ExportPlan(tuple(int(i) for i in decisions.layer_mask[0].nonzero().flatten()), num_layers)
 
 
-def _layer_span(model: CTCModel, executed: Sequence[int], start: int, stop: int) -> PaddedConformer:
-    """The padded twin of the encoder running layers ``start..stop - 1`` (0-based) of which only
-    ``executed`` compute (a skipped layer is the encoder's ``skip_mode``). Layers outside the
+def _layer_span(model: CTCModel, executed: Sequence[int], start: int, stop: int) -> nn.Module:
+    """The padded twin of the encoder (:meth:`~dynenc.engine.RoutedEncoder.padded`) running
+    layers ``start..stop - 1`` (0-based) of which only ``executed`` compute. Layers outside the
     span are left out of the module, so they are not in the graph at all."""
-    if not isinstance(model.encoder, DynamicConformer):
-        raise ValueError(
-            f"dynenc export builds padded graphs of conformer models only; this model's encoder is "
-            f"{model.config.encoder!r} (export its fixed budget with torch.export instead)"
-        )
-    return PaddedConformer(model.encoder, layers=list(executed), start=start, stop=stop)
+    return model.encoder.padded(list(executed), start, stop)
+
+
+def _input_layout(model: CTCModel) -> Tuple[int, int]:
+    """``(features per row, rows per 10 ms frame)`` of what the model reads: ``(F, 1)`` for
+    fbank, ``(1, 160)`` for 16 kHz waveforms ``[B, S, 1]``."""
+    if model.config.input_features == "waveform":
+        return 1, ROWS_PER_FRAME["waveform"]
+    return model.config.num_features, 1
 
 
 def _masked_mean(values: Tensor, lengths: Tensor) -> Tensor:
@@ -126,16 +128,16 @@ class FixedBudgetGraph(nn.Module):
         super().__init__()
         plan.check(model)
         self.plan = plan
-        self.num_features = model.config.num_features
+        self.num_features, self.rows_per_frame = _input_layout(model)
         self.frontend = model.frontend
-        self.encoder = _layer_span(model, plan.layers, 0, plan.head_depth)
+        self.encoder: Any = _layer_span(model, plan.layers, 0, plan.head_depth)
         self.head = model.exit_head(plan.head_depth)
         self.eval()  # inference only (the padded twin refuses training mode)
 
     def forward(self, features: Tensor, lengths: Tensor) -> Tuple[Tensor, Tensor]:
         x, lengths = self.frontend(features, lengths)
         x, _ = self.encoder(x, lengths)
-        return F.log_softmax(self.head(x), dim=-1), lengths
+        return F.log_softmax(self.head(self.encoder.finish(x, lengths)), dim=-1), lengths
 
     def metadata(self) -> Dict[str, str]:
         return {
@@ -166,7 +168,7 @@ class EarlyExitGraph(nn.Module):
         if len(self.exit_depths) == 1:
             raise ValueError("runtime early exit needs a model with early-exit heads (ModelConfig.exit_depths)")
         self.criterion = criterion
-        self.num_features = model.config.num_features
+        self.num_features, self.rows_per_frame = _input_layout(model)
         self.frontend = model.frontend
         every_layer = range(model.config.num_layers)
         starts = (0,) + self.exit_depths[:-1]
@@ -184,7 +186,8 @@ class EarlyExitGraph(nn.Module):
     def _from_span(self, index: int, x: Tensor, lengths: Tensor, threshold: Tensor) -> Tuple[Tensor, Tensor]:
         """Run span ``index`` and the ones after it until an exit; ``(log_probs, exit_depth)``."""
         x, _ = self.spans[index](x, lengths)
-        log_probs = F.log_softmax(self.heads[index](x), dim=-1)
+        span: Any = self.spans[index]
+        log_probs = F.log_softmax(self.heads[index](span.finish(x, lengths)), dim=-1)
         exit_depth = torch.full((1,), self.exit_depths[index], dtype=torch.int64)
         if index == len(self.spans) - 1:
             return log_probs, exit_depth

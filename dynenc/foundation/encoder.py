@@ -11,8 +11,8 @@ from torch import Tensor, nn
 
 from .. import ops, validation
 from ..engine import RoutedEncoder, RoutingPolicy
-from ..routing import VarlenBatch, valid_frames
-from .features import positional_embedding
+from ..routing import VarlenBatch
+from .features import embed_padded
 from .layer import DynamicTransformerLayer, RelativePositionBias
 
 
@@ -69,15 +69,9 @@ class DynamicTransformer(RoutedEncoder):
 
     def embed(self, x: Tensor, frames: Tensor) -> Tensor:
         """What runs before the layers, on projected features ``x [B, T, D]`` with ``frames``
-        int ``[B]`` valid: pads set to zero, the positional convolution added, then (post-LN)
-        the LayerNorm, then dropout. Returns ``[B, T, D]`` whose valid frames equal each
-        utterance run alone (pads are zero)."""
-        valid = valid_frames(frames, x.shape[1])
-        x = x * valid.unsqueeze(-1).to(x.dtype)
-        x = x + positional_embedding(self.pos_conv_embed, x, valid)
-        if not self.pre_norm:
-            x = self.layer_norm(x)
-        return self.dropout(x) * valid.unsqueeze(-1).to(x.dtype)
+        int ``[B]`` valid (:func:`~dynenc.foundation.features.embed_padded`): pads zero, the
+        positional convolution, (post-LN) the LayerNorm, dropout. ``[B, T, D]``."""
+        return embed_padded(self, x, frames)
 
     def forward(
         self,
@@ -137,6 +131,11 @@ class DynamicTransformer(RoutedEncoder):
 
     def finish_rows(self, x: Tensor, batch: VarlenBatch) -> Tensor:
         return self.layer_norm(x) if self.pre_norm else x
+
+    def padded(self, layers: Optional[Sequence[int]] = None, start: int = 0, stop: Optional[int] = None) -> nn.Module:
+        from .padded import PaddedTransformer
+
+        return PaddedTransformer(self, layers, start, stop)
 
     def layer_flops(self, tokens: int, sum_sq_lengths: float) -> float:
         """Estimated FLOPs of one layer: q/k/v/out projections, the feed-forward, attention's

@@ -89,3 +89,16 @@ def positional_embedding(module: Any, x: Tensor, valid: Tensor) -> Tensor:
     activation = getattr(module, "activation", None)
     h = F.gelu(h) if activation is None else activation(h)
     return h.transpose(1, 2)
+
+
+def embed_padded(encoder: Any, x: Tensor, frames: Tensor) -> Tensor:
+    """What a :class:`~dynenc.foundation.DynamicTransformer` (or its padded twin) runs before its
+    layers on projected features ``x [B, T, D]`` with ``frames`` int ``[B]`` valid: pads set to
+    zero, the positional convolution added, then (post-LN) the encoder's LayerNorm, then its
+    dropout; pads zero again. Valid frames equal each utterance run alone."""
+    valid = valid_frames(frames, x.shape[1]).unsqueeze(-1).to(x.dtype)
+    x = x * valid
+    x = x + positional_embedding(encoder.pos_conv_embed, x, valid[..., 0] > 0)
+    if not encoder.pre_norm:
+        x = encoder.layer_norm(x)
+    return encoder.dropout(x) * valid

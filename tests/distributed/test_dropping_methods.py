@@ -32,10 +32,11 @@ def test_ranks_match_a_single_process_run(run, case):
     assert any(not torch.equal(initial[name], value) for name, value in ranks[0][case]["params"].items())
 
 
-def test_a_layer_ran_on_zero_rows_on_one_rank_only(run):
+@pytest.mark.parametrize("case", ["layer_drop", "wavlm_layer_drop"])
+def test_a_layer_ran_on_zero_rows_on_one_rank_only(run, case):
     """The masks do what the cases need: some layer call had no rows on one rank and some on the other."""
     _, ranks = run
-    rows = [ranks[r]["layer_drop"]["rows"] for r in range(two_ranks.WORLD)]
+    rows = [ranks[r][case]["rows"] for r in range(two_ranks.WORLD)]
     assert len(rows[0]) == len(rows[1]), "every rank calls every layer"
     assert any(a == 0 < b for a, b in zip(*rows)) and any(b == 0 < a for a, b in zip(*rows))
 

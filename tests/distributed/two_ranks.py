@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from dynenc import methods
-from dynenc.asr import ctc_loss
+from dynenc.asr import CTCModel, ModelConfig, ctc_loss
 from dynenc.asr.train import ObjectiveModule, TrainConfig, distribute, shard_model
 from toy_ctc import tiny_model, toy_batch
 
@@ -29,7 +29,26 @@ SEED_STRIDE = 1000
 # others drop at random.
 DROP_PROBS = ([0.5, 1.0, 0.0, 0.5], [0.5, 0.0, 1.0, 0.5])
 CASES = ("layer_drop", "layer_drop_checkpointed", "dld_self", "dld_teacher", "dld_sharded_teacher", "selector",
-         "early_exit", "blank_skip", "blank_skip_skipping", "inplace_on_encoder_output")
+         "early_exit", "blank_skip", "blank_skip_skipping", "inplace_on_encoder_output",
+         # A WavLM-family model on waveforms: its relative position bias table (layer 0) is read by
+         # every layer, so FSDP2 keeps layer 0 in the root unit.
+         "wavlm_layer_drop", "wavlm_dld_self")
+
+
+def wavlm_model(seed=0, **fields):
+    """A 4-layer D=32 WavLM-family CTC model (torchaudio's base layout at that size), seeded."""
+    torch.manual_seed(seed)
+    return CTCModel(ModelConfig(encoder="wavlm", vocab_size=6, dim=32, num_heads=4, ffn_dim=64, num_layers=4,
+                                dropout=0.0, **fields))
+
+
+def wave_batch(seed):
+    """Three waveforms ``[3, S, 1]`` of different lengths and their CTC targets."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([4800, 4000, 3200])
+    waves = 0.1 * torch.randn(3, 4800, 1, generator=generator)
+    targets = torch.randint(1, 6, (6,), generator=generator)
+    return waves, lengths, targets, torch.tensor([3, 2, 1])
 
 
 class InPlaceOnEncoderOutput:
@@ -49,9 +68,11 @@ def build(case: str):
     """``(model, objective factory rank -> Objective, teacher or None)`` of a case, seeded."""
     method = {"dld_self": "dld", "dld_teacher": "dld", "dld_sharded_teacher": "dld",
               "layer_drop_checkpointed": "layer_drop", "blank_skip_skipping": "blank_skip",
-              "inplace_on_encoder_output": "static"}.get(case, case)
-    fields = methods.get_method(method).model_fields(tiny_model().config)
-    model = tiny_model(seed=0, **fields).train()
+              "inplace_on_encoder_output": "static", "wavlm_layer_drop": "layer_drop", "wavlm_dld_self": "dld"}.get(
+                  case, case)
+    make = wavlm_model if case.startswith("wavlm_") else tiny_model
+    fields = methods.get_method(method).model_fields(make().config)
+    model = make(seed=0, **fields).train()
     model.encoder.checkpoint_layers = case == "layer_drop_checkpointed"
     teacher = tiny_model(seed=1).eval() if case in ("dld_teacher", "dld_sharded_teacher") else None
     for module in [model] + ([teacher] if teacher is not None else []):
@@ -77,8 +98,10 @@ def build(case: str):
     return model, objective, teacher
 
 
-def shard(step: int, rank: int):
-    """Rank ``rank``'s batch at ``step``."""
+def shard(step: int, rank: int, case: str = ""):
+    """Rank ``rank``'s batch at ``step`` (waveforms for the WavLM cases)."""
+    if case.startswith("wavlm_"):
+        return wave_batch(100 * step + rank)
     return toy_batch(100 * step + rank, batch_size=BATCH)
 
 
@@ -86,7 +109,7 @@ def row_counter(model) -> List[int]:
     """A list that the encoder layers' forward pre-hooks extend with the rows they run on
     (in layer order, one entry per call)."""
     rows: List[int] = []
-    for layer in model.encoder.conformer_layers:
+    for layer in model.encoder.routed_layers():
         layer.register_forward_pre_hook(lambda _module, args: rows.append(args[0].shape[0]))
     return rows
 
@@ -107,7 +130,7 @@ def train_reference(case: str) -> Dict[str, torch.Tensor]:
         loss = 0.0
         for rank in range(WORLD):
             torch.manual_seed(SEED_STRIDE * step + rank)
-            loss = loss + objectives[rank](model, shard(step, rank))[0] / WORLD
+            loss = loss + objectives[rank](model, shard(step, rank, case))[0] / WORLD
         loss.backward()
         optimizer.step()
     return full_parameters(model)
@@ -138,7 +161,7 @@ def train_rank(case: str, strategy: str, rank: int) -> Dict[str, object]:
         warnings.simplefilter("always")
         for step in range(STEPS):
             torch.manual_seed(SEED_STRIDE * step + rank)
-            loss, _ = wrapped(shard(step, rank))
+            loss, _ = wrapped(shard(step, rank, case))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
