@@ -210,3 +210,60 @@ def test_gradients_match_hf_per_utterance(backend):
             assert p.grad is None or torch.count_nonzero(p.grad) == 0, name
         else:
             torch.testing.assert_close(p.grad, want, msg=lambda m, name=name: f"gradient of {name}: {m}")
+
+
+class DropFramesAfterLayer0:
+    """A routing policy that removes the frames ``drop`` (bool ``[N]`` over packed rows) after
+    layer 0, as CTC-blank skipping does."""
+
+    decision_layers = (0,)
+
+    def __init__(self, drop):
+        self.drop = drop
+
+    def decide(self, layer, x, schedule):
+        return schedule.replace(row_alive=~self.drop), None
+
+
+def test_frames_left_after_skipping_keep_their_original_positions_for_the_bias(backend):
+    model = hf_tiny(hf.WavLMConfig, hf.WavLMModel, max_bucket_distance=12)
+    dynamic = dynenc.from_huggingface(model).eval()
+    wave, lengths = waveforms((4000, 3000))
+    with torch.no_grad():
+        features, frames = dynenc.foundation.features.extract_conv_features(
+            dynamic.feature_extractor.conv_layers, wave, lengths
+        )
+        x = dynamic.encoder.embed(dynamic.feature_projection(features)[0], frames)
+        keep = [torch.arange(n) % 3 != 1 for n in frames.tolist()]  # every third frame leaves after layer 0
+        drop = ~torch.cat(keep)
+        out = dynamic.encoder(x, frames, policy=DropFramesAfterLayer0(drop), return_report=True)
+        encoder = model.encoder
+        for b, n in enumerate(frames.tolist()):
+            h = x[b : b + 1, :n]
+            bias = encoder.layers[0].attention.compute_bias(n, n)  # [H, n, n] from the original positions
+            h = encoder.layers[0](h, position_bias=bias, index=0)[0]
+            kept = keep[b].nonzero().squeeze(1)
+            rows = h[:, kept]
+            sub_bias = bias[:, kept][:, :, kept]
+            for i, layer in enumerate(encoder.layers[1:], start=1):
+                rows = layer(rows, position_bias=sub_bias, index=i)[0]
+            torch.testing.assert_close(out.output[b, kept], rows[0], rtol=1e-4, atol=2e-5)
+            dropped = (~keep[b]).nonzero().squeeze(1)
+            torch.testing.assert_close(out.output[b, dropped], h[0, dropped], rtol=1e-4, atol=2e-5)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    model = hf_tiny(hf.WavLMConfig, hf.WavLMModel, do_stable_layer_norm=True)
+    wave, lengths = waveforms((2400, 1500))
+    grads = []
+    for checkpointed in (False, True):
+        dynamic = dynenc.from_huggingface(model).train()
+        dynamic.encoder.checkpoint_layers = checkpointed
+        out = dynamic(
+            wave, attention_mask=_attention_mask(lengths), layer_mask=torch.tensor([[1, 0, 1], [1, 1, 1]]).bool()
+        )
+        (out.last_hidden_state**2).sum().backward()
+        grads.append({name: p.grad for name, p in dynamic.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], msg=lambda m, name=name: f"{name}: {m}")
