@@ -121,7 +121,8 @@ class RoutedEncoder(nn.Module):
 
     A subclass sets ``input_dim``, ``num_layers`` and ``checkpoint_layers`` and implements
     :meth:`routed_layers` and :meth:`layer_flops`; it may override :meth:`embed`,
-    :meth:`layer_inputs`, :meth:`skipped_rows` and :meth:`finish_rows`. Its ``forward`` validates its arguments
+    :meth:`layer_inputs`, :meth:`skipped_rows`, :meth:`finish_rows` and
+    :meth:`default_layer_mask`. :meth:`forward` validates its arguments
     (:func:`dynenc.validation.check_encoder_inputs`) and calls :meth:`route`.
 
     Distributed training: a layer that no row of the local batch runs is still called in
@@ -181,7 +182,60 @@ class RoutedEncoder(nn.Module):
         """The dtype the layers' parameters have (the input must match it, outside autocast)."""
         return next(self.routed_layers().parameters(), torch.empty(())).dtype
 
+    def default_layer_mask(self, batch_size: int, device: torch.device) -> Optional[Tensor]:
+        """The bool ``[B, L]`` mask of a forward that gives no routing of its own (e.g. a
+        training-time layer drop), or None (every layer): None by default."""
+        return None
+
     # ------------------------------------------------------------------ the engine
+    def forward(
+        self,
+        input: Tensor,
+        lengths: Tensor,
+        *,
+        layer_mask: Optional[Tensor] = None,
+        depth: Optional[Tensor] = None,
+        gates: Optional[Tensor] = None,
+        policy: Optional[RoutingPolicy] = None,
+        return_report: bool = False,
+        return_hidden: bool = False,
+    ):
+        """Encode a padded batch with per-sample / per-frame depth.
+
+        Args:
+            input: ``[B, T, D]`` float (a foundation model's: the output of :meth:`embed`).
+            lengths: ``[B]`` valid frames per sample in ``[0, T]``, integer or floating (as in
+                torchaudio, frame t is valid iff ``t < lengths[b]``); a zero-length sample gives
+                zero output rows and leaves the others untouched.
+            layer_mask: bool ``[B, L]``: sample b runs layer l iff ``layer_mask[b, l]``.
+            depth: int ``[B]``: sample b runs layers ``0..depth[b]-1`` (samples are sorted by
+                depth inside so every layer's active set is a prefix: no gather at all).
+            gates: float ``[B, L]``: gate of each executed (sample, layer);
+                ``x <- x + g * (F(x) - x)`` (soft or straight-through gates in training).
+            policy: decision points inside the forward (frame skipping, early exit).
+            return_report: return an :class:`EncoderOutput` with the executed-work report.
+            return_hidden: also keep the packed rows after every layer (implies return_report).
+        Returns:
+            ``(output [B, T, D], lengths [B])`` like torchaudio (pad positions zero), or an
+            :class:`EncoderOutput` when ``return_report``.
+        """
+        frames = validation.check_encoder_inputs(
+            input, lengths, self.input_dim, self.num_layers, self.weight_dtype(), layer_mask, depth, gates, policy
+        )
+        if all(routing is None for routing in (layer_mask, depth, gates, policy)):
+            layer_mask = self.default_layer_mask(input.shape[0], input.device)
+        return self.route(
+            input,
+            lengths,
+            frames,
+            layer_mask=layer_mask,
+            depth=depth,
+            gates=gates,
+            policy=policy,
+            return_report=return_report,
+            return_hidden=return_hidden,
+        )
+
     def route(
         self,
         input: Tensor,
@@ -196,7 +250,7 @@ class RoutedEncoder(nn.Module):
         return_hidden: bool = False,
     ):
         """Run the layers on the valid frames of ``input [B, T, D]`` (``frames`` int64 ``[B]``,
-        validated) under the routing arguments (see :meth:`DynamicConformer.forward`).
+        validated) under the routing arguments (see :meth:`forward`).
 
         Returns ``(output [B, T, D], lengths)`` (pads zero) or an :class:`EncoderOutput`
         when ``return_report`` or ``return_hidden``."""

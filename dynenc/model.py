@@ -175,36 +175,16 @@ class DynamicConformer(RoutedEncoder):
         return_report: bool = False,
         return_hidden: bool = False,
     ):
-        """Encode a padded batch with per-sample / per-frame depth.
-
-        Args:
-            input: ``[B, T, D]`` float.
-            lengths: ``[B]`` valid frames per sample in ``[0, T]``, integer or floating (as in
-                torchaudio, frame t is valid iff ``t < lengths[b]``); a zero-length sample gives
-                zero output rows and leaves the others untouched.
-            layer_mask: bool ``[B, L]``: sample b runs layer l iff ``layer_mask[b, l]``.
-            depth: int ``[B]``: sample b runs layers ``0..depth[b]-1`` (samples are sorted by
-                depth inside so every layer's active set is a prefix: no gather at all).
-            gates: float ``[B, L]``: gate of each executed (sample, layer);
-                ``x <- x + g * (F(x) - x)`` (soft or straight-through gates in training).
-            policy: decision points inside the forward (frame skipping, early exit).
-            return_report: return an :class:`EncoderOutput` with the executed-work report.
-            return_hidden: also keep the packed rows after every layer (implies return_report).
-        Returns:
-            ``(output [B, T, D], lengths [B])`` like torchaudio (pad positions zero), or an
-            :class:`EncoderOutput` when ``return_report``.
-        """
+        """Encode a padded batch with per-sample / per-frame depth: the routing engine's
+        :meth:`dynenc.engine.RoutedEncoder.forward` (arguments, shapes, returns), except under
+        ``torch.jit.trace``, which traces the padded twin (full depth)."""
         if torch.jit.is_tracing():
             return self._traced_forward(
                 input, lengths, layer_mask, depth, gates, policy, return_report or return_hidden
             )
-        frames = validation.check_encoder_inputs(
-            input, lengths, self.input_dim, self.num_layers, self.weight_dtype(), layer_mask, depth, gates, policy
-        )
-        return self.route(
+        return super().forward(
             input,
             lengths,
-            frames,
             layer_mask=layer_mask,
             depth=depth,
             gates=gates,

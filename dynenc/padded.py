@@ -19,7 +19,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, Sequence, Tuple, cast
+from typing import TYPE_CHECKING, Optional, Sequence, Set, Tuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +27,20 @@ from torch import Tensor, nn
 if TYPE_CHECKING:  # annotations only: model.py imports this module
     from .layer import DynamicConformerLayer, _ConvolutionModule, _ConvParts
     from .model import DynamicConformer
+
+
+def layer_span(
+    num_layers: int, layers: Optional[Sequence[int]], start: int, stop: Optional[int]
+) -> Tuple[Set[int], int]:
+    """``(the 0-based layers that run, stop)`` of a padded twin over layers ``start..stop - 1``
+    of ``num_layers`` (``layers`` None: all; ``stop`` None: the last), checked."""
+    runs = set(range(num_layers)) if layers is None else set(layers)
+    if not runs <= set(range(num_layers)):
+        raise ValueError(f"layers must be 0-based layer numbers in [0, {num_layers - 1}], got {sorted(runs)}")
+    stop = num_layers if stop is None else stop
+    if not 0 <= start <= stop <= num_layers:
+        raise ValueError(f"start and stop must satisfy 0 <= start <= stop <= {num_layers}, got {start}, {stop}")
+    return runs, stop
 
 
 class PaddedConvolution(nn.Module):
@@ -105,12 +119,7 @@ class PaddedConformer(nn.Module):
     ) -> None:
         super().__init__()
         num_layers = len(encoder.conformer_layers)
-        runs = set(range(num_layers)) if layers is None else set(layers)
-        if not runs <= set(range(num_layers)):
-            raise ValueError(f"layers must be 0-based layer numbers in [0, {num_layers - 1}], got {sorted(runs)}")
-        stop = num_layers if stop is None else stop
-        if not 0 <= start <= stop <= num_layers:
-            raise ValueError(f"start and stop must satisfy 0 <= start <= stop <= {num_layers}, got {start}, {stop}")
+        runs, stop = layer_span(num_layers, layers, start, stop)
         skip_norm = encoder.skip_mode == "final_norm"
         self.conformer_layers = nn.ModuleList(
             PaddedLayer(cast("DynamicConformerLayer", layer), i in runs, encoder.skip_mode)

@@ -9,8 +9,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .. import ops, validation
-from ..engine import RoutedEncoder, RoutingPolicy
+from .. import ops
+from ..engine import RoutedEncoder
 from ..routing import VarlenBatch
 from .features import embed_padded
 from .layer import DynamicTransformerLayer, RelativePositionBias
@@ -19,6 +19,10 @@ from .layer import DynamicTransformerLayer, RelativePositionBias
 class DynamicTransformer(RoutedEncoder):
     """The transformer of a wav2vec2-family model: positional convolution, then L layers on
     packed rows with ragged per-sample / per-frame depth.
+
+    ``forward(input [B, T, D], lengths [B], **routing)`` runs the layers on the output of
+    :meth:`embed` (:meth:`dynenc.engine.RoutedEncoder.forward`); a pre-LN model ends each
+    sample with the encoder's LayerNorm after the last layer it ran.
 
     Args:
         pos_conv_embed: the upstream convolutional positional embedding.
@@ -73,46 +77,22 @@ class DynamicTransformer(RoutedEncoder):
         positional convolution, (post-LN) the LayerNorm, dropout. ``[B, T, D]``."""
         return embed_padded(self, x, frames)
 
-    def forward(
-        self,
-        input: Tensor,
-        lengths: Tensor,
-        *,
-        layer_mask: Optional[Tensor] = None,
-        depth: Optional[Tensor] = None,
-        gates: Optional[Tensor] = None,
-        policy: Optional[RoutingPolicy] = None,
-        return_report: bool = False,
-        return_hidden: bool = False,
-    ):
-        """The layers on ``input [B, T, D]`` (the output of :meth:`embed`); the routing
-        arguments and the returns are :meth:`dynenc.DynamicConformer.forward`'s. Pre-LN models
-        end each sample with the encoder's LayerNorm after the last layer it ran."""
-        frames = validation.check_encoder_inputs(
-            input, lengths, self.input_dim, self.num_layers, self.weight_dtype(), layer_mask, depth, gates, policy
-        )
-        if self.training and self.layer_drop > 0 and all(a is None for a in (layer_mask, depth, gates, policy)):
-            layer_mask = torch.rand(input.shape[0], self.num_layers, device=input.device) >= self.layer_drop
-            if self.first_layer_kept:
-                layer_mask[:, 0] = True
-        return self.route(
-            input,
-            lengths,
-            frames,
-            layer_mask=layer_mask,
-            depth=depth,
-            gates=gates,
-            policy=policy,
-            return_report=return_report,
-            return_hidden=return_hidden,
-        )
-
     # ------------------------------------------------------------------ the family's parts
     def routed_layers(self) -> nn.ModuleList:
         return self.layers
 
     def weight_dtype(self) -> torch.dtype:
         return self.layer_norm.weight.dtype
+
+    def default_layer_mask(self, batch_size: int, device: torch.device) -> Optional[Tensor]:
+        """In training, ``layer_drop`` per (sample, layer) pair (layer 0 kept when
+        ``first_layer_kept``), or None."""
+        if not (self.training and self.layer_drop > 0):
+            return None
+        layer_mask = torch.rand(batch_size, self.num_layers, device=device) >= self.layer_drop
+        if self.first_layer_kept:
+            layer_mask[:, 0] = True
+        return layer_mask
 
     def shardable_layers(self) -> List[nn.Module]:
         """Every layer but WavLM's layer 0, whose bias table every layer reads (it stays in the

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import relative_position_buckets
+from ..padded import layer_span
 from ..routing import valid_frames
 from .features import embed_padded
 from .layer import bias_gate, projections
@@ -69,12 +70,7 @@ class PaddedTransformer(nn.Module):
     ) -> None:
         super().__init__()
         num_layers = encoder.num_layers
-        runs = set(range(num_layers)) if layers is None else set(layers)
-        if not runs <= set(range(num_layers)):
-            raise ValueError(f"layers must be 0-based layer numbers in [0, {num_layers - 1}], got {sorted(runs)}")
-        stop = num_layers if stop is None else stop
-        if not 0 <= start <= stop <= num_layers:
-            raise ValueError(f"start and stop must satisfy 0 <= start <= stop <= {num_layers}, got {start}, {stop}")
+        runs, stop = layer_span(num_layers, layers, start, stop)
         self.pos_conv_embed, self.layer_norm, self.dropout = encoder.pos_conv_embed, encoder.layer_norm, encoder.dropout
         self.pre_norm: bool = encoder.pre_norm
         self.embeds = start == 0
