@@ -14,7 +14,9 @@ Every benchmark is a :class:`Case` of a :class:`Figure`, one module each under
 (proportionality, padding), ``peers`` (torchaudio eager / compiled / bucketed), ``roofline``
 (forward and training step over their dense matmuls), ``train`` (training step, saved
 activations), ``dld`` (the DLD step), ``exits`` (early-exit and blank-skip inference), ``ops``
-(op micro-benchmarks, routing overhead) and ``edge`` (batch-1 latency, eager and ONNX Runtime).
+(op micro-benchmarks, routing overhead), ``edge`` (batch-1 latency, eager and ONNX Runtime) and
+``foundation`` (WavLM and HuBERT against Hugging Face's and torchaudio's models; WavLM's fused
+relative-position-bias attention against HF's materialised bias, time and peak memory).
 The default run leaves out each figure's secondary cases and extra sweep points;
 ``BenchConfig.full`` (:data:`FULL`, ``dynenc bench --full``) has them all, :data:`QUICK` too
 at tiny sizes. The cases are defined once; ``dynenc bench`` times them and the

@@ -46,9 +46,12 @@ def with_sizes(base: BenchConfig, args: argparse.Namespace, names: Sequence[str]
 
 
 #: Wall time of the default and the full run (``/usr/bin/time``, cold torch.compile cache) on this
-#: project's 2-core AMD EPYC machine, no GPU, otherwise idle: 110 s and 269 s. Measured, not
-#: estimated. Slower hosts of the same kind, or other jobs on the cores, took 2-3x as long.
-DEFAULT_DURATION, FULL_DURATION = "~2 minutes", "~4.5 minutes"
+#: project's 2-core AMD EPYC machine, no GPU, otherwise idle: 110 s and 269 s before the
+#: ``foundation`` figure. Measured, not estimated. Slower hosts of the same kind, or other jobs on
+#: the cores, took 2-3x as long. ``foundation`` adds 97 s to the default run (measured alone,
+#: ``--modes foundation``); to the full run about 20 minutes (estimated: one cold round of its
+#: 2-16 s cases took 120 s, and the full run times ten rounds).
+DEFAULT_DURATION, FULL_DURATION = "~3.5 minutes", "~25 minutes"
 
 
 def _size_help(name: str) -> str:

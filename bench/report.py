@@ -7,7 +7,7 @@ import textwrap
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from .figures import edge
+from .figures import edge, foundation
 from .runner import RatioResult, Row
 from .workload import BenchConfig
 
@@ -39,10 +39,11 @@ def format_rows(rows: Sequence[Row]) -> str:
         body.append([
             f"{row.device}:{row.figure}", row.case, median_ms, f"{row.tokens_per_s:,.0f}" if row.tokens_per_s else "",
             *(f"{info[key]:.2f}" if key in info else "" for key in ("active", "flops", "computed")),
-            phases, f"{info['saved_mb']:.1f}" if "saved_mb" in info else "", _throughput(row),
+            phases, f"{info['saved_mb']:.1f}" if "saved_mb" in info else "",
+            f"{info['peak_mb']:.1f}" if "peak_mb" in info else "", _throughput(row),
             "" if row.peak_fraction is None else f"{row.peak_fraction:.1%}"])
     header = ["figure", "case", "median ms", "tokens/s", "active", "flops", "computed", "fwd / bwd ms", "saved MB",
-              "throughput", "of peak"]
+              "peak MB", "throughput", "of peak"]
     return _table(header, body)
 
 
@@ -72,7 +73,8 @@ def format_sizes(config: BenchConfig) -> str:
 
 
 # ============================================================================ plots
-PEER_COLOURS = {"torchaudio": "C3", "masked": "C1", "dynenc-reference": "C4", "dynenc": "C0", "eager": "C7"}
+PEER_COLOURS = {"torchaudio": "C3", "masked": "C1", "dynenc-reference": "C4", "dynenc": "C0", "eager": "C7",
+                "huggingface": "C5"}
 
 
 def _plot_proportionality(ax, forward: List[Row]) -> None:
@@ -143,8 +145,8 @@ def _plot_ops(ax, op_results: List[RatioResult]) -> None:
 
 def plot(rows: Sequence[Row], results: Sequence[RatioResult], device: str, path: Path, title: str) -> None:
     """One PNG per device: forward time vs active fraction, padding, training, DLD,
-    inference budgets, op ratios, peers, roofline, edge latency (panels of figures that did
-    not run say so)."""
+    inference budgets, op ratios, peers, roofline, edge latency, foundation models (panels of
+    figures that did not run say so)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -155,7 +157,7 @@ def plot(rows: Sequence[Row], results: Sequence[RatioResult], device: str, path:
         if row.device == device:
             by_figure.setdefault(row.figure, []).append(row)
     op_results = [r for r in results if r.device == device and r.figure == "ops"]
-    fig, axes = plt.subplots(3, 3, figsize=(17, 14))
+    fig, axes = plt.subplots(4, 3, figsize=(17, 18.5))
     fig.suptitle(title, fontsize=9)
     panels = [
         ("forward", lambda ax: _plot_proportionality(ax, by_figure["forward"])),
@@ -167,7 +169,10 @@ def plot(rows: Sequence[Row], results: Sequence[RatioResult], device: str, path:
         ("peers", lambda ax: _plot_bars(ax, by_figure["peers"], "full depth vs the peers users pick")),
         ("roofline", lambda ax: _plot_bars(ax, by_figure["roofline"], "forward / train step vs their dense matmuls")),
         ("edge", lambda ax: edge.plot(ax, by_figure["edge"])),
+        ("foundation", lambda ax: foundation.plot(ax, by_figure["foundation"])),
     ]
+    for ax in axes.flat[len(panels):]:
+        ax.set_axis_off()
     for ax, (figure, draw) in zip(axes.flat, panels):
         if figure in by_figure:
             draw(ax)
@@ -201,6 +206,8 @@ def write_outputs(out_dir: Path, config: BenchConfig, machine: Dict[str, Any], r
             "computed": "token x layers computed over the valid token x layers (padding and discarded work > 1)",
             "saved_mb": "bytes of the distinct storages autograd saves for backward in one forward (parameters "
                         "excluded): the activation memory of a training step",
+            "peak_mb": "foundation attention rows: the most memory one call allocates at once above what was "
+                       "allocated before it (CPU: torch.profiler's allocation events; CUDA: the allocator's peak)",
             "tokens_per_s": "valid input frames per second",
             "work": "ops rows: the least work of one call (bytes read + written by a memory-bound op, FLOPs of "
                     "attention and the layer: packed, unpadded sequences), credited to every implementation alike",

@@ -44,7 +44,7 @@ class RatioResult:
 
 
 def evaluate(ratios: Sequence[Ratio], rows: Dict[str, Row], device: str) -> List[RatioResult]:
-    """Medians (or saved bytes) -> ratios against their targets; ratios over cases that
+    """Medians (or saved / peak bytes) -> ratios against their targets; ratios over cases that
     were not run are left out."""
     results = []
     infos = {key: row.info for key, row in rows.items()}
@@ -53,9 +53,11 @@ def evaluate(ratios: Sequence[Ratio], rows: Dict[str, Row], device: str) -> List
         if not all(key in rows for key, _ in numerator + denominator):
             continue
 
-        def value(terms: Tuple[Tuple[str, float], ...]) -> float:
-            metric = (lambda r: r.info["saved_mb"]) if ratio.metric == "saved" else (lambda r: r.median_ms)
-            return sum(weight * metric(rows[key]) for key, weight in terms)
+        info_key = {"saved": "saved_mb", "peak": "peak_mb"}.get(ratio.metric)  # None: the median time
+
+        def value(terms: Tuple[Tuple[str, float], ...], info_key: Optional[str] = info_key) -> float:
+            return sum(weight * (rows[key].info[info_key] if info_key else rows[key].median_ms)
+                       for key, weight in terms)
 
         measured = value(numerator) / value(denominator)
         target = ratio.target(infos) if callable(ratio.target) else ratio.target

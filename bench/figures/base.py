@@ -53,7 +53,8 @@ class Ratio:
     ``figure`` is the label of the ratio's group in the tables (a figure may group its
     ratios under several labels). ``target`` is a number, a function of the prepared infos
     (for targets that depend on a measured fraction), or None (reported, no target).
-    ``metric`` ``"time"`` compares medians, ``"saved"`` compares saved-activation bytes.
+    ``metric`` ``"time"`` compares medians, ``"saved"`` compares saved-activation bytes,
+    ``"peak"`` the peak bytes a step allocates (``peak_mb``).
     """
 
     figure: str
