@@ -40,8 +40,26 @@ def _masked_instance_norm(x: Tensor, valid: Tensor, norm: nn.GroupNorm) -> Tenso
     return normed
 
 
+def _conv_block(block: Any, x: Tensor, norm_rows: Any) -> Tensor:
+    """One upstream conv block on ``x [B, C_in, S]``: conv, its norm (a GroupNorm through
+    ``norm_rows(x, norm)``, a LayerNorm over channels), GELU or HF's ``activation``."""
+    x = block.conv(x)
+    norm = getattr(block, "layer_norm", None)
+    if isinstance(norm, nn.GroupNorm):
+        x = norm_rows(x, norm)
+    elif isinstance(norm, nn.LayerNorm):
+        x = F.layer_norm(x.transpose(1, 2), norm.normalized_shape, norm.weight, norm.bias, norm.eps).transpose(1, 2)
+    activation = getattr(block, "activation", None)
+    return F.gelu(x) if activation is None else activation(x)
+
+
 def extract_conv_features(conv_layers: Any, waveforms: Tensor, lengths: Tensor) -> Tuple[Tensor, Tensor]:
     """The CNN feature extractor of torchaudio's or HF's wav2vec2 family on a padded batch.
+
+    In eager mode each waveform runs alone (its valid samples only: no convolution of padding,
+    the GroupNorm's own fused kernel); while tracing (``torch.compile``, ``torch.export``) the
+    padded batch runs at once, the GroupNorm's statistics masked to each utterance's valid
+    frames. Both give each waveform's valid frames as the extractor run on it alone.
 
     Args:
         conv_layers: the upstream ``feature_extractor.conv_layers`` (each block: ``conv``, an
@@ -50,22 +68,35 @@ def extract_conv_features(conv_layers: Any, waveforms: Tensor, lengths: Tensor) 
         waveforms: ``[B, S]``.
         lengths: int ``[B]`` valid samples.
     Returns:
-        ``(features [B, T', C], lengths [B])``; valid frames equal the extractor run on each
-        waveform alone.
+        ``(features [B, T', C], lengths [B])`` with T' the frames of S samples; pads zero in
+        eager mode.
     """
-    x = waveforms.unsqueeze(1)
     lengths = lengths.to(torch.int64)
-    for block in conv_layers:
-        x = block.conv(x)
-        lengths = _conv_lengths(block.conv, lengths)
-        norm = getattr(block, "layer_norm", None)
-        if isinstance(norm, nn.GroupNorm):
-            x = _masked_instance_norm(x, valid_frames(lengths, x.shape[-1]), norm)
-        elif isinstance(norm, nn.LayerNorm):
-            x = F.layer_norm(x.transpose(1, 2), norm.normalized_shape, norm.weight, norm.bias, norm.eps).transpose(1, 2)
-        activation = getattr(block, "activation", None)
-        x = F.gelu(x) if activation is None else activation(x)
-    return x.transpose(1, 2), lengths
+    frames = conv_output_lengths(conv_layers, lengths)
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        x = waveforms.unsqueeze(1)
+        valid_samples = lengths
+        for block in conv_layers:
+            valid_samples = _conv_lengths(block.conv, valid_samples)
+            x = _conv_block(
+                block, x, lambda h, norm, n=valid_samples: _masked_instance_norm(h, valid_frames(n, h.shape[-1]), norm)
+            )
+        return x.transpose(1, 2), frames
+    padded_frames = int(conv_output_lengths(conv_layers, torch.tensor([waveforms.shape[1]]))[0])
+    features = None
+    for b, (samples, count) in enumerate(zip(lengths.tolist(), frames.tolist())):
+        if count == 0:
+            continue  # shorter than the receptive field: no frame
+        x = waveforms[b : b + 1, :samples].unsqueeze(1)
+        for block in conv_layers:
+            x = _conv_block(block, x, lambda h, norm: norm(h))
+        if features is None:
+            features = x.new_zeros(waveforms.shape[0], padded_frames, x.shape[1])
+        features[b, :count] = x[0].transpose(0, 1)
+    if features is None:  # no waveform has a frame
+        channels = conv_layers[-1].conv.out_channels
+        features = waveforms.new_zeros(waveforms.shape[0], padded_frames, channels)
+    return features, frames
 
 
 def positional_embedding(module: Any, x: Tensor, valid: Tensor) -> Tensor:
