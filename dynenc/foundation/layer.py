@@ -9,14 +9,14 @@ position bias computed inside the op from the bucket table, the gate and each ro
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, NamedTuple, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from ..routing import VarlenBatch
+from ..routing import VarlenBatch, valid_frames
 
 
 class RelativePositionBias(NamedTuple):
@@ -65,6 +65,43 @@ def attention_dropout(attention: Any) -> float:
     return float(value)
 
 
+def dropout_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    batch: VarlenBatch,
+    dropout: float,
+    position_bias: Optional[RelativePositionBias] = None,
+    gate: Optional[Tensor] = None,
+) -> Tensor:
+    """Each sequence's softmax attention with ``dropout`` on its probabilities (training; the
+    fused op has none), as HF computes it: on a padded ``[S, H, T, Dh]`` view of the sub-batch
+    with ``F.scaled_dot_product_attention``; WavLM's gated bias (``gate [M, H]``) is
+    materialised for the sub-batch, ``[S, H, T, T]``. ``q, k, v [M, H, Dh]`` -> ``[M, H, Dh]``."""
+    seqs, frames = batch.num_seqs, batch.max_seqlen
+    rows, heads, head_dim = q.shape
+    where = batch.padded_positions()
+
+    def padded(t: Tensor) -> Tensor:  # [M, ...] -> [S, T, ...], pads zero
+        return ops.scatter_rows(t.reshape(rows, -1), where, seqs * frames).view(seqs, frames, *t.shape[1:])
+
+    q_, k_, v_ = (padded(t).transpose(1, 2) for t in (q, k, v))
+    # An empty sequence keeps one (zero) key so no softmax row is fully masked.
+    keys = valid_frames(batch.lengths.clamp_min(1), frames)
+    mask = q.new_zeros(seqs, 1, 1, frames).masked_fill(~keys[:, None, None, :], float("-inf"))
+    if position_bias is not None and gate is not None:
+        positions = torch.zeros(seqs * frames, dtype=torch.int64, device=q.device)
+        positions = positions.index_copy(0, where, batch.positions).view(seqs, frames)
+        offset = (position_bias.buckets.shape[0] - 1) // 2
+        relative = positions[:, None, :] - positions[:, :, None] + offset  # [S, T_query, T_key]
+        values = position_bias.table[position_bias.buckets[relative]].permute(0, 3, 1, 2)  # [S, H, T, T]
+        mask = mask + padded(gate).transpose(1, 2).unsqueeze(-1) * values
+    out = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask, dropout_p=dropout)
+    return ops.gather_rows(out.transpose(1, 2).reshape(seqs * frames, heads * head_dim), where).view(
+        rows, heads, head_dim
+    )
+
+
 class DynamicTransformerLayer(nn.Module):
     """A wav2vec2-family transformer layer on packed rows ``[M, D]`` of a :class:`VarlenBatch`.
 
@@ -73,12 +110,12 @@ class DynamicTransformerLayer(nn.Module):
     HF's ``do_stable_layer_norm``, torchaudio's ``layer_norm_first``):
     ``h = x + Drop(Attn(LN(x)))``, ``out = h + FF(LN_final(h))``.
 
-    Attention dropout on the probabilities is not applied (the varlen attention op has none;
-    the layer warns once in training when the upstream model asks for it); every other
-    dropout is the upstream module's.
+    Every dropout is the upstream module's. The varlen attention op has none on the attention
+    probabilities, so in training with the upstream attention's dropout > 0 the attention runs
+    on a padded view of each sub-batch (:func:`dropout_attention`); with it 0 (or in eval) it
+    runs fused.
     """
 
-    _warned_attention_dropout = False
     # The upstream layer's submodules (duck-typed: torchaudio's and HF's share these names).
     attention: Any
     dropout: nn.Module
@@ -102,13 +139,6 @@ class DynamicTransformerLayer(nn.Module):
 
     def _attention(self, x: Tensor, batch: VarlenBatch, position_bias: Optional[RelativePositionBias]) -> Tensor:
         attention = self.attention
-        if self.training and attention_dropout(attention) > 0 and not DynamicTransformerLayer._warned_attention_dropout:
-            DynamicTransformerLayer._warned_attention_dropout = True
-            warnings.warn(
-                f"the upstream attention has dropout {attention_dropout(attention)} on its attention weights, which "
-                "dynenc's fused varlen attention does not apply (every other dropout is applied)",
-                stacklevel=3,
-            )
         heads = attention.num_heads
         (wq, bq), (wk, bk), (wv, bv), (wo, bo) = projections(attention)
         rows = x.shape[0]
@@ -116,7 +146,11 @@ class DynamicTransformerLayer(nn.Module):
         q, k, v = (
             torch.nn.functional.linear(x, w, b).view(rows, heads, head_dim) for w, b in ((wq, bq), (wk, bk), (wv, bv))
         )
-        if position_bias is None:
+        dropout = attention_dropout(attention) if self.training else 0.0
+        if dropout > 0:
+            gate = None if position_bias is None else bias_gate(attention, x)
+            out = dropout_attention(q, k, v, batch, dropout, position_bias, gate)
+        elif position_bias is None:
             out = ops.varlen_attention(q, k, v, batch.cu_seqlens, batch.max_seqlen)
         else:
             out = ops.varlen_attention(

@@ -267,3 +267,50 @@ def test_activation_checkpointing_gives_the_same_gradients():
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], msg=lambda m, name=name: f"{name}: {m}")
+
+
+def _attention_inputs(frames=(9, 5, 0, 7), heads=2, head_dim=8, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    rows = sum(frames)
+    q, k, v = (torch.randn(rows, heads, head_dim, generator=generator) for _ in range(3))
+    cu = torch.tensor([0, *torch.tensor(frames).cumsum(0).tolist()], dtype=torch.int32)
+    batch = dynenc.VarlenBatch(cu, max(frames), rows)
+    table = torch.randn(16, heads, generator=generator)
+    bias = dynenc.foundation.RelativePositionBias(table, dynenc.ops.relative_position_buckets(max(frames), 16, 40))
+    gate = torch.rand(rows, heads, generator=generator) + 0.5
+    return q, k, v, batch, bias, gate
+
+
+@pytest.mark.parametrize("with_bias", [False, True], ids=["plain", "wavlm-bias"])
+def test_dropout_attention_is_the_fused_op_in_expectation(with_bias):
+    """Training with attention dropout runs HF's computation on a padded view: with a dropout
+    that never fires it equals the fused op, and its mean over many draws converges to it."""
+    from dynenc.foundation.layer import dropout_attention
+
+    q, k, v, batch, bias, gate = _attention_inputs()
+    bias, gate = (bias, gate) if with_bias else (None, None)
+    kwargs = {}
+    if with_bias:
+        kwargs = dict(bias_table=bias.table, bias_buckets=bias.buckets, bias_gate=gate, positions=batch.positions)
+    fused = dynenc.ops.varlen_attention(q, k, v, batch.cu_seqlens, batch.max_seqlen, **kwargs)
+    torch.testing.assert_close(dropout_attention(q, k, v, batch, 1e-12, bias, gate), fused, rtol=1e-5, atol=1e-6)
+    torch.manual_seed(0)
+    draws = torch.stack([dropout_attention(q, k, v, batch, 0.3, bias, gate) for _ in range(600)])
+    assert not torch.equal(draws[0], draws[1]), "dropout draws differ"
+    torch.testing.assert_close(draws.mean(0), fused, rtol=0.0, atol=0.12)
+
+
+def test_hf_attention_dropout_applies_in_training_only():
+    model = hf_tiny(hf.WavLMConfig, hf.WavLMModel, attention_dropout=0.5)
+    dynamic = dynenc.from_huggingface(model)
+    wave, lengths = waveforms((2000, 1500))
+    mask = _attention_mask(lengths)
+    with torch.no_grad():
+        dynamic.train()
+        first, second = (dynamic(wave, attention_mask=mask).last_hidden_state for _ in range(2))
+        assert not torch.allclose(first, second), "attention dropout is drawn in training"
+        dynamic.eval()
+        torch.testing.assert_close(
+            dynamic(wave, attention_mask=mask).last_hidden_state,
+            dynenc.from_huggingface(model).eval()(wave, attention_mask=mask).last_hidden_state,
+        )
