@@ -131,4 +131,10 @@ def test_dynenc_train_and_eval_fine_tune_a_saved_hf_wavlm(pretrained, tmp_path):
     rows = json.loads((out / "results.json").read_text())["methods"]["layer_drop"]["rows"]
     assert rows and all(0 < r["executed_fraction"] <= 1 for r in rows)
     assert (corpus / "waves_train.pt").is_file(), "the waveform cache is kept beside the fbank one"
+    onnx = tmp_path / "half.onnx"
+    assert (
+        cli.main(["export", str(tmp_path / "runs" / "layer_drop" / "model.pt"), "--n-layers", "2", "--out", str(onnx)])
+        == 0
+    )
+    assert onnx.stat().st_size > 10_000
     assert dataclasses.asdict(model.config)["encoder"] == "wavlm"
