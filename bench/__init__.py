@@ -14,9 +14,11 @@ Every benchmark is a :class:`Case` of a :class:`Figure`, one module each under
 (proportionality, padding), ``peers`` (torchaudio eager / compiled / bucketed), ``roofline``
 (forward and training step over their dense matmuls), ``train`` (training step, saved
 activations), ``dld`` (the DLD step), ``exits`` (early-exit and blank-skip inference), ``ops``
-(op micro-benchmarks, routing overhead), ``edge`` (batch-1 latency, eager and ONNX Runtime) and
+(op micro-benchmarks, routing overhead), ``edge`` (batch-1 latency, eager and ONNX Runtime),
 ``foundation`` (WavLM and HuBERT against Hugging Face's and torchaudio's models; WavLM's fused
-relative-position-bias attention against HF's materialised bias, time and peak memory).
+relative-position-bias attention against HF's materialised bias, time and peak memory) and
+``latency`` (batch 1: every budget kind through ``methods.infer`` against ONNX Runtime on the
+exported graph of the same budget; the fixed cost per call and per layer, in ms).
 The default run leaves out each figure's secondary cases and extra sweep points;
 ``BenchConfig.full`` (:data:`FULL`, ``dynenc bench --full``) has them all, :data:`QUICK` too
 at tiny sizes. The cases are defined once; ``dynenc bench`` times them and the
@@ -24,7 +26,7 @@ pytest-benchmark suites (``bench/suites/``, not part of the installed package) r
 cases. Within a figure the cases are timed round-robin (warm-up rounds first, then
 ``repeats`` rounds) so that drift of a shared machine hits all peers alike; each case
 reports the median. A figure's :class:`Ratio` rows turn medians into the ratios the README
-quotes, each with its target (or none).
+quotes, each with its target (or none); a few are absolute costs in ms (metric ``"ms"``).
 
 Modules: :mod:`.workload` (sizes, inputs, models), :mod:`.harness` (timing, machine header),
 :mod:`.figures`, :mod:`.runner` (figures -> rows and ratios), :mod:`.report` (tables, JSON,

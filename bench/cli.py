@@ -50,8 +50,10 @@ def with_sizes(base: BenchConfig, args: argparse.Namespace, names: Sequence[str]
 #: ``foundation`` figure. Measured, not estimated. Slower hosts of the same kind, or other jobs on
 #: the cores, took 2-3x as long. ``foundation`` adds 97 s to the default run (measured alone,
 #: ``--modes foundation``); to the full run about 20 minutes (estimated: one cold round of its
-#: 2-16 s cases took 120 s, and the full run times ten rounds).
-DEFAULT_DURATION, FULL_DURATION = "~3.5 minutes", "~25 minutes"
+#: 2-16 s cases took 120 s, and the full run times ten rounds). ``latency`` adds 49 s to the default
+#: run (measured alone, ``/usr/bin/time dynenc bench --modes latency``: four ONNX exports, then the
+#: timing); to the full run about 1.5 minutes (estimated: the same exports, nine rounds).
+DEFAULT_DURATION, FULL_DURATION = "~4 minutes", "~27 minutes"
 
 
 def _size_help(name: str) -> str:

@@ -7,7 +7,7 @@ import textwrap
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from .figures import edge, foundation
+from .figures import edge, foundation, latency
 from .runner import RatioResult, Row
 from .workload import BenchConfig
 
@@ -48,7 +48,11 @@ def format_rows(rows: Sequence[Row]) -> str:
 
 
 def format_results(results: Sequence[RatioResult]) -> str:
-    body = [[f"{r.device}:{r.figure}", r.name, f"{r.measured:.3f}", "" if r.target is None else f"<= {r.target:.2f}",
+    def unit(r: RatioResult) -> str:
+        return f" {r.unit}" if r.unit else ""
+
+    body = [[f"{r.device}:{r.figure}", r.name, f"{r.measured:.3f}{unit(r)}",
+             "" if r.target is None else f"<= {r.target:.2f}{unit(r)}",
              {True: "met", False: "MISSED", None: "-"}[r.met]] for r in results]
     return _table(["figure", "ratio", "measured", "target", ""], body)
 
@@ -145,7 +149,8 @@ def _plot_ops(ax, op_results: List[RatioResult]) -> None:
 
 def plot(rows: Sequence[Row], results: Sequence[RatioResult], device: str, path: Path, title: str) -> None:
     """One PNG per device: forward time vs active fraction, padding, training, DLD,
-    inference budgets, op ratios, peers, roofline, edge latency, foundation models (panels of
+    inference budgets, op ratios, peers, roofline, edge latency, foundation models, batch-1
+    latency per budget (panels of
     figures that did not run say so)."""
     import matplotlib
 
@@ -170,6 +175,7 @@ def plot(rows: Sequence[Row], results: Sequence[RatioResult], device: str, path:
         ("roofline", lambda ax: _plot_bars(ax, by_figure["roofline"], "forward / train step vs their dense matmuls")),
         ("edge", lambda ax: edge.plot(ax, by_figure["edge"])),
         ("foundation", lambda ax: foundation.plot(ax, by_figure["foundation"])),
+        ("latency", lambda ax: latency.plot(ax, by_figure["latency"])),
     ]
     for ax in axes.flat[len(panels):]:
         ax.set_axis_off()

@@ -41,11 +41,13 @@ class RatioResult:
     target: Optional[float]
     met: Optional[bool]
     note: str
+    unit: str = ""  # "ms" for absolute rows (metric "ms"), else "" (a ratio)
 
 
 def evaluate(ratios: Sequence[Ratio], rows: Dict[str, Row], device: str) -> List[RatioResult]:
-    """Medians (or saved / peak bytes) -> ratios against their targets; ratios over cases that
-    were not run are left out."""
+    """Medians (or saved / peak bytes) -> ratios against their targets (metric ``"ms"``: the
+    numerator's weighted sum of medians itself, in ms); ratios over cases that were not run are
+    left out."""
     results = []
     infos = {key: row.info for key, row in rows.items()}
     for ratio in ratios:
@@ -59,10 +61,12 @@ def evaluate(ratios: Sequence[Ratio], rows: Dict[str, Row], device: str) -> List
             return sum(weight * (rows[key].info[info_key] if info_key else rows[key].median_ms)
                        for key, weight in terms)
 
-        measured = value(numerator) / value(denominator)
+        # "ms": an absolute time (a weighted sum of medians, e.g. a fit's coefficient), no denominator
+        measured = value(numerator) if ratio.metric == "ms" else value(numerator) / value(denominator)
         target = ratio.target(infos) if callable(ratio.target) else ratio.target
         met = None if target is None else bool(measured <= target)
-        results.append(RatioResult(device, ratio.figure, ratio.name, measured, target, met, ratio.note))
+        results.append(RatioResult(device, ratio.figure, ratio.name, measured, target, met, ratio.note,
+                                   unit="ms" if ratio.metric == "ms" else ""))
     return results
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Dict, Iterable, List
 
 from ..workload import BenchConfig
-from . import dld, edge, exits, forward, foundation, ops, peers, roofline, train
+from . import dld, edge, exits, forward, foundation, latency, ops, peers, roofline, train
 from .base import Case, Figure, Ratio, Terms, weighted_terms
 
 FIGURES: Dict[str, Figure] = {figure.name: figure for figure in (
     forward.FIGURE, peers.FIGURE, roofline.FIGURE, train.FIGURE, dld.FIGURE, exits.FIGURE, ops.FIGURE, edge.FIGURE,
-    foundation.FIGURE)}
+    foundation.FIGURE, latency.FIGURE)}
 
 
 def all_cases(config: BenchConfig, figures: Iterable[str] = FIGURES) -> List[Case]:

@@ -54,7 +54,9 @@ class Ratio:
     ratios under several labels). ``target`` is a number, a function of the prepared infos
     (for targets that depend on a measured fraction), or None (reported, no target).
     ``metric`` ``"time"`` compares medians, ``"saved"`` compares saved-activation bytes,
-    ``"peak"`` the peak bytes a step allocates (``peak_mb``).
+    ``"peak"`` the peak bytes a step allocates (``peak_mb``), ``"ms"`` no ratio: the
+    numerator's weighted sum of medians in ms (an absolute cost, e.g. a fit's coefficient;
+    ``denominator`` is ``()``), against a target in ms.
     """
 
     figure: str
