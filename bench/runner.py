@@ -117,9 +117,10 @@ def run_benchmarks(config: BenchConfig, figures: Sequence[str], devices: Sequenc
     total = sum(case.runs_on(torch.device(device)) for device in devices for case in all_cases(config, figures))
     rows: List[Row] = []
     results: List[RatioResult] = []
-    # No tqdm monitor thread (it checks every monitor_interval s for bars that stall): with it, the
-    # latency figure's batch-1 cases ran 20-50 % slower on 2 cores (dynenc full, 2 s, 1 thread:
-    # 22.6-23.7 ms in 2 of 2 runs, 15.1-15.4 ms in 4 of 4 without it); the bar is refreshed per round.
+    # No tqdm monitor thread (it wakes every monitor_interval s to look for stalled bars; the bar is
+    # refreshed per round anyway): a thread waking inside the timed loop is noise for the few-ms
+    # latency cases on 2 cores (dynenc full, 2 s, 1 thread: 22.6 and 23.7 ms in 2 runs with it,
+    # 15.1-15.4 ms in 4 runs without the bar or the monitor; the host's own noise is of that size too).
     monitor_interval, tqdm.monitor_interval = tqdm.monitor_interval, 0
     try:
         progress = tqdm(total=total, desc="dynenc bench", unit="case", disable=not show_progress,
