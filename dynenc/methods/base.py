@@ -53,14 +53,20 @@ def frozen(module: nn.Module) -> Iterator[None]:
     """Run the block with ``module`` in eval mode and without grad, then give every submodule
     its own training flag back (mixed modes included). An eval-mode pass leaves BatchNorm's
     running statistics untouched and draws no dropout masks."""
-    modes = [(submodule, submodule.training) for submodule in module.modules()]
+    training = [submodule for submodule in module.modules() if submodule.training]
+    if not training:  # already in eval mode (a deployed model): nothing to switch or give back
+        with torch.no_grad():
+            yield
+        return
     module.eval()
     try:
         with torch.no_grad():
             yield
     finally:
-        for submodule, training in modes:
-            submodule.training = training
+        # eval() cleared every flag: set back the ones that were on (nn.Module's __setattr__
+        # costs microseconds a module, which a batch-1 call notices).
+        for submodule in training:
+            submodule.training = True
 
 
 def exit_ctc_losses(model: CTCModel, batch: Batch) -> Dict[int, Tensor]:
