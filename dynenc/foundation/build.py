@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .encoder import DynamicTransformer
-from .features import extract_conv_features
+from .features import project_waveforms
 
 ENCODERS = ("conformer", "wav2vec2", "hubert", "wavlm")
 
@@ -40,9 +40,7 @@ class WaveformFrontend(nn.Module):
     def forward(self, waveforms: Tensor, lengths: Tensor) -> Tuple[Tensor, Tensor]:
         if waveforms.dim() == 3:
             waveforms = waveforms.squeeze(-1)
-        features, frames = extract_conv_features(self.feature_extractor.conv_layers, waveforms, lengths)
-        projected = self.feature_projection(features)
-        x = projected[0] if isinstance(projected, tuple) else projected
+        x, _, frames = project_waveforms(self.feature_extractor, self.feature_projection, waveforms, lengths)
         if self._spec_augment is not None and self.training:
             valid = torch.arange(x.shape[1], device=x.device)[None] < frames[:, None]
             x = self._spec_augment(self, x, attention_mask=valid)

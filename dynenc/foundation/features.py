@@ -99,6 +99,24 @@ def extract_conv_features(conv_layers: Any, waveforms: Tensor, lengths: Tensor) 
     return features, frames
 
 
+def project_waveforms(
+    feature_extractor: Any, feature_projection: nn.Module, waveforms: Tensor, lengths: Tensor
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """The CNN features of ``waveforms [B, S]`` (``lengths`` int ``[B]``,
+    :func:`extract_conv_features`) and their projection to the model's width (torchaudio's
+    ``FeatureProjection`` or HF's, which also returns its normalised features).
+
+    Returns:
+        ``(projected [B, T', D], features [B, T', C] (HF's normalised ones where it gives them),
+        frames [B])``.
+    """
+    features, frames = extract_conv_features(feature_extractor.conv_layers, waveforms, lengths)
+    projected = feature_projection(features)
+    if isinstance(projected, tuple):
+        return projected[0], projected[1], frames
+    return projected, features, frames
+
+
 def positional_embedding(module: Any, x: Tensor, valid: Tensor) -> Tensor:
     """The convolutional positional embedding ``[B, T, D]`` of ``x [B, T, D]`` whose pads are
     zero (``valid`` bool ``[B, T]``): torchaudio's ``ConvolutionalPositionalEmbedding`` or HF's

@@ -17,7 +17,7 @@ from .. import validation
 from ..engine import EncoderOutput
 from ..routing import valid_frames
 from .encoder import DynamicTransformer
-from .features import extract_conv_features
+from .features import project_waveforms
 from .structure import check_transformer_layers
 
 #: The HF classes :func:`from_huggingface` converts (a layer's pre-LN placement is read from its class name).
@@ -135,9 +135,8 @@ class DynamicSpeechModel(nn.Module):
             lengths = attention_mask.to(torch.int64).sum(-1)
             if not torch.equal(attention_mask.bool(), valid_frames(lengths, samples)):
                 raise ValueError("attention_mask must mark each waveform's samples with 1 and its right padding with 0")
-        features, frames = extract_conv_features(self.feature_extractor.conv_layers, input_values, lengths)
-        projected = self.feature_projection(features)
-        hidden, extract = projected if isinstance(projected, tuple) else (projected, features)
+        parts = (self.feature_extractor, self.feature_projection)
+        hidden, extract, frames = project_waveforms(*parts, input_values, lengths)
         frame_mask = None if attention_mask is None else valid_frames(frames, hidden.shape[1])
         hidden = self._spec_augment(self, hidden, mask_time_indices=mask_time_indices, attention_mask=frame_mask)
         x = self.encoder.embed(hidden, frames)

@@ -92,9 +92,7 @@ def dropout_attention(
     if position_bias is not None and gate is not None:
         positions = torch.zeros(seqs * frames, dtype=torch.int64, device=q.device)
         positions = positions.index_copy(0, where, batch.positions).view(seqs, frames)
-        offset = (position_bias.buckets.shape[0] - 1) // 2
-        relative = positions[:, None, :] - positions[:, :, None] + offset  # [S, T_query, T_key]
-        values = position_bias.table[position_bias.buckets[relative]].permute(0, 3, 1, 2)  # [S, H, T, T]
+        values = ops.materialized_position_bias(position_bias.table, position_bias.buckets, positions)  # [S, H, T, T]
         mask = mask + padded(gate).transpose(1, 2).unsqueeze(-1) * values
     out = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask, dropout_p=dropout)
     return ops.gather_rows(out.transpose(1, 2).reshape(seqs * frames, heads * head_dim), where).view(

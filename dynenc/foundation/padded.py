@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import relative_position_buckets
+from ..ops import materialized_position_bias, relative_position_buckets
 from ..padded import layer_span
 from ..routing import valid_frames
 from .features import embed_padded
@@ -101,9 +101,7 @@ class PaddedTransformer(nn.Module):
         embed: Any = self.rel_attn_embed
         num_buckets, max_distance = self.relative_position
         buckets = relative_position_buckets(frames, num_buckets, max_distance, device=embed.weight.device)
-        positions = torch.arange(frames, device=buckets.device)
-        relative = positions[None, :] - positions[:, None] + (frames - 1)
-        return embed(buckets[relative]).permute(2, 0, 1)
+        return materialized_position_bias(embed.weight, buckets, torch.arange(frames, device=buckets.device))
 
     def finish(self, x: Tensor, lengths: Tensor) -> Tensor:
         """What a head reads of the span's output ``x [B, T, D]``: a pre-LN model's final norm

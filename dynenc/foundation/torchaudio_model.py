@@ -13,7 +13,7 @@ from .. import validation
 from ..engine import EncoderOutput
 from ..routing import valid_frames
 from .encoder import DynamicTransformer
-from .features import extract_conv_features
+from .features import project_waveforms
 from .structure import check_transformer_layers
 
 
@@ -90,8 +90,7 @@ class DynamicWav2Vec2Model(nn.Module):
         else:
             validation.check_tensor("lengths", lengths, dim=1, layout="[B]", device=waveforms.device)
             validation.check_range([("lengths", lengths, 0, waveforms.shape[1], "S")])
-        features, frames = extract_conv_features(self.feature_extractor.conv_layers, waveforms, lengths)
-        x = self.encoder.feature_projection(features)
+        x, _, frames = project_waveforms(self.feature_extractor, self.encoder.feature_projection, waveforms, lengths)
         return self.transformer.embed(x, frames), frames
 
     def forward(self, waveforms: Tensor, lengths: Optional[Tensor] = None, *, return_report: bool = False, **routing):

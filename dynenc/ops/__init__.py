@@ -35,7 +35,7 @@ if _missing:
 
 # The public functions of every op module (its ``__all__``). The op modules register their CUDA
 # kernels, fake impls and autograd against the schemas checked above, hence after the check.
-from .attention import relative_position_buckets, varlen_attention  # noqa: E402
+from .attention import materialized_position_bias, relative_position_buckets, varlen_attention  # noqa: E402
 from .dwconv import varlen_dwconv1d  # noqa: E402
 from .norm import add_layer_norm  # noqa: E402
 from .plan import build_plan  # noqa: E402
@@ -58,6 +58,7 @@ __all__ = [
     # dwconv
     "varlen_dwconv1d",
     # attention
+    "materialized_position_bias",
     "relative_position_buckets",
     "varlen_attention",
     # plan

@@ -31,7 +31,7 @@ from torch.fx.experimental.symbolic_shapes import guard_or_false
 from .. import validation as V
 from .registry import autocast, native, refuse_double_backward, register_autocast, register_cuda
 
-__all__ = ["relative_position_buckets", "varlen_attention"]
+__all__ = ["materialized_position_bias", "relative_position_buckets", "varlen_attention"]
 
 BIAS_ARGUMENTS = ("bias_table", "bias_buckets", "bias_gate", "positions")
 
@@ -68,16 +68,20 @@ def relative_position_buckets(
     return buckets + torch.where(is_small, distance, large)
 
 
-def relative_bias(
-    bias_table: Tensor, bias_buckets: Tensor, bias_gate: Tensor, positions: Tensor, start: int, end: int
-) -> Tensor:
-    """The gated bias ``[H, T, T]`` of rows ``[start, end)`` (the reference only: the kernels
-    never build it)."""
+def materialized_position_bias(bias_table: Tensor, bias_buckets: Tensor, positions: Tensor) -> Tensor:
+    """The ungated bias ``E[bucket(p_j - p_i), h]`` of every query-key pair as a tensor: what
+    the reference, a padded export graph and training-time attention dropout build (the
+    kernels never do).
+
+    Args:
+        bias_table: ``[num_buckets, H]``; bias_buckets: int64 ``[2P - 1]`` (as :func:`varlen_attention`).
+        positions: int64 ``[..., T]`` in ``[0, P)``.
+    Returns:
+        ``[..., H, T, T]`` (query, key).
+    """
     num_positions = (bias_buckets.shape[0] + 1) // 2
-    p = positions[start:end]
-    relative = p[None, :] - p[:, None] + (num_positions - 1)  # [T, T]: r + P - 1
-    embedding = bias_table[bias_buckets[relative]].permute(2, 0, 1)  # [H, T, T]
-    return bias_gate[start:end].t()[:, :, None] * embedding
+    relative = positions[..., None, :] - positions[..., :, None] + (num_positions - 1)  # r + P - 1
+    return bias_table[bias_buckets[relative]].movedim(-1, -3)
 
 
 def reference_varlen_attention(
@@ -103,7 +107,8 @@ def reference_varlen_attention(
         scores = (qs @ ks.transpose(-1, -2)) * scale
         if bias_table is not None:
             assert bias_buckets is not None and bias_gate is not None and positions is not None
-            scores = scores + relative_bias(bias_table, bias_buckets, bias_gate, positions, start, end)
+            gate = bias_gate[start:end].t()[:, :, None]  # [H, T, 1]
+            scores = scores + gate * materialized_position_bias(bias_table, bias_buckets, positions[start:end])
         probs = torch.softmax(scores, dim=-1)
         out[start:end] = (probs @ vs).transpose(0, 1)
     return out

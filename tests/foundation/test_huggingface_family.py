@@ -230,10 +230,10 @@ def test_frames_left_after_skipping_keep_their_original_positions_for_the_bias(b
     dynamic = dynenc.from_huggingface(model).eval()
     wave, lengths = waveforms((4000, 3000))
     with torch.no_grad():
-        features, frames = dynenc.foundation.features.extract_conv_features(
-            dynamic.feature_extractor.conv_layers, wave, lengths
+        projected, _, frames = dynenc.foundation.features.project_waveforms(
+            dynamic.feature_extractor, dynamic.feature_projection, wave, lengths
         )
-        x = dynamic.encoder.embed(dynamic.feature_projection(features)[0], frames)
+        x = dynamic.encoder.embed(projected, frames)
         keep = [torch.arange(n) % 3 != 1 for n in frames.tolist()]  # every third frame leaves after layer 0
         drop = ~torch.cat(keep)
         out = dynamic.encoder(x, frames, policy=DropFramesAfterLayer0(drop), return_report=True)

@@ -12,7 +12,7 @@ from op_testing import (ATOL, DEVICE, EXACT, MANY_LENGTHS, REDUCED, SEEDS, TRITO
 import dynenc
 from dynenc import validation
 from dynenc.ops import attention as attention_module
-from dynenc.ops.attention import (check_varlen_attention, reference_varlen_attention, relative_bias,
+from dynenc.ops.attention import (check_varlen_attention, materialized_position_bias, reference_varlen_attention,
                                   relative_position_buckets)
 
 ops = torch.ops.dynenc
@@ -281,7 +281,8 @@ def reference_biased_logsumexp(args):
     for start, end in zip(bounds[:-1], bounds[1:]):
         if end > start:
             scores = torch.einsum("thd,shd->hts", q[start:end].double(), k[start:end].double()) * scale
-            scores = scores + relative_bias(table.double(), buckets, gate.double(), positions, start, end)
+            bias = materialized_position_bias(table.double(), buckets, positions[start:end])
+            scores = scores + gate[start:end].double().t()[:, :, None] * bias
             lse[start:end] = scores.logsumexp(-1).T
     return lse
 
