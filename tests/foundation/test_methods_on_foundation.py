@@ -79,7 +79,7 @@ def test_every_method_trains_and_infers_on_a_pretrained_wavlm(pretrained, source
         assert 0 < result.report.executed_fraction <= 1, label
 
 
-def test_the_pretrained_weights_are_the_ones_fine_tuned(pretrained):
+def test_the_pretrained_weights_are_the_ones_fine_tuned(pretrained, tmp_path):
     model = initial_model(TrainConfig(init_from=pretrained["huggingface"], model=ModelConfig(encoder="wavlm")), VOCAB)
     upstream = hf.WavLMModel.from_pretrained(pretrained["huggingface"])
     assert torch.equal(
@@ -93,6 +93,17 @@ def test_the_pretrained_weights_are_the_ones_fine_tuned(pretrained):
         initial_model(TrainConfig(init_from=pretrained["huggingface"], model=ModelConfig(encoder="hubert")), VOCAB)
     with pytest.raises(FileNotFoundError, match="no such file"):
         initial_model(TrainConfig(init_from="/nonexistent/wavlm"), VOCAB)
+    state = pretrained["torchaudio"]
+    with pytest.raises(ValueError, match="needs --init-factory naming the torchaudio factory"):
+        initial_model(TrainConfig(init_from=state), VOCAB)
+    with pytest.raises(ValueError, match="needs --init-factory"):
+        initial_model(TrainConfig(init_from=state, init_factory="conformer"), VOCAB)
+    with pytest.raises(ValueError, match="cannot build torchaudio.models.wavlm_model"):
+        initial_model(TrainConfig(init_from=state, init_factory='wavlm_model {"encoder_num_layers": 2'), VOCAB)
+    with pytest.raises(ValueError, match="is not a state dict of torchaudio.models.wavlm_base"):
+        initial_model(TrainConfig(init_from=state, init_factory="wavlm_base"), VOCAB)
+    with pytest.raises(ValueError, match="a directory must be one Hugging Face's save_pretrained wrote"):
+        initial_model(TrainConfig(init_from=str(tmp_path)), VOCAB)
 
 
 def test_dynenc_train_and_eval_fine_tune_a_saved_hf_wavlm(pretrained, tmp_path):
